@@ -1,0 +1,201 @@
+// Command refresher is the authbus worker daemon. By default it starts an
+// embedded NATS server with JetStream and runs the refresh pool and the token
+// service on it; with --nats-url it joins an existing NATS deployment, where
+// any number of refreshers may run side by side.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/internal/embedded"
+	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/telemetry"
+	"github.com/authbus/authbus/workers"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stderr); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "refresher:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	natsURL, listen, dataDir, sealKeyFile string
+	logFormat, logLevel                   string
+	shutdownTimeout                       time.Duration
+	pool                                  workers.Config
+}
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("refresher", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: refresher [flags]
+
+Runs authbus refresh workers and the auth.register/auth.token service. Without
+--nats-url it starts an embedded NATS server with JetStream on --listen, with
+its store and the seal key under --data-dir. Streams, buckets and the consumer
+are created when missing. SIGINT/SIGTERM stop it gracefully.
+
+Flags (each also read from the environment variable shown):
+`)
+		fs.PrintDefaults()
+	}
+	env := cli.NewEnvFlags(fs)
+	fs.StringVar(&o.natsURL, "nats-url", "", "join this NATS deployment instead of starting the embedded server")
+	env.Bind("nats-url", "NATS_URL")
+	fs.StringVar(&o.listen, "listen", "127.0.0.1:4222", "client address of the embedded NATS server")
+	env.Bind("listen", "AUTHBUS_LISTEN")
+	fs.StringVar(&o.dataDir, "data-dir", "./authbus-data", "directory of the embedded server's store and of the default seal key file")
+	env.Bind("data-dir", "AUTHBUS_DATA_DIR")
+	fs.StringVar(&o.sealKeyFile, "seal-key-file", "", "key ring that seals refresh tokens and client secrets at rest, created (mode 0600) when missing; every refresher of a deployment needs the same file (default <data-dir>/seal-keys.json)")
+	env.Bind("seal-key-file", "AUTHBUS_SEAL_KEY_FILE")
+	fs.StringVar(&o.pool.Prefix, "prefix", "auth", "subject prefix")
+	env.Bind("prefix", "AUTHBUS_PREFIX")
+	fs.IntVar(&o.pool.Workers, "workers", 0, "concurrent refreshes in this process (default 4×GOMAXPROCS, at least 8)")
+	env.Bind("workers", "AUTHBUS_WORKERS")
+	fs.DurationVar(&o.pool.TokenTimeout, "token-timeout", 30*time.Second, "timeout of one token-endpoint call")
+	env.Bind("token-timeout", "AUTHBUS_TOKEN_TIMEOUT")
+	fs.DurationVar(&o.pool.LeaseTTL, "lease-ttl", 0, "refresh lease lifetime without renewal (default 2×token-timeout+5s)")
+	env.Bind("lease-ttl", "AUTHBUS_LEASE_TTL")
+	fs.DurationVar(&o.pool.DuplicateWindow, "duplicate-window", 30*time.Second, "events stream de-duplication window")
+	env.Bind("duplicate-window", "AUTHBUS_DUPLICATE_WINDOW")
+	fs.IntVar(&o.pool.MaxDeliver, "max-deliver", 20, "deliveries of an event before it is terminated with a reason")
+	env.Bind("max-deliver", "AUTHBUS_MAX_DELIVER")
+	fs.IntVar(&o.pool.Replicas, "replicas", 1, "replicas of streams and buckets (3 in a clustered deployment)")
+	env.Bind("replicas", "AUTHBUS_REPLICAS")
+	fs.StringVar(&o.pool.Instance, "instance", "", "name of this refresher in leases and logs (default hostname-pid)")
+	env.Bind("instance", "AUTHBUS_INSTANCE")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 45*time.Second, "how long a graceful shutdown may take before in-flight work is abandoned")
+	env.Bind("shutdown-timeout", "AUTHBUS_SHUTDOWN_TIMEOUT")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	env.Bind("log-format", "AUTHBUS_LOG_FORMAT")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	env.Bind("log-level", "AUTHBUS_LOG_LEVEL")
+	if err := env.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q; see refresher --help", fs.Args())
+	}
+	if o.sealKeyFile == "" {
+		o.sealKeyFile = filepath.Join(o.dataDir, "seal-keys.json")
+	}
+	return o, nil
+}
+
+func run(args []string, stderr io.Writer) error {
+	start := time.Now()
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	log, err := telemetry.NewLogger(stderr, o.logFormat, o.logLevel)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	// After the first signal a second one kills the process at once.
+	context.AfterFunc(ctx, stop)
+
+	ring, created, err := kv.LoadOrCreateKeyRing(o.sealKeyFile)
+	if err != nil {
+		return err
+	}
+	if created {
+		log.Info("created seal key file", "path", o.sealKeyFile)
+		if o.natsURL != "" {
+			log.Warn("created a new seal key while joining an existing deployment: every refresher must share the same key file, or none can read the others' credentials", "path", o.sealKeyFile)
+		}
+	}
+	o.pool.Seal = ring
+	o.pool.Logger = log
+
+	url := o.natsURL
+	var connOpts []nats.Option
+	if url == "" {
+		ns, err := embedded.Start(embedded.Config{Listen: o.listen, DataDir: o.dataDir, Logger: log})
+		if err != nil {
+			return err
+		}
+		defer func() {
+			ns.Shutdown()
+			ns.WaitForShutdown()
+		}()
+		connOpts = append(connOpts, nats.InProcessServer(ns))
+		log.Info("embedded NATS server running", "client_url", ns.ClientURL(), "data_dir", o.dataDir)
+	}
+	connOpts = append(connOpts,
+		nats.Name("authbus-refresher"),
+		nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "error", err) }),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
+	)
+	nc, err := nats.Connect(url, connOpts...)
+	if err != nil {
+		return fmt.Errorf("connect to NATS %q: %w; check --nats-url or that the server is running", url, err)
+	}
+	defer nc.Close()
+
+	pool, err := workers.New(ctx, nc, o.pool)
+	if err != nil {
+		return err
+	}
+	log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
+	runErr := make(chan error, 1)
+	go func() { runErr <- pool.Run(ctx) }()
+	select {
+	case err := <-runErr:
+		if err != nil {
+			return err
+		}
+	case <-ctx.Done():
+		log.Info("shutting down: finishing in-flight refreshes")
+		select {
+		case err := <-runErr:
+			if err != nil {
+				return err
+			}
+		case <-time.After(o.shutdownTimeout):
+			return fmt.Errorf("shutdown took longer than %v; in-flight refreshes were abandoned (their leases expire by themselves)", o.shutdownTimeout)
+		}
+	}
+	if err := drain(nc, 10*time.Second); err != nil {
+		log.Warn("draining the NATS connection", "error", err)
+	}
+	log.Info("refresher stopped")
+	return nil
+}
+
+// drain flushes what the connection still has to send and closes it.
+func drain(nc *nats.Conn, timeout time.Duration) error {
+	closed := make(chan struct{})
+	nc.SetClosedHandler(func(*nats.Conn) { close(closed) })
+	if err := nc.Drain(); err != nil {
+		return err
+	}
+	select {
+	case <-closed:
+		return nil
+	case <-time.After(timeout):
+		return fmt.Errorf("connection did not drain within %v", timeout)
+	}
+}

@@ -1,0 +1,251 @@
+package events
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
+	"strings"
+	"sync"
+	"time"
+)
+
+// This file decodes JSON objects into structs more strictly than
+// encoding/json, because the wire protocol is read by many languages:
+//
+//   - member names match json tags exactly; encoding/json would also accept
+//     "Subject" or "SUBJECT" for "subject", which another decoder ignores;
+//   - a member that appears twice is refused; encoding/json keeps the last,
+//     other decoders the first, so the two would act on different values;
+//   - every problem names its field path ("token.expires_in"), which
+//     encoding/json does not do for unknown fields or time formats.
+
+// problem is one thing wrong with an input, tied to its field path.
+type problem struct {
+	field string // JSON path such as "token.expires_in"; "" for the whole input
+	msg   string // what is wrong and what to send instead
+}
+
+func (p problem) String() string {
+	if p.field == "" {
+		return "body " + p.msg
+	}
+	return p.field + " " + p.msg
+}
+
+// member is one name/value pair of a JSON object, in input order.
+type member struct {
+	name string
+	raw  json.RawMessage
+}
+
+// objectMembers splits b, which must be exactly one JSON object, into its
+// members.
+func objectMembers(b []byte) ([]member, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, jsonErr(err)
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return nil, errors.New("is not a JSON object")
+	}
+	var ms []member
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, jsonErr(err)
+		}
+		name, _ := tok.(string) // the decoder only yields strings in key position
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return nil, jsonErr(err)
+		}
+		for _, m := range ms {
+			if m.name == name {
+				return nil, fmt.Errorf("has the field %s twice; send each field once", quote(name))
+			}
+		}
+		ms = append(ms, member{name: name, raw: raw})
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return nil, jsonErr(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("has data after the JSON object; send exactly one object")
+	}
+	return ms, nil
+}
+
+func jsonErr(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return errors.New("is not valid JSON: it ends too early")
+	}
+	return fmt.Errorf("is not valid JSON: %v", err)
+}
+
+// fieldInfo describes one JSON-tagged field of a struct.
+type fieldInfo struct {
+	name   string // the json tag name
+	index  int
+	typ    reflect.Type
+	nested bool // a plain struct decoded member by member, recursively
+}
+
+type structInfo struct {
+	fields []fieldInfo // in declaration order
+}
+
+func (si *structInfo) field(name string) *fieldInfo {
+	for i := range si.fields {
+		if si.fields[i].name == name {
+			return &si.fields[i]
+		}
+	}
+	return nil
+}
+
+func (si *structInfo) names() string {
+	names := make([]string, len(si.fields))
+	for i, f := range si.fields {
+		names[i] = f.name
+	}
+	return strings.Join(names, ", ")
+}
+
+var (
+	structInfos     sync.Map // reflect.Type → *structInfo
+	timeType        = reflect.TypeFor[time.Time]()
+	unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
+)
+
+func structInfoOf(t reflect.Type) *structInfo {
+	if si, ok := structInfos.Load(t); ok {
+		return si.(*structInfo)
+	}
+	si := &structInfo{}
+	for i := range t.NumField() {
+		sf := t.Field(i)
+		name, _, _ := strings.Cut(sf.Tag.Get("json"), ",")
+		if !sf.IsExported() || name == "" || name == "-" {
+			continue
+		}
+		nested := sf.Type.Kind() == reflect.Struct && !reflect.PointerTo(sf.Type).Implements(unmarshalerType)
+		si.fields = append(si.fields, fieldInfo{name: name, index: i, typ: sf.Type, nested: nested})
+	}
+	structInfos.Store(t, si)
+	return si
+}
+
+// decodeObject decodes the JSON object b into the struct v points to, member
+// by member, and returns every problem found. path is the field path of b
+// ("" at the top). Unknown members are ignored when allowUnknown (CloudEvents
+// extensions, payload fields of a newer version) and refused otherwise;
+// members whose name differs from a known one only in case are always
+// refused. A JSON null leaves its field at the zero value.
+func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
+	ms, err := objectMembers(b)
+	if err != nil {
+		return []problem{{field: path, msg: err.Error()}}
+	}
+	rv := reflect.ValueOf(v).Elem()
+	si := structInfoOf(rv.Type())
+	var ps []problem
+	for _, m := range ms {
+		fpath := joinPath(path, m.name)
+		f := si.field(m.name)
+		if f == nil {
+			if known := si.foldMatch(m.name); known != "" {
+				ps = append(ps, problem{field: quote(fpath), msg: fmt.Sprintf("is not a field (names are case-sensitive); use %q", known)})
+			} else if !allowUnknown {
+				ps = append(ps, problem{field: quote(fpath), msg: fmt.Sprintf("is not a known field; remove it (the fields here are %s)", si.names())})
+			}
+			continue
+		}
+		fv := rv.Field(f.index).Addr().Interface()
+		if f.nested {
+			if !isNull(m.raw) {
+				ps = append(ps, decodeObject(fpath, m.raw, fv, allowUnknown)...)
+			}
+			continue
+		}
+		if err := json.Unmarshal(m.raw, fv); err != nil {
+			ps = append(ps, problem{field: fpath, msg: typeMismatch(err, f.typ, m.raw)})
+		}
+	}
+	return ps
+}
+
+func (si *structInfo) foldMatch(name string) string {
+	for _, f := range si.fields {
+		if strings.EqualFold(f.name, name) {
+			return f.name
+		}
+	}
+	return ""
+}
+
+func joinPath(path, name string) string {
+	if path == "" {
+		return name
+	}
+	return path + "." + name
+}
+
+func isNull(raw json.RawMessage) bool {
+	return string(bytes.TrimSpace(raw)) == "null"
+}
+
+// typeMismatch explains why a member could not be decoded into a field of
+// type t. The members are valid JSON by now, so it is always the kind of
+// value that is wrong.
+func typeMismatch(err error, t reflect.Type, raw json.RawMessage) string {
+	want := describeType(t)
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		if t.Kind() == reflect.Slice && bytes.HasPrefix(bytes.TrimSpace(raw), []byte("[")) {
+			return fmt.Sprintf("has an element that is %s; want %s", describeJSONValue(te.Value), want)
+		}
+		return fmt.Sprintf("is %s; want %s", describeJSONValue(te.Value), want)
+	}
+	return "is not " + want
+}
+
+func describeType(t reflect.Type) string {
+	switch {
+	case t == timeType:
+		return `an RFC 3339 time in UTC such as "2025-06-01T12:00:00Z"`
+	case t.Kind() == reflect.String:
+		return "a string"
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Uint64:
+		return "an integer"
+	case t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.String:
+		return "an array of strings"
+	case t.Kind() == reflect.Bool:
+		return "true or false"
+	}
+	return "a JSON " + t.Kind().String()
+}
+
+// describeJSONValue turns encoding/json's UnmarshalTypeError.Value ("string",
+// "number 1.5", …) into words, bounded in length.
+func describeJSONValue(v string) string {
+	kind, literal, _ := strings.Cut(v, " ")
+	switch kind {
+	case "number":
+		if literal != "" {
+			if len(literal) > maxQuoted {
+				literal = literal[:maxQuoted] + "…"
+			}
+			return "the number " + literal
+		}
+		return "a number"
+	case "string", "bool":
+		return "a " + kind
+	case "object", "array":
+		return "an " + kind
+	}
+	return "a JSON " + quote(v)
+}

@@ -1,0 +1,184 @@
+package kv
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/authbus/authbus/events"
+)
+
+// State is where a credential stands: usable, or waiting for a person.
+type State string
+
+const (
+	// StateActive: the credential can be refreshed and its token served.
+	StateActive State = "active"
+	// StateNeedsReauth: refresh is impossible until a person logs in again
+	// and re-registers; Reason says why.
+	StateNeedsReauth State = "needs_reauth"
+)
+
+// Credential is the in-memory record of one credential. It is a plain value:
+// not safe for concurrent mutation; Clone it to hand a copy to another
+// goroutine.
+type Credential struct {
+	Key           events.Key
+	Version       int64     // 1 at first registration, +1 per rotation or re-registration
+	AccessToken   Secret    // stored in plain text in KV (it is served by auth.token), but redacted in logs
+	TokenType     string    // as the server gave it, e.g. "Bearer"
+	Fingerprint   string    // of AccessToken
+	ExpiresAt     time.Time // absolute; zero = no expiry
+	ReceivedAt    time.Time // when the current token was received
+	RefreshToken  Secret    // sealed at rest
+	ClientSecret  Secret    // sealed at rest
+	TokenEndpoint string
+	ClientID      string
+	AuthStyle     string // "basic" | "post"
+	Grant         string // "refresh_token" | "client_credentials"
+	Scopes        []string
+	Resource      string // RFC 8707 resource indicator
+	State         State
+	Reason        string // needs_reauth reason (OAuth error code or our own, e.g. no_refresh_token)
+	Description   string // error_description as the server gave it
+	UpdatedAt     time.Time
+}
+
+// Valid reports whether the access token may be served at now: the
+// credential is active and its token has not expired.
+func (c *Credential) Valid(now time.Time) bool {
+	return c.State == StateActive && (c.ExpiresAt.IsZero() || now.Before(c.ExpiresAt))
+}
+
+// Clone returns a deep copy of c.
+func (c *Credential) Clone() *Credential {
+	if c == nil {
+		return nil
+	}
+	cp := *c
+	cp.Scopes = slices.Clone(c.Scopes)
+	return &cp
+}
+
+// recordSchema versions the stored form, so that a later change of layout
+// can be read next to records written by older refreshers.
+const recordSchema = 1
+
+// record is the stored JSON form of a Credential. The key is not stored: it
+// is the KV key, and it is the seal's additional data, so a record copied to
+// another key no longer opens.
+type record struct {
+	Schema        int       `json:"schema"`
+	Version       int64     `json:"version"`
+	AccessToken   string    `json:"access_token,omitempty"`
+	TokenType     string    `json:"token_type,omitempty"`
+	Fingerprint   string    `json:"fingerprint,omitempty"`
+	ExpiresAt     time.Time `json:"expires_at,omitzero"`
+	ReceivedAt    time.Time `json:"received_at,omitzero"`
+	RefreshToken  *Sealed   `json:"refresh_token,omitempty"`
+	ClientSecret  *Sealed   `json:"client_secret,omitempty"`
+	TokenEndpoint string    `json:"token_endpoint,omitempty"`
+	ClientID      string    `json:"client_id,omitempty"`
+	AuthStyle     string    `json:"auth_style,omitempty"`
+	Grant         string    `json:"grant,omitempty"`
+	Scopes        []string  `json:"scopes,omitempty"`
+	Resource      string    `json:"resource,omitempty"`
+	State         State     `json:"state"`
+	Reason        string    `json:"reason,omitempty"`
+	Description   string    `json:"error_description,omitempty"`
+	UpdatedAt     time.Time `json:"updated_at,omitzero"`
+}
+
+// encodeCredential seals c's refresh token and client secret and returns
+// the bytes to store.
+func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
+	aad := []byte(c.Key.String())
+	seal := func(s Secret) (*Sealed, error) {
+		if s.IsZero() {
+			return nil, nil
+		}
+		sealed, err := ring.Seal([]byte(s.Reveal()), aad)
+		return &sealed, err
+	}
+	rt, err := seal(c.RefreshToken)
+	if err != nil {
+		return nil, err
+	}
+	cs, err := seal(c.ClientSecret)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(record{
+		Schema:        recordSchema,
+		Version:       c.Version,
+		AccessToken:   c.AccessToken.Reveal(),
+		TokenType:     c.TokenType,
+		Fingerprint:   c.Fingerprint,
+		ExpiresAt:     c.ExpiresAt,
+		ReceivedAt:    c.ReceivedAt,
+		RefreshToken:  rt,
+		ClientSecret:  cs,
+		TokenEndpoint: c.TokenEndpoint,
+		ClientID:      c.ClientID,
+		AuthStyle:     c.AuthStyle,
+		Grant:         c.Grant,
+		Scopes:        c.Scopes,
+		Resource:      c.Resource,
+		State:         c.State,
+		Reason:        c.Reason,
+		Description:   c.Description,
+		UpdatedAt:     c.UpdatedAt,
+	})
+}
+
+// decodeCredential parses stored bytes of key k and opens its secrets.
+func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, error) {
+	var r record
+	if err := json.Unmarshal(data, &r); err != nil {
+		return nil, fmt.Errorf("stored record is not valid JSON: %w", err)
+	}
+	if r.Schema != recordSchema {
+		return nil, fmt.Errorf("stored record has schema %d, this build reads schema %d; run a refresher version that knows it", r.Schema, recordSchema)
+	}
+	aad := []byte(k.String())
+	open := func(field string, s *Sealed) (Secret, error) {
+		if s == nil {
+			return "", nil
+		}
+		pt, err := ring.Open(*s, aad)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", field, err)
+		}
+		return Secret(pt), nil
+	}
+	rt, err := open("refresh_token", r.RefreshToken)
+	if err != nil {
+		return nil, err
+	}
+	cs, err := open("client_secret", r.ClientSecret)
+	if err != nil {
+		return nil, err
+	}
+	return &Credential{
+		Key:           k,
+		Version:       r.Version,
+		AccessToken:   Secret(r.AccessToken),
+		TokenType:     r.TokenType,
+		Fingerprint:   r.Fingerprint,
+		ExpiresAt:     r.ExpiresAt,
+		ReceivedAt:    r.ReceivedAt,
+		RefreshToken:  rt,
+		ClientSecret:  cs,
+		TokenEndpoint: r.TokenEndpoint,
+		ClientID:      r.ClientID,
+		AuthStyle:     r.AuthStyle,
+		Grant:         r.Grant,
+		Scopes:        r.Scopes,
+		Resource:      r.Resource,
+		State:         r.State,
+		Reason:        r.Reason,
+		Description:   r.Description,
+		UpdatedAt:     r.UpdatedAt,
+	}, nil
+}

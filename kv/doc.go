@@ -1,0 +1,20 @@
+// Package kv keeps authbus state in JetStream key-value buckets: the
+// credential store and the per-credential refresh leases.
+//
+// The credential store ([Store]) holds one record per credential key, updated
+// only by compare-and-set on the revision that was read, so a late writer
+// finds out ([ErrConflict]) instead of overwriting newer tokens. Refresh
+// tokens and client secrets are sealed at rest with AES-256-GCM under a
+// [KeyRing], bound to their credential key; the access token is stored in the
+// clear because the token service hands it out, but like every secret it is a
+// [Secret] in memory and never renders in logs.
+//
+// Leases ([Leases], [Lease]) make sure that at most one refresher works on a
+// credential at a time. A lease is a value fenced by its revision: renewing
+// and releasing succeed only while that revision is still the current one, so
+// a holder that lost its lease learns so ([ErrLeaseLost]) instead of deleting
+// someone else's. A crashed holder's lease expires by itself (per-key TTL).
+//
+// The package knows buckets, revisions, sealing and leases; it knows nothing
+// of OAuth flows, events or workers.
+package kv

@@ -1,0 +1,320 @@
+package kv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/authbus/authbus/events"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// MinLeaseTTL is the shortest lease TTL: the server expires keys with a
+// granularity of one second, so a shorter TTL would leave no trusted time.
+const MinLeaseTTL = 2 * time.Second
+
+// LeaseConfig configures the lease bucket. Zero values mean the documented
+// default.
+type LeaseConfig struct {
+	Bucket   string        // required
+	TTL      time.Duration // required, at least MinLeaseTTL; rounded up to whole seconds
+	Replicas int           // 0 means 1
+}
+
+func (c LeaseConfig) withDefaults() LeaseConfig {
+	if c.Replicas == 0 {
+		c.Replicas = 1
+	}
+	// Per-key TTLs are whole seconds on the server; rounding up keeps the
+	// lease at least as long as asked for.
+	c.TTL = (c.TTL + time.Second - 1).Truncate(time.Second)
+	return c
+}
+
+func (c LeaseConfig) validate() error {
+	var problems []error
+	if c.Bucket == "" {
+		problems = append(problems, errors.New("Bucket is empty; set it to the lease bucket's name"))
+	}
+	if c.TTL < MinLeaseTTL {
+		problems = append(problems, fmt.Errorf("TTL is %v; set at least %v, longer than one token-endpoint call", c.TTL, MinLeaseTTL))
+	}
+	if c.Replicas < 0 {
+		problems = append(problems, fmt.Errorf("Replicas is %d; set 1 to 5, or 0 for 1", c.Replicas))
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("kv: lease config: %w", errors.Join(problems...))
+	}
+	return nil
+}
+
+// Leases hands out per-credential leases from a KV bucket of its own: a
+// key exists while someone holds the lease of that credential, and expires
+// by itself (per-key TTL) when its holder stops renewing it. Leases is safe
+// for concurrent use.
+type Leases struct {
+	js        jetstream.JetStream
+	kv        jetstream.KeyValue
+	ttl       time.Duration
+	putPrefix string // subject prefix of the bucket's keys, for the raw renew publish
+}
+
+// leaseMarkerTTL is how long a lease key's marker lives: the one the server
+// writes when a lease expires by itself, and the one Release writes. Nothing
+// depends on markers (a renew or release at an old revision fails with or
+// without one), and while one exists the next Claim of that key costs three
+// round trips instead of one, so keep them as short as the server allows. A
+// constant also keeps refreshers configured with different lease TTLs from
+// rewriting the bucket's config back and forth.
+const leaseMarkerTTL = time.Second
+
+// NewLeases creates the lease bucket, or updates it to cfg when it exists:
+// any number of refreshers may call it for the same bucket.
+func NewLeases(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*Leases, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	bucket, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      cfg.Bucket,
+		Description: "authbus refresh leases (one key per credential being refreshed)",
+		// A lease has no history worth keeping; with 1, a renew or a
+		// release replaces the key's one message.
+		History:        1,
+		Replicas:       cfg.Replicas,
+		LimitMarkerTTL: leaseMarkerTTL, // also what enables per-key TTLs
+	})
+	if err != nil {
+		return nil, fmt.Errorf("kv: create or update lease bucket %s: %w", cfg.Bucket, err)
+	}
+	// The raw renew publish must go where kv.Put would: nats.go prefixes
+	// KV writes with the API prefix when js uses a domain or custom prefix.
+	api := apiPrefix(js.Options())
+	putPrefix := "$KV." + cfg.Bucket + "."
+	if api != jetstream.DefaultAPIPrefix {
+		putPrefix = api + putPrefix
+	}
+	return &Leases{
+		js:        js,
+		kv:        bucket,
+		ttl:       cfg.TTL,
+		putPrefix: putPrefix,
+	}, nil
+}
+
+func apiPrefix(o jetstream.JetStreamOptions) string {
+	switch {
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	case o.APIPrefix != "":
+		if !strings.HasSuffix(o.APIPrefix, ".") {
+			return o.APIPrefix + "."
+		}
+		return o.APIPrefix
+	}
+	return jetstream.DefaultAPIPrefix
+}
+
+// TTL returns the lease TTL, rounded up to whole seconds.
+func (l *Leases) TTL() time.Duration { return l.ttl }
+
+// Claim takes the lease of k for holder (a name for operators: process,
+// host). It succeeds only if nobody holds it; otherwise the error wraps
+// ErrLeaseHeld. The lease expires by itself after TTL unless renewed.
+func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease, error) {
+	if err := k.Validate(); err != nil {
+		return nil, err
+	}
+	if holder == "" {
+		return nil, fmt.Errorf("claim lease %s: holder is empty; name the process that claims it", k)
+	}
+	// Taken before the request: the server starts the TTL when it stores
+	// the key, which is later, so trust measured from here ends earlier.
+	start := time.Now()
+	rev, err := l.kv.Create(ctx, k.String(), []byte(holder), jetstream.KeyTTL(l.ttl))
+	if err != nil {
+		return nil, fmt.Errorf("claim lease %s: %w", k, mapErr(leases, opCreate, err))
+	}
+	return &Lease{leases: l, key: k, holder: []byte(holder), rev: rev, start: start}, nil
+}
+
+// Holder reports who holds the lease of k, if anyone.
+func (l *Leases) Holder(ctx context.Context, k events.Key) (holder string, held bool, err error) {
+	if err := k.Validate(); err != nil {
+		return "", false, err
+	}
+	entry, err := l.kv.Get(ctx, k.String())
+	if err != nil {
+		if err = mapErr(leases, opRead, err); errors.Is(err, ErrNotFound) {
+			return "", false, nil
+		}
+		return "", false, fmt.Errorf("lease holder of %s: %w", k, err)
+	}
+	return string(entry.Value()), true, nil
+}
+
+type leaseState int
+
+const (
+	leaseHeld leaseState = iota
+	leaseLost
+	leaseReleased
+)
+
+// Lease is a held claim on one credential, fenced by its revision: Renew and
+// Release act only while that revision is still the key's current one. It is
+// safe for concurrent use: Renew may run in a goroutine while the owner
+// checks Trusted; Renew and Release are serialised.
+type Lease struct {
+	leases *Leases
+	key    events.Key
+	holder []byte
+
+	opMu sync.Mutex // held across Renew and Release: each must start from the revision the last one left
+
+	mu    sync.Mutex // guards the fields below; never held across I/O, so Trusted does not wait on the network
+	rev   uint64
+	start time.Time // when the last successful claim or renew request was sent
+	state leaseState
+}
+
+// Key returns the credential key the lease is for.
+func (l *Lease) Key() events.Key { return l.key }
+
+// Revision returns the lease's current revision (it changes on Renew).
+func (l *Lease) Revision() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.rev
+}
+
+// trustMargin is how much earlier than its TTL a lease stops being trusted.
+func trustMargin(ttl time.Duration) time.Duration { return max(time.Second, ttl/10) }
+
+// TrustedUntil returns the instant after which Trusted is false: use it as
+// the deadline of work whose result is written under the lease. It is the
+// zero time once the lease is lost or released.
+func (l *Lease) TrustedUntil() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.state != leaseHeld {
+		return time.Time{}
+	}
+	// How long a lease is trusted, and why that is shorter than its TTL:
+	//
+	//	trusted while  now < start + TTL − margin,   margin = max(1s, TTL/10)
+	//
+	// start is taken before the claim or renew request is sent, and the
+	// server starts the TTL only when it stores the message, so start+TTL
+	// is never later than the server's own expiry, measured on our clock.
+	// The margin absorbs what that argument ignores: the server expires
+	// keys with one-second granularity, our clock and the server's may run
+	// at slightly different rates, and a write made just before the
+	// deadline still needs time to reach the server. With TTL 2s a lease is
+	// trusted for 1s after each renew; with 30s, for 27s.
+	return l.start.Add(l.leases.ttl - trustMargin(l.leases.ttl))
+}
+
+// Trusted reports whether a write made at now under the lease is safe: the
+// lease is neither lost nor released, and now is before TrustedUntil.
+func (l *Lease) Trusted(now time.Time) bool {
+	until := l.TrustedUntil()
+	return !until.IsZero() && now.Before(until)
+}
+
+// Renew extends the lease by a full TTL from now, if it is still ours. If the
+// lease expired or was taken meanwhile, the error wraps ErrLeaseLost and the
+// lease stays lost. Other errors (timeouts) leave it as it was: it may have
+// been renewed or not, and Trusted runs out on the old deadline.
+func (l *Lease) Renew(ctx context.Context) error {
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
+	l.mu.Lock()
+	rev, state := l.rev, l.state
+	l.mu.Unlock()
+	if err := stateErr("renew", l.key, state); err != nil {
+		return err
+	}
+
+	start := time.Now()
+	// kv.Update would drop the key's TTL and leave a lease that never
+	// expires, so renew with a raw publish to the key's subject that carries
+	// both the expected revision and a fresh TTL; its sequence is the new
+	// revision.
+	ack, err := l.leases.js.PublishMsg(ctx,
+		&nats.Msg{Subject: l.leases.putPrefix + l.key.String(), Data: l.holder},
+		jetstream.WithExpectLastSequencePerSubject(rev),
+		jetstream.WithMsgTTL(l.leases.ttl),
+	)
+	if err != nil {
+		err = mapErr(leases, opCAS, err)
+		if errors.Is(err, ErrLeaseLost) {
+			l.setState(leaseLost)
+		}
+		return fmt.Errorf("renew lease %s at revision %d: %w", l.key, rev, err)
+	}
+	l.mu.Lock()
+	l.rev, l.start = ack.Sequence, start
+	l.mu.Unlock()
+	return nil
+}
+
+// Release gives the lease up by deleting its key, only if the revision is
+// still ours. If it is not (the lease expired, or was taken by another
+// holder), nothing is deleted and the error wraps ErrLeaseLost. Release is
+// idempotent after success. After an error that is neither (a timeout), the
+// release may or may not have happened; a retry then reports ErrLeaseLost
+// if it had, and either way the key expires by itself.
+func (l *Lease) Release(ctx context.Context) error {
+	l.opMu.Lock()
+	defer l.opMu.Unlock()
+	l.mu.Lock()
+	rev, state := l.rev, l.state
+	l.mu.Unlock()
+	if state == leaseReleased {
+		return nil
+	}
+	if err := stateErr("release", l.key, state); err != nil {
+		return err
+	}
+
+	// Purge, not Delete, and with a TTL on its marker: both leave a marker
+	// as the key's last message, and while a marker exists the next Claim
+	// of the key costs three round trips instead of one (create fails on
+	// the marker, nats.go reads it, creates again at its revision). A Delete
+	// marker stays forever; a purge marker with a TTL is gone a second
+	// later, so a credential refreshed again later is claimed in one round
+	// trip. LastRevision makes the server write the marker only if rev is
+	// still the key's last revision: a newer holder's lease is never
+	// touched.
+	err := l.leases.kv.Purge(ctx, l.key.String(), jetstream.LastRevision(rev), jetstream.PurgeTTL(leaseMarkerTTL))
+	if err != nil {
+		err = mapErr(leases, opCAS, err)
+		if errors.Is(err, ErrLeaseLost) {
+			l.setState(leaseLost)
+		}
+		return fmt.Errorf("release lease %s at revision %d: %w", l.key, rev, err)
+	}
+	l.setState(leaseReleased)
+	return nil
+}
+
+func (l *Lease) setState(s leaseState) {
+	l.mu.Lock()
+	l.state = s
+	l.mu.Unlock()
+}
+
+func stateErr(op string, k events.Key, s leaseState) error {
+	switch s {
+	case leaseLost:
+		return fmt.Errorf("%s lease %s: %w", op, k, ErrLeaseLost)
+	case leaseReleased:
+		return fmt.Errorf("%s lease %s: already released: %w", op, k, ErrLeaseLost)
+	}
+	return nil
+}

@@ -1,0 +1,282 @@
+package kv
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/authbus/authbus/events"
+)
+
+var leaseKey = events.Key{Tenant: "acme", User: "alice", Server: "github"}
+
+func (b *testBundle) claim(t testing.TB, holder string) *Lease {
+	t.Helper()
+	l, err := b.leases.Claim(b.ctx, leaseKey, holder)
+	if err != nil {
+		t.Fatalf("Claim by %s: %v", holder, err)
+	}
+	return l
+}
+
+func (b *testBundle) assertHolder(t testing.TB, want string) {
+	t.Helper()
+	holder, held, err := b.leases.Holder(b.ctx, leaseKey)
+	if err != nil || held != (want != "") || holder != want {
+		t.Fatalf("Holder = %q, %v, %v; want %q", holder, held, err, want)
+	}
+}
+
+// waitExpired polls until the lease key is gone by itself: the server
+// removes it about 1-2 s after its TTL.
+func (b *testBundle) waitExpired(t testing.TB) {
+	t.Helper()
+	eventually(t, b.leases.TTL()+3*time.Second, "lease expires", func() bool {
+		_, held, err := b.leases.Holder(b.ctx, leaseKey)
+		return err == nil && !held
+	})
+}
+
+func TestClaim(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.assertHolder(t, "")
+	l := b.claim(t, "w1")
+	if l.Key() != leaseKey || l.Revision() == 0 || !l.Trusted(time.Now()) {
+		t.Fatalf("lease key %v rev %d trusted %v", l.Key(), l.Revision(), l.Trusted(time.Now()))
+	}
+	b.assertHolder(t, "w1")
+
+	_, err := b.leases.Claim(b.ctx, leaseKey, "w2")
+	if !errors.Is(err, ErrLeaseHeld) || !strings.Contains(err.Error(), leaseKey.String()) {
+		t.Fatalf("second Claim: %v, want ErrLeaseHeld naming the key", err)
+	}
+	b.assertHolder(t, "w1")
+
+	// Leases of other credentials are independent.
+	other := events.Key{Tenant: "acme", User: "bob", Server: "github"}
+	if _, err := b.leases.Claim(b.ctx, other, "w2"); err != nil {
+		t.Fatalf("Claim of another key: %v", err)
+	}
+
+	if _, err := b.leases.Claim(b.ctx, leaseKey, ""); err == nil {
+		t.Fatal("Claim with an empty holder succeeded")
+	}
+	if _, err := b.leases.Claim(b.ctx, events.Key{Tenant: "a.b", User: "c", Server: "d"}, "w1"); !errors.Is(err, events.ErrInvalidKey) {
+		t.Fatalf("Claim of an invalid key: %v", err)
+	}
+}
+
+func TestReleaseThenReclaim(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l := b.claim(t, "w1")
+	if err := l.Release(b.ctx); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if err := l.Release(b.ctx); err != nil {
+		t.Fatalf("second Release: %v, want nil (idempotent)", err)
+	}
+	if l.Trusted(time.Now()) || !l.TrustedUntil().IsZero() {
+		t.Fatal("a released lease is still trusted")
+	}
+	if err := l.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Renew after Release: %v, want ErrLeaseLost", err)
+	}
+	b.assertHolder(t, "")
+
+	// Release leaves nothing behind, so the next claim is a single publish
+	// (after kv.Delete it would be three requests: see BenchmarkClaimRelease).
+	before := b.nc.Stats().OutMsgs
+	l2 := b.claim(t, "w2")
+	if n := b.nc.Stats().OutMsgs - before; n != 1 {
+		t.Errorf("Claim after Release sent %d messages, want 1", n)
+	}
+	b.assertHolder(t, "w2")
+	if l2.Revision() <= l.Revision() {
+		t.Fatalf("new lease revision %d not after old %d", l2.Revision(), l.Revision())
+	}
+}
+
+func TestReleaseAfterTakeover(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l1 := b.claim(t, "w1")
+	b.waitExpired(t)
+	l2 := b.claim(t, "w2")
+
+	if err := l1.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Release of a lease taken over: %v, want ErrLeaseLost", err)
+	}
+	if err := l1.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("second Release of a lost lease: %v, want ErrLeaseLost", err)
+	}
+	b.assertHolder(t, "w2") // untouched
+	if err := l2.Renew(b.ctx); err != nil {
+		t.Fatalf("new holder's Renew: %v", err)
+	}
+	if err := l2.Release(b.ctx); err != nil {
+		t.Fatalf("new holder's Release: %v", err)
+	}
+	b.assertHolder(t, "")
+}
+
+func TestReleaseAfterExpiry(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l := b.claim(t, "w1")
+	b.waitExpired(t)
+	if err := l.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Release of an expired lease: %v, want ErrLeaseLost", err)
+	}
+	// The expiry marker does not block a new claim.
+	b.claim(t, "w2")
+}
+
+func TestRenewKeepsLeaseAlive(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l := b.claim(t, "w1")
+	first := l.Revision()
+	stop := time.Now().Add(2*b.leases.TTL() + time.Second) // well past the original expiry
+
+	// Renew in a goroutine while the owner checks Trusted, as a worker does.
+	ctx, cancel := context.WithCancel(b.ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	renewErr := make(chan error, 1)
+	wg.Go(func() {
+		tick := time.NewTicker(b.leases.TTL() / 8) // trusted for TTL/2 after each renew: room for a slow one
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if err := l.Renew(ctx); err != nil && ctx.Err() == nil {
+					renewErr <- err
+					return
+				}
+			}
+		}
+	})
+	eventually(t, time.Until(stop)+time.Second, "run past the original TTL", func() bool {
+		select {
+		case err := <-renewErr:
+			t.Fatalf("Renew: %v", err)
+		default:
+		}
+		if !l.Trusted(time.Now()) {
+			t.Fatalf("lease not trusted while renewed (rev %d)", l.Revision())
+		}
+		b.assertHolder(t, "w1")
+		return time.Now().After(stop)
+	})
+	cancel()
+	wg.Wait()
+
+	if l.Revision() == first {
+		t.Fatal("revision unchanged by Renew")
+	}
+	if _, err := b.leases.Claim(b.ctx, leaseKey, "w2"); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("Claim of a renewed lease: %v, want ErrLeaseHeld", err)
+	}
+	// Renew keeps the TTL: once renewing stops, the lease still expires.
+	b.waitExpired(t)
+}
+
+func TestRenewAfterTakeover(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l1 := b.claim(t, "w1")
+	b.waitExpired(t)
+	l2 := b.claim(t, "w2")
+
+	if err := l1.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Renew of a lease taken over: %v, want ErrLeaseLost", err)
+	}
+	if l1.Trusted(time.Now()) {
+		t.Fatal("lost lease still trusted")
+	}
+	if err := l1.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("second Renew: %v, want ErrLeaseLost (stays lost)", err)
+	}
+	if err := l1.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Release of a lost lease: %v, want ErrLeaseLost", err)
+	}
+	b.assertHolder(t, "w2")
+	if !l2.Trusted(time.Now()) {
+		t.Fatal("new holder's lease not trusted")
+	}
+}
+
+func TestLeaseExpiresByItself(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	start := time.Now()
+	b.claim(t, "crashed")
+	b.waitExpired(t)
+	if took := time.Since(start); took < b.leases.TTL() {
+		t.Fatalf("lease gone after %v, before its TTL %v", took, b.leases.TTL())
+	}
+	b.claim(t, "w2")
+	b.assertHolder(t, "w2")
+}
+
+func TestTrusted(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		ttl, trusted time.Duration
+	}{
+		{2 * time.Second, time.Second},               // margin 1s: the floor
+		{10 * time.Second, 9 * time.Second},          // TTL/10 = 1s
+		{30 * time.Second, 27 * time.Second},         // TTL/10 = 3s
+		{65 * time.Second, 58500 * time.Millisecond}, // TTL/10 = 6.5s
+	} {
+		start := time.Now()
+		l := &Lease{leases: &Leases{ttl: tc.ttl}, start: start}
+		if got := l.TrustedUntil().Sub(start); got != tc.trusted {
+			t.Errorf("TTL %v: trusted for %v, want %v", tc.ttl, got, tc.trusted)
+		}
+		if !l.Trusted(start) || !l.Trusted(start.Add(tc.trusted-time.Nanosecond)) || l.Trusted(start.Add(tc.trusted)) {
+			t.Errorf("TTL %v: Trusted is wrong around its deadline", tc.ttl)
+		}
+		l.state = leaseLost
+		if l.Trusted(start) {
+			t.Errorf("TTL %v: lost lease trusted", tc.ttl)
+		}
+	}
+}
+
+func TestNewLeases(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l := b.claim(t, "w1")
+	again, err := NewLeases(b.ctx, b.js, LeaseConfig{Bucket: b.leases.kv.Bucket(), TTL: 2500 * time.Millisecond})
+	if err != nil {
+		t.Fatalf("second NewLeases: %v", err)
+	}
+	if again.TTL() != 3*time.Second {
+		t.Fatalf("TTL 2.5s rounds to %v, want 3s", again.TTL())
+	}
+	if _, err := again.Claim(b.ctx, leaseKey, "w2"); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("Claim through the second Leases: %v, want ErrLeaseHeld", err)
+	}
+	if err := l.Release(b.ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := again.kv.Status(b.ctx)
+	if err != nil || st.History() != 1 || st.LimitMarkerTTL() != leaseMarkerTTL {
+		t.Fatalf("lease bucket history %d marker TTL %v (%v); want 1 and %v", st.History(), st.LimitMarkerTTL(), err, leaseMarkerTTL)
+	}
+
+	_, err = NewLeases(b.ctx, b.js, LeaseConfig{TTL: time.Second, Replicas: -1})
+	for _, want := range []string{"Bucket is empty", "TTL is 1s", "Replicas is -1"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("NewLeases with a bad config: %v; want it to say %q", err, want)
+		}
+	}
+}

@@ -1,0 +1,102 @@
+package workers
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+	"golang.org/x/oauth2"
+)
+
+// verdict is what a token-endpoint answer means for the credential.
+type verdict int
+
+const (
+	// rotated: the server issued a token.
+	rotated verdict = iota
+	// permanent: the server answered correctly that this refresh can never
+	// succeed; only a person logging in again can fix it (after the
+	// lost-race re-read).
+	permanent
+	// transient: try again later, with the same refresh token.
+	transient
+	// breakerOpen: no call was made; the endpoint is failing.
+	breakerOpen
+	// canceled: we gave up the call ourselves (shutdown); not the server's fault.
+	canceled
+)
+
+// outcome is classify's answer.
+type outcome struct {
+	verdict     verdict
+	reason      string        // OAuth error code, or unexpected_response
+	description string        // error_description as the server gave it
+	retryAfter  time.Duration // the server's Retry-After, 0 when absent
+	status      int           // HTTP status, 0 when there was no answer
+}
+
+// classify is the one place that decides what an error from a token-endpoint
+// call means. Everything else (the breaker, the pool, the metrics) asks it.
+//
+// 400/401/403 with an OAuth error code are permanent with that code as the
+// reason; other 4xx except 408 and 429 are permanent "unexpected_response";
+// 408, 429, 5xx, timeouts and connection errors are transient.
+func classify(err error) outcome {
+	if err == nil {
+		return outcome{verdict: rotated}
+	}
+	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+		return outcome{verdict: breakerOpen}
+	}
+	if errors.Is(err, context.Canceled) {
+		return outcome{verdict: canceled}
+	}
+	var re *oauth2.RetrieveError
+	if !errors.As(err, &re) || re.Response == nil {
+		// Timeouts, refused connections, resets, malformed 200 answers: the
+		// server may be fine in a moment.
+		return outcome{verdict: transient}
+	}
+	o := outcome{status: re.Response.StatusCode, reason: re.ErrorCode, description: re.ErrorDescription}
+	switch s := re.Response.StatusCode; {
+	case s == http.StatusRequestTimeout || s == http.StatusTooManyRequests || s >= 500:
+		o.verdict = transient
+		o.retryAfter = retryAfter(re.Response.Header.Get("Retry-After"), time.Now())
+	case (s == http.StatusBadRequest || s == http.StatusUnauthorized || s == http.StatusForbidden) && re.ErrorCode != "":
+		o.verdict = permanent
+	default:
+		o.verdict = permanent
+		o.reason = "unexpected_response"
+		if o.description == "" {
+			o.description = "token endpoint answered HTTP " + strconv.Itoa(s) + " without an OAuth error code"
+		}
+	}
+	return o
+}
+
+// countsAsSuccess tells the breaker whether the endpoint behaved: a permanent
+// OAuth error is a healthy server answering correctly.
+func countsAsSuccess(err error) bool {
+	v := classify(err).verdict
+	return v == rotated || v == permanent
+}
+
+// retryAfter parses a Retry-After header: delay-seconds or an HTTP date.
+func retryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(v); err == nil {
+		if secs < 0 {
+			return 0
+		}
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}

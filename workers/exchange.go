@@ -1,0 +1,96 @@
+package workers
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
+)
+
+// exchange makes the one token-endpoint call of a refresh, through the
+// endpoint's breaker, bounded by the token timeout.
+func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.TokenTimeout)
+	defer cancel()
+	hc := p.cfg.HTTPClient
+	if c.Resource != "" {
+		// x/oauth2 sends no extra parameters on a refresh; RFC 8707 wants
+		// the resource on every token request, so add it on the wire.
+		hc = &http.Client{Transport: formParams{base: transportOf(hc), add: url.Values{"resource": {c.Resource}}}, Timeout: hc.Timeout}
+	}
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
+	return p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
+		if c.Grant == events.GrantClientCredentials {
+			cc := clientcredentials.Config{
+				ClientID:     c.ClientID,
+				ClientSecret: c.ClientSecret.Reveal(),
+				TokenURL:     c.TokenEndpoint,
+				Scopes:       c.Scopes,
+				AuthStyle:    authStyle(c.AuthStyle),
+			}
+			return cc.Token(ctx)
+		}
+		cfg := oauth2.Config{
+			ClientID:     c.ClientID,
+			ClientSecret: c.ClientSecret.Reveal(),
+			// Always explicit: AuthStyleAutoDetect repeats a failed refresh
+			// with the same refresh token in the other style, a reuse that
+			// rotating servers punish.
+			Endpoint: oauth2.Endpoint{TokenURL: c.TokenEndpoint, AuthStyle: authStyle(c.AuthStyle)},
+			Scopes:   c.Scopes,
+		}
+		return cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: c.RefreshToken.Reveal()}).Token()
+	})
+}
+
+func authStyle(s string) oauth2.AuthStyle {
+	if s == events.AuthStylePost {
+		return oauth2.AuthStyleInParams
+	}
+	return oauth2.AuthStyleInHeader
+}
+
+func transportOf(c *http.Client) http.RoundTripper {
+	if c.Transport != nil {
+		return c.Transport
+	}
+	return http.DefaultTransport
+}
+
+// formParams adds parameters to form-encoded POST bodies.
+type formParams struct {
+	base http.RoundTripper
+	add  url.Values
+}
+
+func (f formParams) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Method != http.MethodPost || r.Body == nil ||
+		!strings.HasPrefix(r.Header.Get("Content-Type"), "application/x-www-form-urlencoded") {
+		return f.base.RoundTrip(r)
+	}
+	raw, err := io.ReadAll(r.Body)
+	r.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	form, err := url.ParseQuery(string(raw))
+	if err != nil {
+		return nil, err
+	}
+	for k, vs := range f.add {
+		form[k] = vs
+	}
+	enc := form.Encode()
+	r2 := r.Clone(r.Context())
+	r2.Body = io.NopCloser(strings.NewReader(enc))
+	r2.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(enc)), nil }
+	r2.ContentLength = int64(len(enc))
+	return f.base.RoundTrip(r2)
+}

@@ -1,0 +1,502 @@
+package workers_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/oauth2"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/workers"
+)
+
+// Done-when 1: a storm of 401s for one token across three pools costs one
+// token-endpoint call, and every subscriber learns the new token once.
+func TestStormOfOneCredentialAcrossPoolsMakesOneCall(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 3, nil)
+	key := mustKey(t, "acme.alice.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+
+	const subscribers = 5
+	var ws []*watcher
+	for range subscribers {
+		ws = append(ws, b.watch(t, key))
+	}
+	fp := events.Fingerprint(tok.AccessToken)
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() { b.publish401(t, key, fp, fmt.Sprintf("runtime-%d", i), true) })
+	}
+	wg.Wait()
+
+	for _, w := range ws {
+		w.waitFor(t, "auth.rotated version 2", rotatedVersion(2))
+	}
+	b.settled(t)
+	if got := b.as.Calls(); got != 1 {
+		t.Errorf("token-endpoint calls = %d, want 1", got)
+	}
+	if got := b.as.Reuses(); got != 0 {
+		t.Errorf("refresh-token reuses = %d, want 0", got)
+	}
+	want := b.cred(t, key)
+	for i, w := range ws {
+		if n := w.count(rotatedVersion(2)); n != 1 {
+			t.Errorf("subscriber %d got %d auth.rotated version 2, want 1", i, n)
+		}
+		ev := w.waitFor(t, "v2", rotatedVersion(2))
+		if ev.Rotated.AccessToken != want.AccessToken.Reveal() || ev.Rotated.AccessToken == tok.AccessToken {
+			t.Errorf("subscriber %d: rotated token is not the newly stored one", i)
+		}
+		if !b.as.ValidAccessToken(ev.Rotated.AccessToken) {
+			t.Errorf("subscriber %d: announced token is not valid at the authorization server", i)
+		}
+	}
+}
+
+// Done-when 2: many credentials, many publishers each, three pools: one call
+// per credential.
+func TestStormOfManyCredentialsMakesOneCallEach(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 3, nil)
+	const creds, publishers = 200, 20
+	keys := make([]events.Key, creds)
+	fps := make([]string, creds)
+	for i := range creds {
+		keys[i] = mustKey(t, fmt.Sprintf("acme.user%d.github", i))
+		tok := b.as.Issue(clientID)
+		b.register(t, keys[i], tok, nil)
+		fps[i] = events.Fingerprint(tok.AccessToken)
+	}
+	var wg sync.WaitGroup
+	for p := range publishers {
+		wg.Go(func() {
+			for i := range creds {
+				b.publish401(t, keys[i], fps[i], fmt.Sprintf("runtime-%d", p), true)
+			}
+		})
+	}
+	wg.Wait()
+	eventually(t, 60*time.Second, "every credential at version 2", func() bool {
+		for _, k := range keys {
+			if c, _, err := b.store.Get(context.Background(), k); err != nil || c.Version != 2 {
+				return false
+			}
+		}
+		return true
+	})
+	b.settled(t)
+	if got := b.as.Calls(); got != creds {
+		t.Errorf("token-endpoint calls = %d, want %d", got, creds)
+	}
+	if got := b.as.Reuses(); got != 0 {
+		t.Errorf("refresh-token reuses = %d, want 0", got)
+	}
+}
+
+// Done-when 3: a 401 for a token that was already replaced costs no call and
+// re-announces the current token.
+func TestStaleFingerprintReannouncesWithoutCall(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 1, nil)
+	key := mustKey(t, "acme.bob.slack")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	w := b.watch(t, key)
+	b.publish401(t, key, events.Fingerprint("an-older-access-token"), "rt", true)
+	ev := w.waitFor(t, "re-announced version 1", rotatedVersion(1))
+	if ev.Rotated.Fingerprint != events.Fingerprint(tok.AccessToken) {
+		t.Errorf("re-announced fingerprint %s, want the current one", ev.Rotated.Fingerprint)
+	}
+	b.settled(t)
+	if got := b.as.Calls(); got != 0 {
+		t.Errorf("token-endpoint calls = %d, want 0", got)
+	}
+}
+
+// Done-when 4: a refresh token the server no longer honours ends in
+// needs_reauth with the server's code, whatever the server's dialect, and
+// later 401s cause no call.
+func TestRejectedRefreshTokenNeedsReauth(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mode   authtest.ReuseMode
+		revoke bool
+		reason string
+	}{
+		{"revoked 400 invalid_grant", authtest.ReuseInvalidGrant, true, "invalid_grant"},
+		{"spent 400 invalid_grant", authtest.ReuseInvalidGrant, false, "invalid_grant"},
+		{"spent 403 invalid_grant (Auth0)", authtest.ReuseInvalidGrant403, false, "invalid_grant"},
+		{"spent 400 invalid_request (Dex)", authtest.ReuseDexInvalidRequest, false, "invalid_request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			b.as.SetReuse(tc.mode)
+			b.startPools(t, 2, nil)
+			key := mustKey(t, "acme.carol.jira")
+			tok := b.as.Issue(clientID)
+			b.register(t, key, tok, nil)
+			if tc.revoke {
+				b.as.Revoke(tok.RefreshToken)
+			} else {
+				spendOutsideAuthbus(t, b, tok.RefreshToken)
+			}
+			callsBefore := b.as.Calls()
+			w := b.watch(t, key)
+			fp := events.Fingerprint(tok.AccessToken)
+			b.publish401(t, key, fp, "rt", true)
+			ev := w.waitFor(t, "auth.needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+			if ev.NeedsReauth.Reason != tc.reason || ev.NeedsReauth.Version != 1 {
+				t.Errorf("needs_reauth = %+v, want reason %s version 1", ev.NeedsReauth, tc.reason)
+			}
+			b.settled(t)
+			if got := b.as.Calls() - callsBefore; got != 1 {
+				t.Errorf("token-endpoint calls = %d, want 1", got)
+			}
+			if c := b.cred(t, key); c.State != kv.StateNeedsReauth || c.Reason != tc.reason {
+				t.Errorf("stored state %s/%s, want needs_reauth/%s", c.State, c.Reason, tc.reason)
+			}
+
+			// A later 401 (outside the de-duplication window: no msg id)
+			// re-announces needs_reauth and costs no call.
+			b.publish401(t, key, fp, "rt-later", false)
+			eventually(t, 10*time.Second, "second needs_reauth", func() bool {
+				return w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }) >= 2
+			})
+			b.settled(t)
+			if got := b.as.Calls() - callsBefore; got != 1 {
+				t.Errorf("token-endpoint calls after a later 401 = %d, want still 1", got)
+			}
+		})
+	}
+}
+
+// spendOutsideAuthbus redeems a refresh token as another client of the same
+// grant would, so authbus's next use of it is a reuse.
+func spendOutsideAuthbus(t *testing.T, b *bundle, rt string) *oauth2.Token {
+	t.Helper()
+	cfg := oauth2.Config{ClientID: clientID, ClientSecret: clientSecret,
+		Endpoint: oauth2.Endpoint{TokenURL: b.as.TokenURL(), AuthStyle: oauth2.AuthStyleInHeader}}
+	tok, err := cfg.TokenSource(context.Background(), &oauth2.Token{RefreshToken: rt}).Token()
+	if err != nil {
+		t.Fatalf("spend refresh token outside authbus: %v", err)
+	}
+	return tok
+}
+
+// Done-when 5: a peer that rotated while our call was in flight wins; we
+// neither declare needs_reauth nor overwrite its token.
+func TestPeerRotatedWhileCallInFlight(t *testing.T) {
+	t.Run("our call is answered as a reuse", func(t *testing.T) {
+		b := setup(t)
+		b.startPools(t, 1, nil)
+		key := mustKey(t, "acme.dave.github")
+		tok := b.as.Issue(clientID)
+		b.register(t, key, tok, nil)
+		var once atomic.Bool
+		var peer *oauth2.Token
+		b.as.OnToken(func(*http.Request) {
+			if !once.CompareAndSwap(false, true) {
+				return
+			}
+			// The peer redeems the same refresh token first and stores its result.
+			peer = spendOutsideAuthbus(t, b, tok.RefreshToken)
+			c, rev, err := b.store.Get(context.Background(), key)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			c.Version++
+			c.AccessToken, c.RefreshToken = kv.Secret(peer.AccessToken), kv.Secret(peer.RefreshToken)
+			c.Fingerprint = events.Fingerprint(peer.AccessToken)
+			if _, err := b.store.Update(context.Background(), c, rev); err != nil {
+				t.Error(err)
+			}
+		})
+		w := b.watch(t, key)
+		b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+		ev := w.waitFor(t, "re-announce of the peer's token", rotatedVersion(2))
+		b.settled(t)
+		if ev.Rotated.AccessToken != peer.AccessToken {
+			t.Error("announced token is not the peer's")
+		}
+		if n := w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
+			t.Errorf("got %d needs_reauth, want 0", n)
+		}
+		if c := b.cred(t, key); c.State != kv.StateActive || c.Fingerprint != events.Fingerprint(peer.AccessToken) {
+			t.Errorf("stored credential %s %s, want active with the peer's token", c.State, c.Fingerprint)
+		}
+	})
+	t.Run("our late answer is discarded", func(t *testing.T) {
+		b := setup(t)
+		b.startPools(t, 1, nil)
+		key := mustKey(t, "acme.erin.github")
+		tok := b.as.Issue(clientID)
+		b.register(t, key, tok, nil)
+		relogin := b.as.Issue(clientID)
+		var once atomic.Bool
+		b.as.OnToken(func(*http.Request) {
+			if once.CompareAndSwap(false, true) {
+				// A person logs in again while the refresh is in flight.
+				b.register(t, key, relogin, nil)
+			}
+		})
+		w := b.watch(t, key)
+		b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+		eventually(t, 10*time.Second, "one token call", func() bool { return b.as.Calls() == 1 })
+		b.settled(t)
+		c := b.cred(t, key)
+		if c.Version != 2 || c.Fingerprint != events.Fingerprint(relogin.AccessToken) {
+			t.Errorf("stored version %d fingerprint %s, want the re-registration (version 2)", c.Version, c.Fingerprint)
+		}
+		for _, ev := range w.events() {
+			if ev.Rotated != nil && ev.Rotated.Fingerprint != events.Fingerprint(relogin.AccessToken) {
+				t.Errorf("published a discarded result: version %d", ev.Rotated.Version)
+			}
+		}
+	})
+}
+
+// Done-when 6a: 503s are retried with growing delays, then the refresh succeeds.
+func TestTransientErrorsBackOffThenRotate(t *testing.T) {
+	b := setup(t)
+	const base = 200 * time.Millisecond
+	b.startPools(t, 1, func(c *workers.Config) { c.RetryBase = base })
+	key := mustKey(t, "acme.frank.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	b.as.Fail(3, http.StatusServiceUnavailable, `{"error":"temporarily_unavailable"}`, nil)
+	w := b.watch(t, key)
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.waitFor(t, "rotation after three 503s", rotatedVersion(2))
+	calls := b.as.CallLog()
+	if len(calls) != 4 {
+		t.Fatalf("calls = %d, want 4 (3×503, 1 success)", len(calls))
+	}
+	// Delivery n waits RetryBase·2^(n-1), jittered over [d/2, d].
+	for i := 1; i < len(calls); i++ {
+		gap := calls[i].At.Sub(calls[i-1].At)
+		if min := (base << (i - 1)) / 2; gap < min {
+			t.Errorf("gap before call %d = %v, want ≥ %v", i+1, gap, min)
+		}
+	}
+	if b.as.Reuses() != 0 {
+		t.Errorf("reuses = %d, want 0", b.as.Reuses())
+	}
+}
+
+// Done-when 6b: a 429 with Retry-After is honoured.
+func TestRetryAfterIsHonoured(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 1, nil)
+	key := mustKey(t, "acme.grace.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	b.as.Fail(1, http.StatusTooManyRequests, `{"error":"rate_limited"}`, http.Header{"Retry-After": {"2"}})
+	w := b.watch(t, key)
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.waitFor(t, "rotation after a 429", rotatedVersion(2))
+	calls := b.as.CallLog()
+	if len(calls) != 2 {
+		t.Fatalf("calls = %d, want 2", len(calls))
+	}
+	if gap := calls[1].At.Sub(calls[0].At); gap < 2*time.Second {
+		t.Errorf("second call %v after the 429, want ≥ 2s (Retry-After: 2)", gap)
+	}
+}
+
+// Done-when 6c: an endpoint that is down opens the breaker; no calls are made
+// until it half-opens, and nobody is sent to re-auth.
+func TestBreakerStopsCallsToADownEndpoint(t *testing.T) {
+	b := setup(t)
+	const openFor = 2 * time.Second
+	b.startPools(t, 1, func(c *workers.Config) { c.BreakerFailures = 3; c.BreakerOpenFor = openFor })
+	key := mustKey(t, "acme.heidi.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	b.as.SetDown(true)
+	w := b.watch(t, key)
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	eventually(t, 20*time.Second, "the half-open probe (4th call)", func() bool { return b.as.Calls() >= 4 })
+	b.as.SetDown(false)
+	w.waitFor(t, "rotation once the endpoint is back", rotatedVersion(2))
+	calls := b.as.CallLog()
+	if gap := calls[3].At.Sub(calls[2].At); gap < openFor {
+		t.Errorf("call 4 came %v after the breaker opened, want ≥ %v", gap, openFor)
+	}
+	if n := w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
+		t.Errorf("needs_reauth events = %d, want 0", n)
+	}
+	if len(b.logs.records(map[string]string{"msg": "token endpoint breaker changed state", "to": "open"})) == 0 {
+		t.Error("no log record of the breaker opening")
+	}
+}
+
+// Done-when 7: a token endpoint slower than the lease TTL still gets one call:
+// the lease is renewed while the call is in flight.
+func TestSlowEndpointKeepsLease(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 3, func(c *workers.Config) {
+		c.LeaseTTL = 2 * time.Second
+		c.AckWait = 2 * time.Second
+		c.TokenTimeout = 10 * time.Second
+	})
+	key := mustKey(t, "acme.ivan.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	b.as.SetLatency(5 * time.Second)
+	w := b.watch(t, key)
+	fp := events.Fingerprint(tok.AccessToken)
+	b.publish401(t, key, fp, "rt", true)
+	eventually(t, 5*time.Second, "the slow call started", func() bool { return b.as.Calls() == 1 })
+	// More 401s for the same token while the call is in flight, outside the
+	// de-duplication window: they must wait for the lease, not call.
+	for i := range 5 {
+		b.publish401(t, key, fp, fmt.Sprintf("impatient-%d", i), false)
+	}
+	w.waitFor(t, "rotation", rotatedVersion(2))
+	b.settled(t)
+	if got := b.as.Calls(); got != 1 {
+		t.Errorf("token-endpoint calls = %d, want 1", got)
+	}
+	if got := b.as.Reuses(); got != 0 {
+		t.Errorf("reuses = %d, want 0", got)
+	}
+}
+
+// Done-when 8: a worker that dies mid-refresh leaves a lease that expires by
+// itself, and another worker completes the refresh.
+func TestDeadWorkersLeaseExpiresAndAnotherCompletes(t *testing.T) {
+	b := setup(t)
+	tune := func(c *workers.Config) {
+		c.LeaseTTL = 2 * time.Second
+		c.AckWait = 2 * time.Second
+		c.TokenTimeout = 3 * time.Second
+	}
+	b.startPools(t, 1, tune)
+	key := mustKey(t, "acme.judy.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	w := b.watch(t, key)
+
+	// The first call hangs; while it does, its worker's connection dies.
+	b.as.SetLatency(time.Hour)
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	eventually(t, 5*time.Second, "the first call started", func() bool { return b.as.Calls() == 1 })
+	if holder, held, err := b.pools[0].pool.Leases().Holder(context.Background(), key); err != nil || !held || holder != "pool-0" {
+		t.Fatalf("lease holder = %q held=%v err=%v, want pool-0", holder, held, err)
+	}
+	b.pools[0].nc.Close()
+	b.as.SetLatency(0)
+	b.startPools(t, 1, tune)
+
+	w.waitFor(t, "rotation by the surviving worker", rotatedVersion(2))
+	b.settled(t)
+	if got := b.as.Reuses(); got != 0 {
+		t.Errorf("reuses = %d, want 0", got)
+	}
+	if got := b.as.Calls(); got != 2 {
+		t.Errorf("calls = %d, want 2 (the abandoned one and the completing one)", got)
+	}
+	if c := b.cred(t, key); c.Version != 2 {
+		t.Errorf("stored version %d, want 2", c.Version)
+	}
+}
+
+// Done-when 9: malformed events are terminated with a logged reason and do
+// not hold up the good ones behind them.
+func TestMalformedEventsAreTerminated(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 1, nil)
+	key := mustKey(t, "acme.kim.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	w := b.watch(t, key)
+	good, _ := events.Encode(key, "test", events.Unauthorized{Fingerprint: events.Fingerprint(tok.AccessToken), Runtime: "rt"})
+	other := mustKey(t, "evil.kim.github")
+	bad := []struct{ subject, body, reason string }{
+		{"auth.401.acme.kim.github", "not json", "JSON"},
+		{"auth.401.acme.kim.github", strings.Replace(string(good), `"specversion":"1.0"`, `"specversion":"0.3"`, 1), "specversion"},
+		{"auth.401.acme.kim.github", strings.Replace(string(good), events.Fingerprint(tok.AccessToken), "", 1), "fingerprint"},
+		{"auth.401.acme.kim.git$hub", string(good), "key"},
+		{"auth.401.acme.kim.github", strings.Replace(string(good), `"subject":"acme.kim.github"`, `"subject":"`+other.String()+`"`, 1), "subject"},
+	}
+	for _, m := range bad {
+		if _, err := b.js.Publish(context.Background(), m.subject, []byte(m.body)); err != nil {
+			t.Fatalf("publish %s: %v", m.subject, err)
+		}
+	}
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.waitFor(t, "rotation behind the bad events", rotatedVersion(2))
+	b.settled(t)
+	terms := b.logs.records(map[string]string{"msg": "event processed", "outcome": "bad_input"})
+	if len(terms) != len(bad) {
+		t.Fatalf("bad_input records = %d, want %d:\n%s", len(terms), len(bad), b.logs.String())
+	}
+	// Workers run concurrently: match reasons to records in any order.
+	for i, m := range bad {
+		found := false
+		for _, rec := range terms {
+			found = found || strings.Contains(strings.ToLower(fmt.Sprint(rec["detail"])), strings.ToLower(m.reason))
+		}
+		if !found {
+			t.Errorf("bad event %d: no logged reason mentions %q", i, m.reason)
+		}
+	}
+}
+
+// Done-when 10: no token or secret reaches a log line or an error reply,
+// and refresh tokens and client secrets are sealed in KV.
+func TestSecretsNeverLeak(t *testing.T) {
+	b := setup(t)
+	b.startPools(t, 2, nil)
+	key := mustKey(t, "acme.leak.github")
+	tok := b.as.Issue(clientID)
+	b.register(t, key, tok, nil)
+	w := b.watch(t, key)
+	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	rot := w.waitFor(t, "rotation", rotatedVersion(2))
+	newRT := b.cred(t, key).RefreshToken.Reveal()
+	// Then a failure path: the new refresh token is revoked.
+	b.as.Revoke(newRT)
+	b.publish401(t, key, rot.Rotated.Fingerprint, "rt", true)
+	w.waitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+	// And bad registrations that carry secrets.
+	_, err := b.tryRegister(key, tok, func(r *events.RegisterRequest) { r.TokenEndpoint = "http://example.com/token" })
+	if err == nil {
+		t.Fatal("register with a plain-http non-loopback endpoint was accepted")
+	}
+	canaries := []string{tok.AccessToken, tok.RefreshToken, rot.Rotated.AccessToken, newRT, clientSecret}
+	for _, c := range canaries {
+		if strings.Contains(b.logs.String(), c) {
+			t.Errorf("a log line contains a secret (%.6s…)", c)
+		}
+		if strings.Contains(err.Error(), c) {
+			t.Errorf("an error reply contains a secret (%.6s…)", c)
+		}
+	}
+	kvb, err := b.js.KeyValue(context.Background(), b.subj.BucketName("CREDENTIALS"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := kvb.Get(context.Background(), key.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []string{tok.RefreshToken, newRT, clientSecret} {
+		if strings.Contains(string(entry.Value()), c) {
+			t.Errorf("KV holds a refresh token or client secret in plain text (%.6s…)", c)
+		}
+	}
+}

@@ -1,0 +1,186 @@
+package workers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/telemetry"
+)
+
+// Version is the authbus service version announced by `nats micro ls`.
+const Version = "0.1.0"
+
+// requestTimeout bounds the KV work of one request.
+const requestTimeout = 10 * time.Second
+
+// startService registers the auth.register and auth.token endpoints as a
+// NATS micro service. Every refresher joins the same queue group, so each
+// request is answered once.
+func (p *Pool) startService() (micro.Service, error) {
+	svc, err := micro.AddService(p.nc, micro.Config{
+		Name:        "authbus",
+		Version:     Version,
+		Description: "authbus token service: register credentials and read current access tokens",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start micro service: %w", err)
+	}
+	for _, ep := range []struct {
+		name, subject string
+		h             micro.HandlerFunc
+	}{
+		{"register", p.subj.RegisterWildcard(), p.handleRegister},
+		{"token", p.subj.TokenWildcard(), p.handleToken},
+	} {
+		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("add endpoint %s on %s: %w", ep.name, ep.subject, err)
+		}
+	}
+	return svc, nil
+}
+
+// replyError answers with the micro error headers and the same as a JSON body.
+func (p *Pool) replyError(req micro.Request, code, description, reason string) {
+	body, _ := json.Marshal(events.ErrorReply{Error: code, ErrorDescription: description, Reason: reason})
+	// Header values must stay on one line.
+	desc := strings.ReplaceAll(description, "\n", " ")
+	if err := req.Error(events.StatusOf(code), desc, body); err != nil {
+		p.log.Warn("reply failed", "subject", req.Subject(), "error", err)
+	}
+}
+
+func (p *Pool) replyJSON(req micro.Request, v any) {
+	if err := req.RespondJSON(v); err != nil {
+		p.log.Warn("reply failed", "subject", req.Subject(), "error", err)
+	}
+}
+
+// requestKey takes the credential key from the request subject: the subject
+// is what NATS permissions check, so it is authoritative for the tenant.
+func (p *Pool) requestKey(req micro.Request, word string) (events.Key, bool) {
+	w, k, err := p.subj.Parse(req.Subject())
+	if err != nil || w != word {
+		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("subject %q: %v; send to %s.%s.<tenant>.<user>.<server>", req.Subject(), err, p.subj.Prefix(), word), "")
+		return events.Key{}, false
+	}
+	return k, true
+}
+
+// handleRegister stores fresh tokens for a credential, first registration or
+// repair after a new login, and announces them. It never calls the token
+// endpoint.
+func (p *Pool) handleRegister(req micro.Request) {
+	key, ok := p.requestKey(req, "register")
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(telemetry.Extract(context.Background(), nats.Header(req.Headers())), requestTimeout)
+	defer cancel()
+	rr, err := events.DecodeRegisterRequest(req.Data())
+	if err != nil {
+		p.replyError(req, events.CodeInvalidRequest, err.Error(), "")
+		return
+	}
+	if rr.Issuer != "" {
+		p.replyError(req, events.CodeInvalidRequest,
+			"field \"issuer\": discovery is not available in this version; pass token_endpoint instead", "")
+		return
+	}
+	now := time.Now().UTC()
+	c := &kv.Credential{
+		Key:           key,
+		AccessToken:   kv.Secret(rr.Token.AccessToken),
+		TokenType:     rr.Token.TokenType,
+		Fingerprint:   events.Fingerprint(rr.Token.AccessToken),
+		ReceivedAt:    now,
+		ExpiresAt:     rr.Token.ExpiresAt.UTC(),
+		RefreshToken:  kv.Secret(rr.Token.RefreshToken),
+		ClientSecret:  kv.Secret(rr.ClientSecret),
+		TokenEndpoint: rr.TokenEndpoint,
+		ClientID:      rr.ClientID,
+		AuthStyle:     rr.AuthStyle,
+		Grant:         rr.Grant,
+		Scopes:        rr.Scopes,
+		Resource:      rr.Resource,
+		State:         kv.StateActive,
+		UpdatedAt:     now,
+	}
+	if rr.Token.ExpiresIn > 0 {
+		c.ExpiresAt = now.Add(time.Duration(rr.Token.ExpiresIn) * time.Second)
+	}
+	if c.TokenType == "" {
+		c.TokenType = "Bearer"
+	}
+	if c.AuthStyle == "" {
+		c.AuthStyle = events.AuthStyleBasic
+	}
+	if c.Grant == "" {
+		c.Grant = events.GrantRefreshToken
+	}
+
+	var wasReauth bool
+	for attempt := 0; ; attempt++ {
+		old, rev, err := p.store.Get(ctx, key)
+		switch {
+		case errors.Is(err, kv.ErrNotFound):
+			c.Version = 1
+			_, err = p.store.Create(ctx, c)
+		case err == nil:
+			c.Version = old.Version + 1
+			wasReauth = old.State == kv.StateNeedsReauth
+			_, err = p.store.Update(ctx, c, rev)
+		}
+		if err == nil {
+			break
+		}
+		if (errors.Is(err, kv.ErrConflict) || errors.Is(err, kv.ErrExists)) && attempt < 5 {
+			continue // a refresh or another registration wrote first: redo on the new revision
+		}
+		p.log.Warn("register failed", "key", key.String(), "error", err)
+		p.replyError(req, events.CodeUnavailable, fmt.Sprintf("storing credential %s failed (%v); retry shortly", key, err), "")
+		return
+	}
+	if wasReauth {
+		if err := p.reauth.Purge(ctx, jetstream.WithPurgeSubject(p.subj.Event(events.TypeNeedsReauth, key))); err != nil {
+			p.log.Warn("purging the kept needs_reauth failed", "key", key.String(), "error", err)
+		}
+	}
+	if err := p.announceRotated(ctx, c); err != nil {
+		p.log.Warn("announcing a registration failed", "key", key.String(), "error", err)
+	}
+	p.schedule(ctx, c)
+	p.log.Info("credential registered", "key", key.String(), "version", c.Version, "fingerprint", c.Fingerprint, "expires_at", c.ExpiresAt)
+	p.replyJSON(req, events.RegisterReply{Version: c.Version, Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
+}
+
+// handleToken answers with the current access token of a credential.
+func (p *Pool) handleToken(req micro.Request) {
+	key, ok := p.requestKey(req, "token")
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	c, _, err := p.store.Get(ctx, key)
+	switch {
+	case errors.Is(err, kv.ErrNotFound):
+		p.replyError(req, events.CodeNotFound, fmt.Sprintf("credential %s is not registered; register it on %s", key, p.subj.Register(key)), "")
+	case err != nil:
+		p.replyError(req, events.CodeUnavailable, fmt.Sprintf("reading credential %s failed (%v); retry shortly", key, err), "")
+	case c.State == kv.StateNeedsReauth:
+		p.replyError(req, events.CodeNeedsReauth, fmt.Sprintf("credential %s needs a new login (%s): log in again and register the new tokens", key, c.Reason), c.Reason)
+	default:
+		p.replyJSON(req, rotatedPayload(c))
+	}
+}
