@@ -22,7 +22,9 @@
 // Values that hold tokens or secrets (Rotated, RegisterToken,
 // RegisterRequest, Envelope, Event) redact them when formatted with fmt or
 // logged with log/slog: refresh tokens and client secrets must never reach a
-// log line.
+// log line. Log such a value itself (slog.Any("token", r)), not a struct or
+// slice that holds it: slog's JSON handler encodes nested values with
+// encoding/json, which writes the wire form, secrets included.
 //
 // All functions and methods are safe for concurrent use.
 package events

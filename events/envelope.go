@@ -224,7 +224,7 @@ func (env *Envelope) problems(t Type, k Key) []problem {
 	case "":
 		ps = append(ps, problem{"type", fmt.Sprintf("is missing; send %q, the type of the subject's event word", t)})
 	default:
-		ps = append(ps, problem{"type", fmt.Sprintf("is %s but the event arrived on a %s subject; the type must match the subject's event word", quote(string(env.Type)), t)})
+		ps = append(ps, problem{"type", fmt.Sprintf("is %s but the event arrived on an %s subject; the type must match the subject's event word", quote(string(env.Type)), t)})
 	}
 	switch env.Subject {
 	case k.String():

@@ -76,6 +76,26 @@ func fingerprintOf(p events.Payload) string {
 	return ""
 }
 
+// A consumer may reuse its receive buffer once Decode returns.
+func TestDecodeDoesNotKeepInput(t *testing.T) {
+	t.Parallel()
+	b, err := events.Encode(testKey, testSource, samplePayloads()[3])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := events.Decode(events.TypeRotated, testKey, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := string(ev.Data)
+	for i := range b {
+		b[i] = 'x'
+	}
+	if string(ev.Data) != want || ev.Rotated.AccessToken != testToken {
+		t.Fatalf("the event changed with its input: data %s", ev.Data)
+	}
+}
+
 func TestEncodeUniqueIDs(t *testing.T) {
 	t.Parallel()
 	seen := map[string]bool{}
@@ -196,7 +216,8 @@ func TestDecodeRefuses(t *testing.T) {
 		{name: "too large", typ: events.Type401, mutate: set("pad", strings.Repeat("x", events.MaxEventSize)), want: "size is"},
 		{name: "not JSON", typ: events.Type401, raw: `{"specversion":`, want: "body is not valid JSON"},
 		{name: "not an object", typ: events.Type401, raw: `["specversion"]`, want: "body is not a JSON object"},
-		{name: "two objects", typ: events.Type401, raw: `{} {}`, want: "body has data after the JSON object"},
+		{name: "two objects", typ: events.Type401, raw: `{} {}`, want: "body is not valid JSON: invalid character '{' after top-level value"},
+		{name: "invalid UTF-8", typ: events.Type401, raw: "{\"id\":\"\xff\"}", want: "body is not valid UTF-8"},
 		{name: "attribute twice", typ: events.Type401, raw: `{"subject":"acme.alice.github","subject":"evil.alice.github"}`, want: `the field "subject" twice`},
 		{name: "attribute in other case", typ: events.Type401, mutate: set("Subject", "evil.alice.github"), want: `"Subject" is not a field (names are case-sensitive); use "subject"`},
 
@@ -210,7 +231,7 @@ func TestDecodeRefuses(t *testing.T) {
 		{name: "time not RFC 3339", typ: events.Type401, mutate: set("time", "yesterday"), want: "time is not an RFC 3339 time"},
 		{name: "time a number", typ: events.Type401, mutate: set("time", 1700000000), want: "time is not an RFC 3339 time"},
 		{name: "type missing", typ: events.Type401, mutate: del("type"), want: `type is missing; send "auth.401"`},
-		{name: "type of another subject", typ: events.Type401, mutate: set("type", "auth.expiring"), want: `type is "auth.expiring" but the event arrived on a auth.401 subject`},
+		{name: "type of another subject", typ: events.Type401, mutate: set("type", "auth.expiring"), want: `type is "auth.expiring" but the event arrived on an auth.401 subject`},
 		{name: "subject missing", typ: events.Type401, mutate: del("subject"), want: "subject is missing"},
 		{name: "subject of another key", typ: events.Type401, mutate: set("subject", "evil.alice.github"), want: `subject names the key "evil.alice.github" but the event arrived on the subject of key "acme.alice.github"`},
 		{name: "datacontenttype wrong", typ: events.Type401, mutate: set("datacontenttype", "text/plain"), want: `datacontenttype is "text/plain"`},

@@ -5,11 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"reflect"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // This file decodes JSON objects into structs more strictly than
@@ -42,45 +42,122 @@ type member struct {
 }
 
 // objectMembers splits b, which must be exactly one JSON object, into its
-// members.
+// members. The values are sub-slices of b.
 func objectMembers(b []byte) ([]member, error) {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	tok, err := dec.Token()
-	if err != nil {
+	// encoding/json silently replaces invalid UTF-8 with U+FFFD; another
+	// language's decoder may refuse it or keep the bytes, so refuse it here.
+	if !utf8.Valid(b) {
+		return nil, errors.New("is not valid UTF-8; JSON must be UTF-8 (RFC 8259)")
+	}
+	// Validate everything once (this also yields encoding/json's syntax
+	// error text), then walk the known-good object by hand: json.Decoder
+	// would cost three times as much, building and dropping an error for
+	// every scalar member.
+	var whole json.RawMessage
+	if err := json.Unmarshal(b, &whole); err != nil {
 		return nil, jsonErr(err)
 	}
-	if d, ok := tok.(json.Delim); !ok || d != '{' {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
 		return nil, errors.New("is not a JSON object")
 	}
+	i++
 	var ms []member
-	for dec.More() {
-		tok, err := dec.Token()
+	seen := make(map[string]bool) // not a scan of ms: a 64 KiB body has thousands of members
+	for {
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] == '}' {
+			break
+		}
+		if b[i] == ',' {
+			i = skipSpace(b, i+1)
+		}
+		keyEnd := endOfValue(b, i)
+		name, err := unquote(b[i:keyEnd])
 		if err != nil {
 			return nil, jsonErr(err)
 		}
-		name, _ := tok.(string) // the decoder only yields strings in key position
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return nil, jsonErr(err)
+		i = skipSpace(b, keyEnd) + 1 // past the ':'
+		i = skipSpace(b, i)
+		valueEnd := endOfValue(b, i)
+		if seen[name] {
+			return nil, fmt.Errorf("has the field %s twice; send each field once", quote(name))
 		}
-		for _, m := range ms {
-			if m.name == name {
-				return nil, fmt.Errorf("has the field %s twice; send each field once", quote(name))
-			}
-		}
-		ms = append(ms, member{name: name, raw: raw})
-	}
-	if _, err := dec.Token(); err != nil { // the closing brace
-		return nil, jsonErr(err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, errors.New("has data after the JSON object; send exactly one object")
+		seen[name] = true
+		ms = append(ms, member{name: name, raw: b[i:valueEnd]})
+		i = valueEnd
 	}
 	return ms, nil
 }
 
+// The scanners below run on JSON that json.Unmarshal has accepted, so they
+// need not check syntax; they only stay inside b whatever happens.
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// endOfValue returns the index just past the JSON value that starts at i.
+func endOfValue(b []byte, i int) int {
+	if i >= len(b) {
+		return len(b)
+	}
+	switch b[i] {
+	case '"':
+		return endOfString(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				i = endOfString(b, i)
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return len(b)
+	}
+	for i < len(b) && !strings.ContainsRune(",}] \t\r\n", rune(b[i])) {
+		i++
+	}
+	return i
+}
+
+// endOfString returns the index just past the string that starts at i.
+func endOfString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return len(b)
+}
+
+func unquote(s []byte) (string, error) {
+	if len(s) >= 2 && bytes.IndexByte(s, '\\') < 0 {
+		return string(s[1 : len(s)-1]), nil
+	}
+	var name string
+	err := json.Unmarshal(s, &name)
+	return name, err
+}
+
 func jsonErr(err error) error {
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+	var se *json.SyntaxError
+	if errors.As(err, &se) && strings.Contains(se.Error(), "unexpected end") {
 		return errors.New("is not valid JSON: it ends too early")
 	}
 	return fmt.Errorf("is not valid JSON: %v", err)
@@ -154,6 +231,9 @@ func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
 	si := structInfoOf(rv.Type())
 	var ps []problem
 	for _, m := range ms {
+		if len(ps) > maxProblems {
+			break // joinProblems shows no more; do not spend work on them
+		}
 		fpath := joinPath(path, m.name)
 		f := si.field(m.name)
 		if f == nil {

@@ -23,9 +23,9 @@ var keyPartNames = [3]string{"tenant", "user", "server"}
 // [A-Za-z0-9_-]; parts are NATS subject tokens and KV key parts. The zero Key
 // is not valid.
 type Key struct {
-	Tenant string
-	User   string
-	Server string
+	Tenant string // the organisation; first, so permissions can match on it
+	User   string // whose credential it is
+	Server string // the resource it is for: an MCP server, an API provider
 }
 
 // NewKey returns the key of the given parts, or an error wrapping

@@ -61,7 +61,8 @@ type Expiring struct {
 // auth.token reply: the access token now in force.
 //
 // It holds a live access token: fmt and log/slog print only its fingerprint,
-// version and expiry.
+// version and expiry (log it directly, not inside another struct; see the
+// package doc). MarshalJSON writes the token: it is the wire form.
 type Rotated struct {
 	// AccessToken is the token itself (required, printable ASCII, at most
 	// MaxAccessTokenSize bytes).
@@ -236,14 +237,15 @@ func payloadErr(t Type, ps []problem) error {
 }
 
 // maxProblems bounds how many problems one error lists: enough to fix a
-// request in one go, not so many that a hostile body makes a huge error.
+// request in one go, not so many that a hostile body makes a huge error or
+// costs much work. Checks may stop once they have more than maxProblems.
 const maxProblems = 10
 
 func joinProblems(ps []problem) string {
 	var msgs []string
 	for i, p := range ps {
 		if i == maxProblems {
-			msgs = append(msgs, fmt.Sprintf("and %d more", len(ps)-maxProblems))
+			msgs = append(msgs, "and more")
 			break
 		}
 		msgs = append(msgs, p.String())

@@ -79,7 +79,7 @@ func (t RegisterToken) Expiry(receivedAt time.Time) time.Time {
 // needs_reauth).
 //
 // It holds tokens and the client secret: fmt and log/slog print none of
-// them.
+// them (log it directly, not inside another struct; see the package doc).
 type RegisterRequest struct {
 	// Token is the token set to keep fresh.
 	Token RegisterToken `json:"token"`
@@ -206,6 +206,9 @@ func (r RegisterRequest) problems() []problem {
 		ps = append(ps, problem{"grant", fmt.Sprintf(`is %s; send "refresh_token", "client_credentials", or leave it out`, quote(r.Grant))})
 	}
 	for i, sc := range r.Scopes {
+		if len(ps) > maxProblems {
+			break // joinProblems shows no more; a hostile list may hold thousands
+		}
 		field := fmt.Sprintf("scopes[%d]", i)
 		switch {
 		case sc == "":
@@ -234,7 +237,7 @@ func (r RegisterRequest) problems() []problem {
 func checkServerURL(ps []problem, field, s string, issuer bool) []problem {
 	u, err := url.Parse(s)
 	switch {
-	case err != nil || u.Scheme == "" || u.Host == "":
+	case err != nil || u.Scheme == "" || u.Hostname() == "":
 		return append(ps, problem{field, "is not an absolute URL; send one such as https://auth.example.com/oauth/token"})
 	case u.User != nil:
 		return append(ps, problem{field, "contains a user name or password; remove it and send client_id and client_secret instead"})

@@ -9,12 +9,12 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/events"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// MinLeaseTTL is the shortest lease TTL: the server expires keys with a
-// granularity of one second, so a shorter TTL would leave no trusted time.
+// MinLeaseTTL is the shortest lease TTL: a lease is trusted for its TTL less
+// at least one second (see Lease.TrustedUntil), so a shorter TTL would
+// leave no trusted time.
 const MinLeaseTTL = 2 * time.Second
 
 // LeaseConfig configures the lease bucket. Zero values mean the documented
@@ -124,7 +124,8 @@ func (l *Leases) TTL() time.Duration { return l.ttl }
 
 // Claim takes the lease of k for holder (a name for operators: process,
 // host). It succeeds only if nobody holds it; otherwise the error wraps
-// ErrLeaseHeld. The lease expires by itself after TTL unless renewed.
+// ErrLeaseHeld and names the holder. The lease expires by itself after TTL
+// unless renewed.
 func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease, error) {
 	if err := k.Validate(); err != nil {
 		return nil, err
@@ -132,14 +133,35 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 	if holder == "" {
 		return nil, fmt.Errorf("claim lease %s: holder is empty; name the process that claims it", k)
 	}
-	// Taken before the request: the server starts the TTL when it stores
-	// the key, which is later, so trust measured from here ends earlier.
-	start := time.Now()
-	rev, err := l.kv.Create(ctx, k.String(), []byte(holder), jetstream.KeyTTL(l.ttl))
-	if err != nil {
-		return nil, fmt.Errorf("claim lease %s: %w", k, mapErr(leases, opCreate, err))
+	for attempt := 1; ; attempt++ {
+		// Taken before the request: the server starts the TTL when it
+		// stores the key, which is later, so trust measured from here ends
+		// earlier.
+		start := time.Now()
+		rev, err := l.kv.Create(ctx, k.String(), []byte(holder), jetstream.KeyTTL(l.ttl))
+		if err == nil {
+			return &Lease{leases: l, key: k, holder: []byte(holder), rev: rev, start: start}, nil
+		}
+		if err = mapErr(leases, opCreate, err); !errors.Is(err, ErrLeaseHeld) {
+			return nil, fmt.Errorf("claim lease %s: %w", k, err)
+		}
+		// kv.Create also reports "exists" when the key's marker expired
+		// between its two requests (its create fails on the marker, then
+		// its read of the marker finds nothing). Read once more to tell a
+		// holder from a vanished marker, and to name the holder.
+		current, held, herr := l.Holder(ctx, k)
+		switch {
+		case herr != nil:
+			return nil, fmt.Errorf("claim lease %s: %w", k, err)
+		case held:
+			return nil, fmt.Errorf("claim lease %s: held by %q: %w", k, current, ErrLeaseHeld)
+		case attempt == 2:
+			// Still no holder after a second failed create: the key is
+			// changing under us (others claiming and releasing it); let
+			// the caller come back later.
+			return nil, fmt.Errorf("claim lease %s: %w", k, ErrLeaseHeld)
+		}
 	}
-	return &Lease{leases: l, key: k, holder: []byte(holder), rev: rev, start: start}, nil
 }
 
 // Holder reports who holds the lease of k, if anyone.
@@ -211,11 +233,12 @@ func (l *Lease) TrustedUntil() time.Time {
 	// start is taken before the claim or renew request is sent, and the
 	// server starts the TTL only when it stores the message, so start+TTL
 	// is never later than the server's own expiry, measured on our clock.
-	// The margin absorbs what that argument ignores: the server expires
-	// keys with one-second granularity, our clock and the server's may run
-	// at slightly different rates, and a write made just before the
-	// deadline still needs time to reach the server. With TTL 2s a lease is
-	// trusted for 1s after each renew; with 30s, for 27s.
+	// The margin absorbs what that argument ignores: the server's TTLs are
+	// whole seconds and it times them on its wall clock (which NTP may step
+	// forward), its clock and ours may run at slightly different rates, and
+	// a write made just before the deadline still needs time to reach the
+	// server. With TTL 2s a lease is trusted for 1s after each renew; with
+	// 30s, for 27s.
 	return l.start.Add(l.leases.ttl - trustMargin(l.leases.ttl))
 }
 
@@ -245,8 +268,7 @@ func (l *Lease) Renew(ctx context.Context) error {
 	// expires, so renew with a raw publish to the key's subject that carries
 	// both the expected revision and a fresh TTL; its sequence is the new
 	// revision.
-	ack, err := l.leases.js.PublishMsg(ctx,
-		&nats.Msg{Subject: l.leases.putPrefix + l.key.String(), Data: l.holder},
+	ack, err := l.leases.js.Publish(ctx, l.leases.putPrefix+l.key.String(), l.holder,
 		jetstream.WithExpectLastSequencePerSubject(rev),
 		jetstream.WithMsgTTL(l.leases.ttl),
 	)

@@ -28,7 +28,8 @@ const (
 // Sealed is a value encrypted with AES-256-GCM under the key named KeyID.
 // The additional authenticated data (the credential key) is not stored: the
 // caller supplies it again to Open, so a blob copied to another credential
-// does not open. Sealed is a plain value; its JSON form is what is stored.
+// does not open. Sealed is a plain value, its JSON form what is stored; do
+// not modify one that another goroutine reads.
 type Sealed struct {
 	KeyID      string `json:"kid"`
 	Nonce      []byte `json:"nonce"`
@@ -38,8 +39,9 @@ type Sealed struct {
 // KeyRing holds the seal keys by id, one of them active. New values are
 // sealed with the active key; values sealed with any key of the ring open, so
 // the key can be rotated by adding a new active key and keeping the old ones
-// until every record has been rewritten. A KeyRing is immutable once built
-// and safe for concurrent use.
+// until every record has been rewritten. Build one with NewKeyRing or
+// LoadOrCreateKeyRing; it is immutable once built and safe for concurrent
+// use.
 type KeyRing struct {
 	active string
 	aeads  map[string]cipher.AEAD // the standard GCM is stateless, so shared

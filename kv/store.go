@@ -133,8 +133,8 @@ func (s *Store) Update(ctx context.Context, c *Credential, rev uint64) (uint64, 
 }
 
 // Delete removes the credential and its history if its revision is still rev
-// (ErrConflict otherwise); rev 0 deletes unconditionally. Deleting a
-// credential that does not exist is not an error.
+// (ErrConflict otherwise); rev 0 deletes unconditionally, and is not an
+// error for a credential that does not exist.
 func (s *Store) Delete(ctx context.Context, k events.Key, rev uint64) error {
 	if err := k.Validate(); err != nil {
 		return err

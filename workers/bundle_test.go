@@ -58,7 +58,7 @@ type poolHandle struct {
 	nc   *nats.Conn
 }
 
-func setup(t *testing.T) *bundle {
+func setup(t testing.TB) *bundle {
 	t.Helper()
 	srv := natstest.RunServer(t)
 	nc, js := natstest.JetStream(t, srv)
@@ -92,7 +92,7 @@ func (b *bundle) testConfig() workers.Config {
 
 // startPools starts n pools, each on its own connection as separate
 // processes would be, and stops them when the test ends.
-func (b *bundle) startPools(t *testing.T, n int, tune func(*workers.Config)) {
+func (b *bundle) startPools(t testing.TB, n int, tune func(*workers.Config)) {
 	t.Helper()
 	for i := range n {
 		cfg := b.testConfig()
@@ -131,7 +131,7 @@ func (b *bundle) startPools(t *testing.T, n int, tune func(*workers.Config)) {
 }
 
 // register registers tokens for key and returns the reply.
-func (b *bundle) register(t *testing.T, key events.Key, tok authtest.Tokens, tune func(*events.RegisterRequest)) events.RegisterReply {
+func (b *bundle) register(t testing.TB, key events.Key, tok authtest.Tokens, tune func(*events.RegisterRequest)) events.RegisterReply {
 	t.Helper()
 	reply, err := b.tryRegister(key, tok, tune)
 	if err != nil {
@@ -262,7 +262,7 @@ func (w *watcher) count(match func(*events.Event) bool) int {
 }
 
 // eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+func eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.After(d)
 	tick := time.NewTicker(10 * time.Millisecond)

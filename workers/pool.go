@@ -160,6 +160,7 @@ const (
 	outBadInput    = "bad_input"
 	outUnknownCred = "unknown_credential"
 	outStoreFailed = "store_failed"
+	outLeaseLost   = "lease_lost"
 )
 
 // How an event is settled.
@@ -322,6 +323,12 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	case rotated:
 		return p.storeRotation(ctx, lease, cred, rev, tok)
 	case permanent:
+		if !lease.Trusted(time.Now()) {
+			// Another worker may hold the lease and be storing a newer
+			// token right now: a needs_reauth written under CAS could win
+			// and make it discard that token. Decide again later.
+			return nak(outLeaseLost, jitter(p.cfg.LeaseWait), "lease lost during the token-endpoint call")
+		}
 		return p.permanentFailure(ctx, cred, rev, o)
 	case breakerOpen:
 		return nak(outBreakerOpen, p.breakerWait(), "token endpoint breaker open")

@@ -1,0 +1,196 @@
+package events_test
+
+import (
+	"encoding/json"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/authbus/authbus/events"
+)
+
+// The fuzzers check, for any input: no panic; a refusal wraps the package's
+// sentinel in a single-line message; an acceptance yields a value that
+// validates and survives encoding and decoding again unchanged. Seeds are in
+// testdata/fuzz/<FuzzName>/ besides the f.Add calls.
+
+func FuzzParseKey(f *testing.F) {
+	for _, s := range []string{"acme.alice.github", "a-b.c_d.E9", "a..b", "a.b.c.d", "", "a.b.ç", ".", "a.b.*"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		k, err := events.ParseKey(s)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidKey) {
+				t.Fatalf("ParseKey(%q) error %v does not wrap ErrInvalidKey", s, err)
+			}
+			checkOneLine(t, err)
+			return
+		}
+		if err := k.Validate(); err != nil {
+			t.Fatalf("ParseKey(%q) = %+v, which does not validate: %v", s, k, err)
+		}
+		if k.String() != s {
+			t.Fatalf("ParseKey(%q).String() = %q", s, k.String())
+		}
+		if again, err := events.NewKey(k.Tenant, k.User, k.Server); err != nil || again != k {
+			t.Fatalf("NewKey(parts of %q) = %+v, %v", s, again, err)
+		}
+	})
+}
+
+var fuzzTypes = [...]events.Type{events.Type401, events.TypeExpiring, events.TypeRotated, events.TypeNeedsReauth}
+
+func FuzzDecode(f *testing.F) {
+	for i, p := range samplePayloads() {
+		b, err := events.Encode(testKey, testSource, p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(uint8(i%len(fuzzTypes)), b) // valid ones and, for mismatched types, invalid ones
+	}
+	f.Add(uint8(0), []byte(`{"specversion":"1.0","data":null}`))
+	f.Add(uint8(1), []byte(`not json`))
+	f.Fuzz(func(t *testing.T, sel uint8, b []byte) {
+		typ := fuzzTypes[int(sel)%len(fuzzTypes)]
+		ev, err := events.Decode(typ, testKey, b)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidEvent) {
+				t.Fatalf("Decode error %v does not wrap ErrInvalidEvent", err)
+			}
+			checkOneLine(t, err)
+			return
+		}
+		p := ev.Payload()
+		if p == nil || ev.Type != typ || p.EventType() != typ {
+			t.Fatalf("Decode(%s) = type %s, payload %#v", typ, ev.Type, p)
+		}
+		if err := p.Validate(); err != nil {
+			t.Fatalf("decoded payload does not validate: %v", err)
+		}
+
+		// The envelope, re-encoded as it is, decodes to the same event.
+		re, err := json.Marshal(ev.Envelope)
+		if err != nil {
+			t.Fatalf("re-encoding the envelope: %v", err)
+		}
+		if len(re) <= events.MaxEventSize { // escaping may have grown it
+			again, err := events.Decode(typ, testKey, re)
+			if err != nil {
+				t.Fatalf("decoding the re-encoded envelope: %v\n%s", err, re)
+			}
+			if !reflect.DeepEqual(again.Payload(), p) || !sameEnvelope(again.Envelope, ev.Envelope) {
+				t.Fatalf("re-encoded event differs:\n%#v\n%#v", again, ev)
+			}
+		}
+
+		// The payload, published again with Encode, decodes to itself.
+		re, err = events.Encode(testKey, ev.Source, p)
+		if err != nil {
+			if !strings.Contains(err.Error(), "over MaxEventSize") {
+				t.Fatalf("Encode of a decoded payload: %v", err)
+			}
+			return
+		}
+		again, err := events.Decode(typ, testKey, re)
+		if err != nil {
+			t.Fatalf("decoding what Encode made: %v\n%s", err, re)
+		}
+		if !reflect.DeepEqual(again.Payload(), p) {
+			t.Fatalf("payload after Encode+Decode = %#v, want %#v", again.Payload(), p)
+		}
+	})
+}
+
+// sameEnvelope compares envelopes except for the spelling of Data, which
+// re-encoding compacts.
+func sameEnvelope(a, b events.Envelope) bool {
+	a.Data, b.Data = nil, nil
+	return reflect.DeepEqual(a, b)
+}
+
+func FuzzDecodeRegisterRequest(f *testing.F) {
+	f.Add([]byte(`{"token":{"access_token":"at","refresh_token":"rt","expires_in":3600},"token_endpoint":"https://a.example/token","client_id":"c"}`))
+	f.Add([]byte(`{"token":{"access_token":"at","expires_at":"2030-01-02T03:04:05+01:00"},"issuer":"http://127.0.0.1:9/","client_id":"c","grant":"client_credentials","client_secret":"s","scopes":["a","b"],"resource":"urn:x"}`))
+	f.Add([]byte(`{"token":{"access_token":"at","expires_in":1,"expires_at":"2030-01-02T03:04:05Z"},"client_id":"c"}`))
+	f.Add([]byte(`{"token":null,"Client_ID":"c","x":1}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := events.DecodeRegisterRequest(b)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidRequest) {
+				t.Fatalf("error %v does not wrap ErrInvalidRequest", err)
+			}
+			checkOneLine(t, err)
+			return
+		}
+		if err := r.Validate(); err != nil {
+			t.Fatalf("decoded request does not validate: %v", err)
+		}
+		re, err := json.Marshal(r)
+		if err != nil {
+			t.Fatalf("re-encoding: %v", err)
+		}
+		if len(re) > events.MaxRegisterSize { // escaping may have grown it
+			return
+		}
+		again, err := events.DecodeRegisterRequest(re)
+		if err != nil {
+			t.Fatalf("decoding the re-encoded request: %v\n%s", err, re)
+		}
+		if !reflect.DeepEqual(again, r) {
+			t.Fatalf("re-encoded request differs:\n%#v\n%#v", again, r)
+		}
+	})
+}
+
+func FuzzSubjectsParse(f *testing.F) {
+	f.Add("", "auth.401.acme.alice.github")
+	f.Add("acme.auth", "acme.auth.token.a.b.c")
+	f.Add("", "auth.401.*.*.*")
+	f.Add("", "auth.needs_reauth.a.b")
+	f.Add("a..b", "a..b.401.a.b.c")
+	f.Fuzz(func(t *testing.T, prefix, subject string) {
+		s, err := events.NewSubjects(prefix)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidSubject) {
+				t.Fatalf("NewSubjects(%q) error %v does not wrap ErrInvalidSubject", prefix, err)
+			}
+			checkOneLine(t, err)
+			return
+		}
+		word, k, err := s.Parse(subject)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidSubject) {
+				t.Fatalf("Parse(%q) error %v does not wrap ErrInvalidSubject", subject, err)
+			}
+			checkOneLine(t, err)
+			return
+		}
+		if err := k.Validate(); err != nil {
+			t.Fatalf("Parse(%q) key %+v does not validate: %v", subject, k, err)
+		}
+		if got := s.Prefix() + "." + word + "." + k.String(); got != subject {
+			t.Fatalf("Parse(%q) = %q, %+v, which builds %q", subject, word, k, got)
+		}
+		typ, k2, err := s.ParseEvent(subject)
+		if err != nil {
+			if !errors.Is(err, events.ErrInvalidSubject) {
+				t.Fatalf("ParseEvent(%q) error %v does not wrap ErrInvalidSubject", subject, err)
+			}
+			return
+		}
+		if k2 != k || s.Event(typ, k) != subject {
+			t.Fatalf("ParseEvent(%q) = %s, %+v, which builds %q", subject, typ, k2, s.Event(typ, k))
+		}
+	})
+}
+
+// checkOneLine fails when err's message spans lines: messages become
+// Nats-Service-Error headers and termination reasons.
+func checkOneLine(t *testing.T, err error) {
+	t.Helper()
+	if strings.ContainsAny(err.Error(), "\r\n") {
+		t.Fatalf("error message spans lines: %q", err)
+	}
+}
