@@ -14,6 +14,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
 )
@@ -21,44 +22,44 @@ import (
 // Done-when 1: a storm of 401s for one token across three pools costs one
 // token-endpoint call, and every subscriber learns the new token once.
 func TestStormOfOneCredentialAcrossPoolsMakesOneCall(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 3, nil)
-	key := mustKey(t, "acme.alice.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
+	b := fleet.Setup(t)
+	b.StartPools(t, 3, nil)
+	key := fleet.MustKey(t, "acme.alice.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
 
 	const subscribers = 5
-	var ws []*watcher
+	var ws []*fleet.Watcher
 	for range subscribers {
-		ws = append(ws, b.watch(t, key))
+		ws = append(ws, b.Watch(t, key))
 	}
 	fp := events.Fingerprint(tok.AccessToken)
 	var wg sync.WaitGroup
 	for i := range 50 {
-		wg.Go(func() { b.publish401(t, key, fp, fmt.Sprintf("runtime-%d", i), true) })
+		wg.Go(func() { b.Publish401(t, key, fp, fmt.Sprintf("runtime-%d", i), true) })
 	}
 	wg.Wait()
 
 	for _, w := range ws {
-		w.waitFor(t, "auth.rotated version 2", rotatedVersion(2))
+		w.WaitFor(t, "auth.rotated version 2", fleet.RotatedVersion(2))
 	}
-	b.settled(t)
-	if got := b.as.Calls(); got != 1 {
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want 1", got)
 	}
-	if got := b.as.Reuses(); got != 0 {
+	if got := b.AS.Reuses(); got != 0 {
 		t.Errorf("refresh-token reuses = %d, want 0", got)
 	}
-	want := b.cred(t, key)
+	want := b.Cred(t, key)
 	for i, w := range ws {
-		if n := w.count(rotatedVersion(2)); n != 1 {
+		if n := w.Count(fleet.RotatedVersion(2)); n != 1 {
 			t.Errorf("subscriber %d got %d auth.rotated version 2, want 1", i, n)
 		}
-		ev := w.waitFor(t, "v2", rotatedVersion(2))
+		ev := w.WaitFor(t, "v2", fleet.RotatedVersion(2))
 		if ev.Rotated.AccessToken != want.AccessToken.Reveal() || ev.Rotated.AccessToken == tok.AccessToken {
 			t.Errorf("subscriber %d: rotated token is not the newly stored one", i)
 		}
-		if !b.as.ValidAccessToken(ev.Rotated.AccessToken) {
+		if !b.AS.ValidAccessToken(ev.Rotated.AccessToken) {
 			t.Errorf("subscriber %d: announced token is not valid at the authorization server", i)
 		}
 	}
@@ -67,39 +68,39 @@ func TestStormOfOneCredentialAcrossPoolsMakesOneCall(t *testing.T) {
 // Done-when 2: many credentials, many publishers each, three pools: one call
 // per credential.
 func TestStormOfManyCredentialsMakesOneCallEach(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 3, nil)
+	b := fleet.Setup(t)
+	b.StartPools(t, 3, nil)
 	const creds, publishers = 200, 20
 	keys := make([]events.Key, creds)
 	fps := make([]string, creds)
 	for i := range creds {
-		keys[i] = mustKey(t, fmt.Sprintf("acme.user%d.github", i))
-		tok := b.as.Issue(clientID)
-		b.register(t, keys[i], tok, nil)
+		keys[i] = fleet.MustKey(t, fmt.Sprintf("acme.user%d.github", i))
+		tok := b.AS.Issue(fleet.ClientID)
+		b.Register(t, keys[i], tok, nil)
 		fps[i] = events.Fingerprint(tok.AccessToken)
 	}
 	var wg sync.WaitGroup
 	for p := range publishers {
 		wg.Go(func() {
 			for i := range creds {
-				b.publish401(t, keys[i], fps[i], fmt.Sprintf("runtime-%d", p), true)
+				b.Publish401(t, keys[i], fps[i], fmt.Sprintf("runtime-%d", p), true)
 			}
 		})
 	}
 	wg.Wait()
-	eventually(t, 60*time.Second, "every credential at version 2", func() bool {
+	fleet.Eventually(t, 60*time.Second, "every credential at version 2", func() bool {
 		for _, k := range keys {
-			if c, _, err := b.store.Get(context.Background(), k); err != nil || c.Version != 2 {
+			if c, _, err := b.Store.Get(context.Background(), k); err != nil || c.Version != 2 {
 				return false
 			}
 		}
 		return true
 	})
-	b.settled(t)
-	if got := b.as.Calls(); got != creds {
+	b.Settled(t)
+	if got := b.AS.Calls(); got != creds {
 		t.Errorf("token-endpoint calls = %d, want %d", got, creds)
 	}
-	if got := b.as.Reuses(); got != 0 {
+	if got := b.AS.Reuses(); got != 0 {
 		t.Errorf("refresh-token reuses = %d, want 0", got)
 	}
 }
@@ -107,19 +108,19 @@ func TestStormOfManyCredentialsMakesOneCallEach(t *testing.T) {
 // Done-when 3: a 401 for a token that was already replaced costs no call and
 // re-announces the current token.
 func TestStaleFingerprintReannouncesWithoutCall(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.bob.slack")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	w := b.watch(t, key)
-	b.publish401(t, key, events.Fingerprint("an-older-access-token"), "rt", true)
-	ev := w.waitFor(t, "re-announced version 1", rotatedVersion(1))
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.bob.slack")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, events.Fingerprint("an-older-access-token"), "rt", true)
+	ev := w.WaitFor(t, "re-announced version 1", fleet.RotatedVersion(1))
 	if ev.Rotated.Fingerprint != events.Fingerprint(tok.AccessToken) {
 		t.Errorf("re-announced fingerprint %s, want the current one", ev.Rotated.Fingerprint)
 	}
-	b.settled(t)
-	if got := b.as.Calls(); got != 0 {
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 0 {
 		t.Errorf("token-endpoint calls = %d, want 0", got)
 	}
 }
@@ -141,41 +142,41 @@ func TestRejectedRefreshTokenNeedsReauth(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			b := setup(t)
-			b.as.SetReuse(tc.mode)
-			b.startPools(t, 2, nil)
-			key := mustKey(t, "acme.carol.jira")
-			tok := b.as.Issue(clientID)
-			b.register(t, key, tok, nil)
+			b := fleet.Setup(t)
+			b.AS.SetReuse(tc.mode)
+			b.StartPools(t, 2, nil)
+			key := fleet.MustKey(t, "acme.carol.jira")
+			tok := b.AS.Issue(fleet.ClientID)
+			b.Register(t, key, tok, nil)
 			if tc.revoke {
-				b.as.Revoke(tok.RefreshToken)
+				b.AS.Revoke(tok.RefreshToken)
 			} else {
 				spendOutsideAuthbus(t, b, tok.RefreshToken)
 			}
-			callsBefore := b.as.Calls()
-			w := b.watch(t, key)
+			callsBefore := b.AS.Calls()
+			w := b.Watch(t, key)
 			fp := events.Fingerprint(tok.AccessToken)
-			b.publish401(t, key, fp, "rt", true)
-			ev := w.waitFor(t, "auth.needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+			b.Publish401(t, key, fp, "rt", true)
+			ev := w.WaitFor(t, "auth.needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
 			if ev.NeedsReauth.Reason != tc.reason || ev.NeedsReauth.Version != 1 {
 				t.Errorf("needs_reauth = %+v, want reason %s version 1", ev.NeedsReauth, tc.reason)
 			}
-			b.settled(t)
-			if got := b.as.Calls() - callsBefore; got != 1 {
+			b.Settled(t)
+			if got := b.AS.Calls() - callsBefore; got != 1 {
 				t.Errorf("token-endpoint calls = %d, want 1", got)
 			}
-			if c := b.cred(t, key); c.State != kv.StateNeedsReauth || c.Reason != tc.reason {
+			if c := b.Cred(t, key); c.State != kv.StateNeedsReauth || c.Reason != tc.reason {
 				t.Errorf("stored state %s/%s, want needs_reauth/%s", c.State, c.Reason, tc.reason)
 			}
 
 			// A later 401 (outside the de-duplication window: no msg id)
 			// re-announces needs_reauth and costs no call.
-			b.publish401(t, key, fp, "rt-later", false)
-			eventually(t, 10*time.Second, "second needs_reauth", func() bool {
-				return w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }) >= 2
+			b.Publish401(t, key, fp, "rt-later", false)
+			fleet.Eventually(t, 10*time.Second, "second needs_reauth", func() bool {
+				return w.Count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }) >= 2
 			})
-			b.settled(t)
-			if got := b.as.Calls() - callsBefore; got != 1 {
+			b.Settled(t)
+			if got := b.AS.Calls() - callsBefore; got != 1 {
 				t.Errorf("token-endpoint calls after a later 401 = %d, want still 1", got)
 			}
 		})
@@ -184,10 +185,10 @@ func TestRejectedRefreshTokenNeedsReauth(t *testing.T) {
 
 // spendOutsideAuthbus redeems a refresh token as another client of the same
 // grant would, so authbus's next use of it is a reuse.
-func spendOutsideAuthbus(t *testing.T, b *bundle, rt string) *oauth2.Token {
+func spendOutsideAuthbus(t *testing.T, b *fleet.Fleet, rt string) *oauth2.Token {
 	t.Helper()
-	cfg := oauth2.Config{ClientID: clientID, ClientSecret: clientSecret,
-		Endpoint: oauth2.Endpoint{TokenURL: b.as.TokenURL(), AuthStyle: oauth2.AuthStyleInHeader}}
+	cfg := oauth2.Config{ClientID: fleet.ClientID, ClientSecret: fleet.ClientSecret,
+		Endpoint: oauth2.Endpoint{TokenURL: b.AS.TokenURL(), AuthStyle: oauth2.AuthStyleInHeader}}
 	tok, err := cfg.TokenSource(context.Background(), &oauth2.Token{RefreshToken: rt}).Token()
 	if err != nil {
 		t.Fatalf("spend refresh token outside authbus: %v", err)
@@ -199,20 +200,20 @@ func spendOutsideAuthbus(t *testing.T, b *bundle, rt string) *oauth2.Token {
 // neither declare needs_reauth nor overwrite its token.
 func TestPeerRotatedWhileCallInFlight(t *testing.T) {
 	t.Run("our call is answered as a reuse", func(t *testing.T) {
-		b := setup(t)
-		b.startPools(t, 1, nil)
-		key := mustKey(t, "acme.dave.github")
-		tok := b.as.Issue(clientID)
-		b.register(t, key, tok, nil)
+		b := fleet.Setup(t)
+		b.StartPools(t, 1, nil)
+		key := fleet.MustKey(t, "acme.dave.github")
+		tok := b.AS.Issue(fleet.ClientID)
+		b.Register(t, key, tok, nil)
 		var once atomic.Bool
 		var peer *oauth2.Token
-		b.as.OnToken(func(*http.Request) {
+		b.AS.OnToken(func(*http.Request) {
 			if !once.CompareAndSwap(false, true) {
 				return
 			}
 			// The peer redeems the same refresh token first and stores its result.
 			peer = spendOutsideAuthbus(t, b, tok.RefreshToken)
-			c, rev, err := b.store.Get(context.Background(), key)
+			c, rev, err := b.Store.Get(context.Background(), key)
 			if err != nil {
 				t.Error(err)
 				return
@@ -220,47 +221,47 @@ func TestPeerRotatedWhileCallInFlight(t *testing.T) {
 			c.Version++
 			c.AccessToken, c.RefreshToken = kv.Secret(peer.AccessToken), kv.Secret(peer.RefreshToken)
 			c.Fingerprint = events.Fingerprint(peer.AccessToken)
-			if _, err := b.store.Update(context.Background(), c, rev); err != nil {
+			if _, err := b.Store.Update(context.Background(), c, rev); err != nil {
 				t.Error(err)
 			}
 		})
-		w := b.watch(t, key)
-		b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-		ev := w.waitFor(t, "re-announce of the peer's token", rotatedVersion(2))
-		b.settled(t)
+		w := b.Watch(t, key)
+		b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+		ev := w.WaitFor(t, "re-announce of the peer's token", fleet.RotatedVersion(2))
+		b.Settled(t)
 		if ev.Rotated.AccessToken != peer.AccessToken {
 			t.Error("announced token is not the peer's")
 		}
-		if n := w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
+		if n := w.Count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
 			t.Errorf("got %d needs_reauth, want 0", n)
 		}
-		if c := b.cred(t, key); c.State != kv.StateActive || c.Fingerprint != events.Fingerprint(peer.AccessToken) {
+		if c := b.Cred(t, key); c.State != kv.StateActive || c.Fingerprint != events.Fingerprint(peer.AccessToken) {
 			t.Errorf("stored credential %s %s, want active with the peer's token", c.State, c.Fingerprint)
 		}
 	})
 	t.Run("our late answer is discarded", func(t *testing.T) {
-		b := setup(t)
-		b.startPools(t, 1, nil)
-		key := mustKey(t, "acme.erin.github")
-		tok := b.as.Issue(clientID)
-		b.register(t, key, tok, nil)
-		relogin := b.as.Issue(clientID)
+		b := fleet.Setup(t)
+		b.StartPools(t, 1, nil)
+		key := fleet.MustKey(t, "acme.erin.github")
+		tok := b.AS.Issue(fleet.ClientID)
+		b.Register(t, key, tok, nil)
+		relogin := b.AS.Issue(fleet.ClientID)
 		var once atomic.Bool
-		b.as.OnToken(func(*http.Request) {
+		b.AS.OnToken(func(*http.Request) {
 			if once.CompareAndSwap(false, true) {
 				// A person logs in again while the refresh is in flight.
-				b.register(t, key, relogin, nil)
+				b.Register(t, key, relogin, nil)
 			}
 		})
-		w := b.watch(t, key)
-		b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-		eventually(t, 10*time.Second, "one token call", func() bool { return b.as.Calls() == 1 })
-		b.settled(t)
-		c := b.cred(t, key)
+		w := b.Watch(t, key)
+		b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+		fleet.Eventually(t, 10*time.Second, "one token call", func() bool { return b.AS.Calls() == 1 })
+		b.Settled(t)
+		c := b.Cred(t, key)
 		if c.Version != 2 || c.Fingerprint != events.Fingerprint(relogin.AccessToken) {
 			t.Errorf("stored version %d fingerprint %s, want the re-registration (version 2)", c.Version, c.Fingerprint)
 		}
-		for _, ev := range w.events() {
+		for _, ev := range w.Events() {
 			if ev.Rotated != nil && ev.Rotated.Fingerprint != events.Fingerprint(relogin.AccessToken) {
 				t.Errorf("published a discarded result: version %d", ev.Rotated.Version)
 			}
@@ -270,17 +271,17 @@ func TestPeerRotatedWhileCallInFlight(t *testing.T) {
 
 // Done-when 6a: 503s are retried with growing delays, then the refresh succeeds.
 func TestTransientErrorsBackOffThenRotate(t *testing.T) {
-	b := setup(t)
+	b := fleet.Setup(t)
 	const base = 200 * time.Millisecond
-	b.startPools(t, 1, func(c *workers.Config) { c.RetryBase = base })
-	key := mustKey(t, "acme.frank.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	b.as.Fail(3, http.StatusServiceUnavailable, `{"error":"temporarily_unavailable"}`, nil)
-	w := b.watch(t, key)
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	w.waitFor(t, "rotation after three 503s", rotatedVersion(2))
-	calls := b.as.CallLog()
+	b.StartPools(t, 1, func(c *workers.Config) { c.RetryBase = base })
+	key := fleet.MustKey(t, "acme.frank.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	b.AS.Fail(3, http.StatusServiceUnavailable, `{"error":"temporarily_unavailable"}`, nil)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.WaitFor(t, "rotation after three 503s", fleet.RotatedVersion(2))
+	calls := b.AS.CallLog()
 	if len(calls) != 4 {
 		t.Fatalf("calls = %d, want 4 (3×503, 1 success)", len(calls))
 	}
@@ -291,23 +292,23 @@ func TestTransientErrorsBackOffThenRotate(t *testing.T) {
 			t.Errorf("gap before call %d = %v, want ≥ %v", i+1, gap, min)
 		}
 	}
-	if b.as.Reuses() != 0 {
-		t.Errorf("reuses = %d, want 0", b.as.Reuses())
+	if b.AS.Reuses() != 0 {
+		t.Errorf("reuses = %d, want 0", b.AS.Reuses())
 	}
 }
 
 // Done-when 6b: a 429 with Retry-After is honoured.
 func TestRetryAfterIsHonoured(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.grace.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	b.as.Fail(1, http.StatusTooManyRequests, `{"error":"rate_limited"}`, http.Header{"Retry-After": {"2"}})
-	w := b.watch(t, key)
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	w.waitFor(t, "rotation after a 429", rotatedVersion(2))
-	calls := b.as.CallLog()
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.grace.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	b.AS.Fail(1, http.StatusTooManyRequests, `{"error":"rate_limited"}`, http.Header{"Retry-After": {"2"}})
+	w := b.Watch(t, key)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.WaitFor(t, "rotation after a 429", fleet.RotatedVersion(2))
+	calls := b.AS.CallLog()
 	if len(calls) != 2 {
 		t.Fatalf("calls = %d, want 2", len(calls))
 	}
@@ -319,26 +320,26 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 // Done-when 6c: an endpoint that is down opens the breaker; no calls are made
 // until it half-opens, and nobody is sent to re-auth.
 func TestBreakerStopsCallsToADownEndpoint(t *testing.T) {
-	b := setup(t)
+	b := fleet.Setup(t)
 	const openFor = 2 * time.Second
-	b.startPools(t, 1, func(c *workers.Config) { c.BreakerFailures = 3; c.BreakerOpenFor = openFor })
-	key := mustKey(t, "acme.heidi.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	b.as.SetDown(true)
-	w := b.watch(t, key)
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	eventually(t, 20*time.Second, "the half-open probe (4th call)", func() bool { return b.as.Calls() >= 4 })
-	b.as.SetDown(false)
-	w.waitFor(t, "rotation once the endpoint is back", rotatedVersion(2))
-	calls := b.as.CallLog()
+	b.StartPools(t, 1, func(c *workers.Config) { c.BreakerFailures = 3; c.BreakerOpenFor = openFor })
+	key := fleet.MustKey(t, "acme.heidi.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	b.AS.SetDown(true)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	fleet.Eventually(t, 20*time.Second, "the half-open probe (4th call)", func() bool { return b.AS.Calls() >= 4 })
+	b.AS.SetDown(false)
+	w.WaitFor(t, "rotation once the endpoint is back", fleet.RotatedVersion(2))
+	calls := b.AS.CallLog()
 	if gap := calls[3].At.Sub(calls[2].At); gap < openFor {
 		t.Errorf("call 4 came %v after the breaker opened, want ≥ %v", gap, openFor)
 	}
-	if n := w.count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
+	if n := w.Count(func(ev *events.Event) bool { return ev.NeedsReauth != nil }); n != 0 {
 		t.Errorf("needs_reauth events = %d, want 0", n)
 	}
-	if len(b.logs.records(map[string]string{"msg": "token endpoint breaker changed state", "to": "open"})) == 0 {
+	if len(b.Logs.Records(map[string]string{"msg": "token endpoint breaker changed state", "to": "open"})) == 0 {
 		t.Error("no log record of the breaker opening")
 	}
 }
@@ -346,31 +347,31 @@ func TestBreakerStopsCallsToADownEndpoint(t *testing.T) {
 // Done-when 7: a token endpoint slower than the lease TTL still gets one call:
 // the lease is renewed while the call is in flight.
 func TestSlowEndpointKeepsLease(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 3, func(c *workers.Config) {
+	b := fleet.Setup(t)
+	b.StartPools(t, 3, func(c *workers.Config) {
 		c.LeaseTTL = 2 * time.Second
 		c.AckWait = 2 * time.Second
 		c.TokenTimeout = 10 * time.Second
 	})
-	key := mustKey(t, "acme.ivan.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	b.as.SetLatency(5 * time.Second)
-	w := b.watch(t, key)
+	key := fleet.MustKey(t, "acme.ivan.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	b.AS.SetLatency(5 * time.Second)
+	w := b.Watch(t, key)
 	fp := events.Fingerprint(tok.AccessToken)
-	b.publish401(t, key, fp, "rt", true)
-	eventually(t, 5*time.Second, "the slow call started", func() bool { return b.as.Calls() == 1 })
+	b.Publish401(t, key, fp, "rt", true)
+	fleet.Eventually(t, 5*time.Second, "the slow call started", func() bool { return b.AS.Calls() == 1 })
 	// More 401s for the same token while the call is in flight, outside the
 	// de-duplication window: they must wait for the lease, not call.
 	for i := range 5 {
-		b.publish401(t, key, fp, fmt.Sprintf("impatient-%d", i), false)
+		b.Publish401(t, key, fp, fmt.Sprintf("impatient-%d", i), false)
 	}
-	w.waitFor(t, "rotation", rotatedVersion(2))
-	b.settled(t)
-	if got := b.as.Calls(); got != 1 {
+	w.WaitFor(t, "rotation", fleet.RotatedVersion(2))
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want 1", got)
 	}
-	if got := b.as.Reuses(); got != 0 {
+	if got := b.AS.Reuses(); got != 0 {
 		t.Errorf("reuses = %d, want 0", got)
 	}
 }
@@ -378,38 +379,38 @@ func TestSlowEndpointKeepsLease(t *testing.T) {
 // Done-when 8: a worker that dies mid-refresh leaves a lease that expires by
 // itself, and another worker completes the refresh.
 func TestDeadWorkersLeaseExpiresAndAnotherCompletes(t *testing.T) {
-	b := setup(t)
+	b := fleet.Setup(t)
 	tune := func(c *workers.Config) {
 		c.LeaseTTL = 2 * time.Second
 		c.AckWait = 2 * time.Second
 		c.TokenTimeout = 3 * time.Second
 	}
-	b.startPools(t, 1, tune)
-	key := mustKey(t, "acme.judy.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	w := b.watch(t, key)
+	b.StartPools(t, 1, tune)
+	key := fleet.MustKey(t, "acme.judy.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	w := b.Watch(t, key)
 
 	// The first call hangs; while it does, its worker's connection dies.
-	b.as.SetLatency(time.Hour)
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	eventually(t, 5*time.Second, "the first call started", func() bool { return b.as.Calls() == 1 })
-	if holder, held, err := b.pools[0].pool.Leases().Holder(context.Background(), key); err != nil || !held || holder != "pool-0" {
+	b.AS.SetLatency(time.Hour)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	fleet.Eventually(t, 5*time.Second, "the first call started", func() bool { return b.AS.Calls() == 1 })
+	if holder, held, err := b.Pools[0].Pool.Leases().Holder(context.Background(), key); err != nil || !held || holder != "pool-0" {
 		t.Fatalf("lease holder = %q held=%v err=%v, want pool-0", holder, held, err)
 	}
-	b.pools[0].nc.Close()
-	b.as.SetLatency(0)
-	b.startPools(t, 1, tune)
+	b.Pools[0].NC.Close()
+	b.AS.SetLatency(0)
+	b.StartPools(t, 1, tune)
 
-	w.waitFor(t, "rotation by the surviving worker", rotatedVersion(2))
-	b.settled(t)
-	if got := b.as.Reuses(); got != 0 {
+	w.WaitFor(t, "rotation by the surviving worker", fleet.RotatedVersion(2))
+	b.Settled(t)
+	if got := b.AS.Reuses(); got != 0 {
 		t.Errorf("reuses = %d, want 0", got)
 	}
-	if got := b.as.Calls(); got != 2 {
+	if got := b.AS.Calls(); got != 2 {
 		t.Errorf("calls = %d, want 2 (the abandoned one and the completing one)", got)
 	}
-	if c := b.cred(t, key); c.Version != 2 {
+	if c := b.Cred(t, key); c.Version != 2 {
 		t.Errorf("stored version %d, want 2", c.Version)
 	}
 }
@@ -417,14 +418,14 @@ func TestDeadWorkersLeaseExpiresAndAnotherCompletes(t *testing.T) {
 // Done-when 9: malformed events are terminated with a logged reason and do
 // not hold up the good ones behind them.
 func TestMalformedEventsAreTerminated(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.kim.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	w := b.watch(t, key)
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.kim.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	w := b.Watch(t, key)
 	good, _ := events.Encode(key, "test", events.Unauthorized{Fingerprint: events.Fingerprint(tok.AccessToken), Runtime: "rt"})
-	other := mustKey(t, "evil.kim.github")
+	other := fleet.MustKey(t, "evil.kim.github")
 	bad := []struct{ subject, body, reason string }{
 		{"auth.401.acme.kim.github", "not json", "JSON"},
 		{"auth.401.acme.kim.github", strings.Replace(string(good), `"specversion":"1.0"`, `"specversion":"0.3"`, 1), "specversion"},
@@ -433,16 +434,16 @@ func TestMalformedEventsAreTerminated(t *testing.T) {
 		{"auth.401.acme.kim.github", strings.Replace(string(good), `"subject":"acme.kim.github"`, `"subject":"`+other.String()+`"`, 1), "subject"},
 	}
 	for _, m := range bad {
-		if _, err := b.js.Publish(context.Background(), m.subject, []byte(m.body)); err != nil {
+		if _, err := b.JS.Publish(context.Background(), m.subject, []byte(m.body)); err != nil {
 			t.Fatalf("publish %s: %v", m.subject, err)
 		}
 	}
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	w.waitFor(t, "rotation behind the bad events", rotatedVersion(2))
-	b.settled(t)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	w.WaitFor(t, "rotation behind the bad events", fleet.RotatedVersion(2))
+	b.Settled(t)
 	var terms []map[string]any
-	eventually(t, 10*time.Second, "a bad_input record per bad event", func() bool {
-		terms = b.logs.records(map[string]string{"msg": "event processed", "outcome": "bad_input"})
+	fleet.Eventually(t, 10*time.Second, "a bad_input record per bad event", func() bool {
+		terms = b.Logs.Records(map[string]string{"msg": "event processed", "outcome": "bad_input"})
 		return len(terms) >= len(bad)
 	})
 	if len(terms) != len(bad) {
@@ -463,34 +464,34 @@ func TestMalformedEventsAreTerminated(t *testing.T) {
 // Done-when 10: no token or secret reaches a log line or an error reply,
 // and refresh tokens and client secrets are sealed in KV.
 func TestSecretsNeverLeak(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 2, nil)
-	key := mustKey(t, "acme.leak.github")
-	tok := b.as.Issue(clientID)
-	b.register(t, key, tok, nil)
-	w := b.watch(t, key)
-	b.publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
-	rot := w.waitFor(t, "rotation", rotatedVersion(2))
-	newRT := b.cred(t, key).RefreshToken.Reveal()
+	b := fleet.Setup(t)
+	b.StartPools(t, 2, nil)
+	key := fleet.MustKey(t, "acme.leak.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	rot := w.WaitFor(t, "rotation", fleet.RotatedVersion(2))
+	newRT := b.Cred(t, key).RefreshToken.Reveal()
 	// Then a failure path: the new refresh token is revoked.
-	b.as.Revoke(newRT)
-	b.publish401(t, key, rot.Rotated.Fingerprint, "rt", true)
-	w.waitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+	b.AS.Revoke(newRT)
+	b.Publish401(t, key, rot.Rotated.Fingerprint, "rt", true)
+	w.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
 	// And bad registrations that carry secrets.
-	_, err := b.tryRegister(key, tok, func(r *events.RegisterRequest) { r.TokenEndpoint = "http://example.com/token" })
+	_, err := b.TryRegister(key, tok, func(r *events.RegisterRequest) { r.TokenEndpoint = "http://example.com/token" })
 	if err == nil {
 		t.Fatal("register with a plain-http non-loopback endpoint was accepted")
 	}
-	canaries := []string{tok.AccessToken, tok.RefreshToken, rot.Rotated.AccessToken, newRT, clientSecret}
+	canaries := []string{tok.AccessToken, tok.RefreshToken, rot.Rotated.AccessToken, newRT, fleet.ClientSecret}
 	for _, c := range canaries {
-		if strings.Contains(b.logs.String(), c) {
+		if strings.Contains(b.Logs.String(), c) {
 			t.Errorf("a log line contains a secret (%.6s…)", c)
 		}
 		if strings.Contains(err.Error(), c) {
 			t.Errorf("an error reply contains a secret (%.6s…)", c)
 		}
 	}
-	kvb, err := b.js.KeyValue(context.Background(), b.subj.BucketName("CREDENTIALS"))
+	kvb, err := b.JS.KeyValue(context.Background(), b.Subj.BucketName("CREDENTIALS"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -498,9 +499,37 @@ func TestSecretsNeverLeak(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []string{tok.RefreshToken, newRT, clientSecret} {
+	for _, c := range []string{tok.RefreshToken, newRT, fleet.ClientSecret} {
 		if strings.Contains(string(entry.Value()), c) {
 			t.Errorf("KV holds a refresh token or client secret in plain text (%.6s…)", c)
 		}
+	}
+}
+
+// An authorization server that does not rotate answers without a refresh
+// token (RFC 6749 §6): the stored one is carried forward and keeps working
+// for the next generation.
+func TestRefreshTokenCarriedForwardWithoutRotation(t *testing.T) {
+	b := fleet.Setup(t)
+	b.AS.SetRotation(false)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.carol.linear")
+	tok := b.AS.Issue(fleet.ClientID)
+	b.Register(t, key, tok, nil)
+	w := b.Watch(t, key)
+
+	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
+	v2 := w.WaitFor(t, "auth.rotated version 2", fleet.RotatedVersion(2))
+	if got := b.Cred(t, key).RefreshToken.Reveal(); got != tok.RefreshToken {
+		t.Fatalf("stored refresh token changed without rotation; want the original carried forward")
+	}
+	b.Publish401(t, key, v2.Rotated.Fingerprint, "rt", true)
+	w.WaitFor(t, "auth.rotated version 3", fleet.RotatedVersion(3))
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 2 {
+		t.Errorf("token-endpoint calls = %d, want 2", got)
+	}
+	if got := b.AS.Reuses(); got != 0 {
+		t.Errorf("refresh-token reuses = %d, want 0", got)
 	}
 }

@@ -10,24 +10,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 )
 
-// request sends a bare-JSON request and returns the reply's error code
-// header (empty on success) and body.
-func (b *bundle) request(t *testing.T, subject string, body []byte) (code string, reply []byte) {
-	t.Helper()
-	msg, err := b.nc.Request(subject, body, 5*time.Second)
-	if err != nil {
-		t.Fatalf("request %s: %v", subject, err)
-	}
-	return msg.Header.Get("Nats-Service-Error-Code"), msg.Data
-}
-
 func TestRegisterRefusesBadInputNamingTheField(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.val.github")
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.val.github")
 	for _, tc := range []struct{ name, body, field string }{
 		{"not JSON", `{`, "JSON"},
 		{"unknown field", `{"token":{"access_token":"a"},"token_endpoint":"https://as.example/token","client_id":"c","client_secert":"x"}`, "client_secert"},
@@ -39,7 +29,7 @@ func TestRegisterRefusesBadInputNamingTheField(t *testing.T) {
 		{"too large", `{"token":{"access_token":"` + strings.Repeat("a", events.MaxRegisterSize) + `"},"client_id":"c"}`, "65536"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			code, body := b.request(t, b.subj.Register(key), []byte(tc.body))
+			code, body := b.Request(t, b.Subj.Register(key), []byte(tc.body))
 			if code != "400" {
 				t.Fatalf("error code %q, want 400; body %s", code, body)
 			}
@@ -52,39 +42,39 @@ func TestRegisterRefusesBadInputNamingTheField(t *testing.T) {
 			}
 		})
 	}
-	if _, _, err := b.store.Get(context.Background(), key); err == nil {
+	if _, _, err := b.Store.Get(context.Background(), key); err == nil {
 		t.Error("a refused registration was stored")
 	}
 }
 
 func TestTokenReplies(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.tok.github")
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.tok.github")
 
-	code, body := b.request(t, b.subj.Token(key), nil)
+	code, body := b.Request(t, b.Subj.Token(key), nil)
 	if code != "404" || !strings.Contains(string(body), `"not_found"`) {
 		t.Errorf("unknown credential: code %q body %s, want 404 not_found", code, body)
 	}
 
-	tok := b.as.Issue(clientID)
-	reg := b.register(t, key, tok, nil)
-	code, body = b.request(t, b.subj.Token(key), nil)
+	tok := b.AS.Issue(fleet.ClientID)
+	reg := b.Register(t, key, tok, nil)
+	code, body = b.Request(t, b.Subj.Token(key), nil)
 	var r events.Rotated
 	if code != "" || json.Unmarshal(body, &r) != nil || r.AccessToken != tok.AccessToken || r.Version != 1 || r.Fingerprint != reg.Fingerprint {
 		t.Errorf("token reply: code %q body %s", code, body)
 	}
-	for _, secret := range []string{tok.RefreshToken, clientSecret} {
+	for _, secret := range []string{tok.RefreshToken, fleet.ClientSecret} {
 		if strings.Contains(string(body), secret) {
 			t.Error("the token reply carries a refresh token or client secret")
 		}
 	}
 
-	b.as.Revoke(tok.RefreshToken)
-	w := b.watch(t, key)
-	b.publish401(t, key, reg.Fingerprint, "rt", true)
-	w.waitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
-	code, body = b.request(t, b.subj.Token(key), nil)
+	b.AS.Revoke(tok.RefreshToken)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, reg.Fingerprint, "rt", true)
+	w.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+	code, body = b.Request(t, b.Subj.Token(key), nil)
 	var er events.ErrorReply
 	if code != "409" || json.Unmarshal(body, &er) != nil || er.Error != events.CodeNeedsReauth || er.Reason != "invalid_grant" {
 		t.Errorf("needs_reauth credential: code %q body %s, want 409 needs_reauth/invalid_grant", code, body)
@@ -94,42 +84,42 @@ func TestTokenReplies(t *testing.T) {
 // Registration is how a person repairs needs_reauth: new tokens, version
 // bumped, state cleared, the kept needs_reauth purged, auth.rotated published.
 func TestReRegistrationRepairsNeedsReauth(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.fix.github")
-	tok := b.as.Issue(clientID)
-	reg := b.register(t, key, tok, nil)
-	b.as.Revoke(tok.RefreshToken)
-	w := b.watch(t, key)
-	b.publish401(t, key, reg.Fingerprint, "rt", true)
-	w.waitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
-	reauth, err := b.js.Stream(context.Background(), b.subj.ReauthStream())
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.fix.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	reg := b.Register(t, key, tok, nil)
+	b.AS.Revoke(tok.RefreshToken)
+	w := b.Watch(t, key)
+	b.Publish401(t, key, reg.Fingerprint, "rt", true)
+	w.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+	reauth, err := b.JS.Stream(context.Background(), b.Subj.ReauthStream())
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Subscribers may see the event before the stream has stored it.
-	eventually(t, 5*time.Second, "needs_reauth kept in "+b.subj.ReauthStream(), func() bool {
-		_, err := reauth.GetLastMsgForSubject(context.Background(), b.subj.Event(events.TypeNeedsReauth, key))
+	fleet.Eventually(t, 5*time.Second, "needs_reauth kept in "+b.Subj.ReauthStream(), func() bool {
+		_, err := reauth.GetLastMsgForSubject(context.Background(), b.Subj.Event(events.TypeNeedsReauth, key))
 		return err == nil
 	})
 
-	fresh := b.as.Issue(clientID)
-	reg2 := b.register(t, key, fresh, nil)
+	fresh := b.AS.Issue(fleet.ClientID)
+	reg2 := b.Register(t, key, fresh, nil)
 	if reg2.Version != 2 || reg2.Fingerprint != events.Fingerprint(fresh.AccessToken) {
 		t.Errorf("re-registration reply %+v, want version 2 with the new fingerprint", reg2)
 	}
-	w.waitFor(t, "auth.rotated of the re-registration", rotatedVersion(2))
-	if c := b.cred(t, key); c.State != kv.StateActive || c.Reason != "" {
+	w.WaitFor(t, "auth.rotated of the re-registration", fleet.RotatedVersion(2))
+	if c := b.Cred(t, key); c.State != kv.StateActive || c.Reason != "" {
 		t.Errorf("state %s/%s after re-registration, want active", c.State, c.Reason)
 	}
-	if _, err := reauth.GetLastMsgForSubject(context.Background(), b.subj.Event(events.TypeNeedsReauth, key)); err == nil {
+	if _, err := reauth.GetLastMsgForSubject(context.Background(), b.Subj.Event(events.TypeNeedsReauth, key)); err == nil {
 		t.Error("the kept needs_reauth was not purged by the re-registration")
 	} else if !strings.Contains(err.Error(), "not found") {
 		t.Errorf("reading the kept needs_reauth: %v", err)
 	}
 	// The repaired credential refreshes again.
-	b.publish401(t, key, reg2.Fingerprint, "rt", true)
-	w.waitFor(t, "rotation after repair", rotatedVersion(3))
+	b.Publish401(t, key, reg2.Fingerprint, "rt", true)
+	w.WaitFor(t, "rotation after repair", fleet.RotatedVersion(3))
 }
 
 // A proactive refresh: registration schedules an auth.expiring at
@@ -137,50 +127,50 @@ func TestReRegistrationRepairsNeedsReauth(t *testing.T) {
 // credential with no 401 from anyone. A token registered without a refresh
 // token ends in needs_reauth (no_refresh_token) without a call.
 func TestScheduledExpiringRefreshes(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 2, nil)
-	key := mustKey(t, "acme.soon.github")
-	tok := b.as.Issue(clientID)
-	w := b.watch(t, key)
-	b.register(t, key, tok, func(r *events.RegisterRequest) { r.Token.ExpiresIn = 2 })
-	w.waitFor(t, "proactive rotation", rotatedVersion(2))
-	b.settled(t)
-	if got := b.as.Calls(); got != 1 {
+	b := fleet.Setup(t)
+	b.StartPools(t, 2, nil)
+	key := fleet.MustKey(t, "acme.soon.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	w := b.Watch(t, key)
+	b.Register(t, key, tok, func(r *events.RegisterRequest) { r.Token.ExpiresIn = 2 })
+	w.WaitFor(t, "proactive rotation", fleet.RotatedVersion(2))
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want 1", got)
 	}
 
-	key2 := mustKey(t, "acme.nort.github")
-	w2 := b.watch(t, key2)
-	b.register(t, key2, tok, func(r *events.RegisterRequest) { r.Token.RefreshToken = ""; r.Token.ExpiresIn = 2 })
-	ev := w2.waitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
+	key2 := fleet.MustKey(t, "acme.nort.github")
+	w2 := b.Watch(t, key2)
+	b.Register(t, key2, tok, func(r *events.RegisterRequest) { r.Token.RefreshToken = ""; r.Token.ExpiresIn = 2 })
+	ev := w2.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
 	if ev.NeedsReauth.Reason != "no_refresh_token" {
 		t.Errorf("reason %q, want no_refresh_token", ev.NeedsReauth.Reason)
 	}
-	if got := b.as.Calls(); got != 1 {
+	if got := b.AS.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want still 1", got)
 	}
 }
 
 // An auth.expiring for a token that is not due yet is acked without a call.
 func TestExpiringNotDueIsAcked(t *testing.T) {
-	b := setup(t)
-	b.startPools(t, 1, nil)
-	key := mustKey(t, "acme.later.github")
-	tok := b.as.Issue(clientID)
-	reg := b.register(t, key, tok, nil)
+	b := fleet.Setup(t)
+	b.StartPools(t, 1, nil)
+	key := fleet.MustKey(t, "acme.later.github")
+	tok := b.AS.Issue(fleet.ClientID)
+	reg := b.Register(t, key, tok, nil)
 	data, err := events.Encode(key, "test", events.Expiring{Fingerprint: reg.Fingerprint, ExpiresAt: reg.ExpiresAt})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.js.Publish(context.Background(), b.subj.Event(events.TypeExpiring, key), data,
+	if _, err := b.JS.Publish(context.Background(), b.Subj.Event(events.TypeExpiring, key), data,
 		jetstream.WithMsgID(events.MsgID(events.TypeExpiring, key, reg.Fingerprint))); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a not_due outcome logged", func() bool {
-		return len(b.logs.records(map[string]string{"msg": "event processed", "outcome": "not_due"})) == 1
+	fleet.Eventually(t, 10*time.Second, "a not_due outcome logged", func() bool {
+		return len(b.Logs.Records(map[string]string{"msg": "event processed", "outcome": "not_due"})) == 1
 	})
-	b.settled(t)
-	if got := b.as.Calls(); got != 0 {
+	b.Settled(t)
+	if got := b.AS.Calls(); got != 0 {
 		t.Errorf("token-endpoint calls = %d, want 0", got)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/fleet"
 )
 
 // BenchmarkStorm is the 401 storm of the core issue: K credentials, N
@@ -30,25 +31,25 @@ func BenchmarkStorm(b *testing.B) {
 
 func runStorm(b *testing.B, creds, publishers int) {
 	b.StopTimer()
-	bd := setup(b)
-	bd.startPools(b, 3, nil)
+	bd := fleet.Setup(b)
+	bd.StartPools(b, 3, nil)
 	keys := make([]events.Key, creds)
 	fps := make([]string, creds)
 	for i := range creds {
-		keys[i] = mustKey(b, fmt.Sprintf("storm.user%d.api", i))
-		tok := bd.as.Issue(clientID)
-		bd.register(b, keys[i], tok, nil)
+		keys[i] = fleet.MustKey(b, fmt.Sprintf("storm.user%d.api", i))
+		tok := bd.AS.Issue(fleet.ClientID)
+		bd.Register(b, keys[i], tok, nil)
 		fps[i] = events.Fingerprint(tok.AccessToken)
 	}
-	callsBefore := bd.as.Calls()
+	callsBefore := bd.AS.Calls()
 
 	var mu sync.Mutex
 	first := make(map[string]time.Time, creds)
 	rotatedAt := make(map[string]time.Time, creds)
 	done := make(chan struct{})
-	sub, err := bd.nc.Subscribe(bd.subj.Prefix()+".rotated.>", func(m *nats.Msg) {
+	sub, err := bd.NC.Subscribe(bd.Subj.Prefix()+".rotated.>", func(m *nats.Msg) {
 		now := time.Now()
-		_, key, err := bd.subj.ParseEvent(m.Subject)
+		_, key, err := bd.Subj.ParseEvent(m.Subject)
 		if err != nil {
 			return
 		}
@@ -69,7 +70,7 @@ func runStorm(b *testing.B, creds, publishers int) {
 		b.Fatal(err)
 	}
 	defer sub.Unsubscribe()
-	_ = bd.nc.Flush()
+	_ = bd.NC.Flush()
 
 	b.StartTimer()
 	start := time.Now()
@@ -85,7 +86,7 @@ func runStorm(b *testing.B, creds, publishers int) {
 					first[keys[i].String()] = now
 				}
 				mu.Unlock()
-				bd.publish401(b, keys[i], fps[i], fmt.Sprintf("runtime-%d", p), true)
+				bd.Publish401(b, keys[i], fps[i], fmt.Sprintf("runtime-%d", p), true)
 			}
 		})
 	}
@@ -110,8 +111,8 @@ func runStorm(b *testing.B, creds, publishers int) {
 	b.ReportMetric(events/published.Seconds(), "published/s")
 	b.ReportMetric(events/total.Seconds(), "events/s")
 	b.ReportMetric(float64(creds)/total.Seconds(), "rotations/s")
-	b.ReportMetric(float64(bd.as.Calls()-callsBefore), "calls")
-	b.ReportMetric(float64(bd.as.Reuses()), "reuses")
+	b.ReportMetric(float64(bd.AS.Calls()-callsBefore), "calls")
+	b.ReportMetric(float64(bd.AS.Reuses()), "reuses")
 	b.ReportMetric(float64(lat[len(lat)/2].Milliseconds()), "p50-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Milliseconds()), "p99-ms")
 	b.ReportMetric(float64(lat[len(lat)-1].Milliseconds()), "max-ms")
