@@ -155,34 +155,50 @@ func LoadOrCreateKeyRing(path string) (ring *KeyRing, created bool, err error) {
 }
 
 func loadKeyRing(path string) (*KeyRing, error) {
+	kf, err := readKeyFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return kf.ring(path)
+}
+
+// readKeyFile reads and checks the key file at path: a regular file that
+// only its owner may access, of the JSON form of keyFile. A missing file is
+// fs.ErrNotExist unwrapped; every other error wraps ErrSealKey.
+func readKeyFile(path string) (keyFile, error) {
+	var kf keyFile
 	f, err := os.Open(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, err
+			return kf, err
 		}
-		return nil, fmt.Errorf("%w: open key file: %w", ErrSealKey, err)
+		return kf, fmt.Errorf("%w: open key file: %w", ErrSealKey, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("%w: key file %s: %w", ErrSealKey, path, err)
+		return kf, fmt.Errorf("%w: key file %s: %w", ErrSealKey, path, err)
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%w: key file %s is not a regular file", ErrSealKey, path)
+		return kf, fmt.Errorf("%w: key file %s is not a regular file", ErrSealKey, path)
 	}
 	// The file holds the keys to every refresh token: nobody but its owner
 	// may read it, and nobody but its owner may swap in a key of theirs.
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("%w: key file %s has mode %04o, open to group or others; run: chmod 600 %s",
+		return kf, fmt.Errorf("%w: key file %s has mode %04o, open to group or others; run: chmod 600 %s",
 			ErrSealKey, path, perm, path)
 	}
-	var kf keyFile
 	dec := json.NewDecoder(f)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&kf); err != nil {
-		return nil, fmt.Errorf(`%w: key file %s is not valid JSON of the form {"active":"<id>","keys":{"<id>":"<base64 of 32 bytes>"}}: %w`,
+		return kf, fmt.Errorf(`%w: key file %s is not valid JSON of the form {"active":"<id>","keys":{"<id>":"<base64 of 32 bytes>"}}: %w`,
 			ErrSealKey, path, err)
 	}
+	return kf, nil
+}
+
+// ring builds the key ring the file describes; path is for messages.
+func (kf keyFile) ring(path string) (*KeyRing, error) {
 	keys := make(map[string][]byte, len(kf.Keys))
 	for id, b64 := range kf.Keys {
 		k, err := base64.StdEncoding.DecodeString(b64)

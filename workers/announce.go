@@ -4,11 +4,12 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"go.opentelemetry.io/otel/attribute"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
@@ -31,18 +32,23 @@ func rotatedPayload(c *kv.Credential) events.Rotated {
 // context of a new producer span in its headers. The caller ends the span.
 func (p *Pool) newEventMsg(ctx context.Context, k events.Key, payload events.Payload) (*nats.Msg, trace.Span, error) {
 	subject := p.subj.Event(payload.EventType(), k)
-	ctx, span := p.tracer.Start(ctx, "send "+string(payload.EventType()), trace.WithSpanKind(trace.SpanKindProducer),
+	template := p.subj.EventWildcard(payload.EventType())
+	ctx, span := p.tracer.Start(ctx, "send "+template, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
-			attribute.String("messaging.system", "nats"),
-			attribute.String("messaging.operation.type", "send"),
-			attribute.String("messaging.destination.name", subject),
-			attribute.String("authbus.credential.key", k.String()),
+			semconv.MessagingSystemKey.String("nats"),
+			semconv.MessagingOperationTypeSend,
+			semconv.MessagingOperationName("send"),
+			semconv.MessagingDestinationName(subject),
+			semconv.MessagingDestinationTemplate(template),
+			semconv.CloudEventsEventType(string(payload.EventType())),
+			attrKey.String(k.String()),
 		))
 	data, err := events.Encode(k, p.cfg.Source, payload)
 	if err != nil {
 		span.End()
 		return nil, nil, fmt.Errorf("encode %s for %s: %w", payload.EventType(), k, err)
 	}
+	span.SetAttributes(semconv.MessagingMessageBodySize(len(data)))
 	msg := nats.NewMsg(subject)
 	msg.Data = data
 	telemetry.Inject(ctx, msg.Header)
@@ -76,20 +82,21 @@ func (p *Pool) announceNeedsReauth(ctx context.Context, c *kv.Credential) error 
 }
 
 // schedule arranges the proactive refresh of c: an auth.expiring that fires
-// at ExpiresAt − lead. The schedule subject holds one pending schedule per
-// credential, so this replaces the previous generation's. Failure is logged,
-// not fatal: a 401 still refreshes the credential.
+// in the first half of the lead before ExpiresAt (see Config.RefreshLead).
+// The schedule subject holds one pending schedule per credential, so this
+// replaces the previous generation's; a token without expiry removes it.
+// Failure is logged, not fatal: a 401 still refreshes the credential.
 func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	if c.ExpiresAt.IsZero() {
-		return // no expiry: refreshed on 401 only
+		// No expiry: refreshed on 401 only. An older generation's schedule
+		// would fire for a token that no longer exists; drop it.
+		if err := p.work.Purge(ctx, jetstream.WithPurgeSubject(p.subj.Schedule(c.Key))); err != nil {
+			p.log.Warn("removing the previous proactive refresh failed; it will fire and be answered as stale",
+				"key", c.Key.String(), "error", err)
+		}
+		return
 	}
-	at := c.ExpiresAt.Add(-lead(c.ExpiresAt.Sub(c.ReceivedAt)))
-	// ScheduleAt is truncated to whole seconds: round up, and never into
-	// the past (an already-expired token is refreshed at once).
-	at = time.Unix(int64(math.Ceil(float64(at.UnixNano())/1e9)), 0)
-	if earliest := time.Now().Add(time.Second).Truncate(time.Second); at.Before(earliest) {
-		at = earliest
-	}
+	at := scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
 	data, err := events.Encode(c.Key, p.cfg.Source, events.Expiring{Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
 	if err == nil {
 		msg := nats.NewMsg(p.subj.Schedule(c.Key))
@@ -104,8 +111,32 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	}
 }
 
-// lead is how long before expiry the proactive refresh runs: 10 % of the
-// token's lifetime, clamped to 30s–10m, and never more than half of it.
+// scheduleAt is when the proactive refresh of c fires: at a point r ∈ [0,1)
+// of the first half of the lead, so that the refresh is already due when it
+// arrives (see due) and at least half the lead remains before expiry.
+// ScheduleAt is truncated to whole seconds, so the time is rounded up, and
+// never lies in the past: a token that arrived already expired, or whose
+// refresh became due while no refresher ran, is refreshed at once.
+func scheduleAt(c *kv.Credential, lead time.Duration, now time.Time, r float64) time.Time {
+	at := c.ExpiresAt.Add(-lead + time.Duration(r*float64(lead/2)))
+	at = time.Unix(int64(math.Ceil(float64(at.UnixNano())/1e9)), 0)
+	if earliest := now.Add(time.Second).Truncate(time.Second); at.Before(earliest) {
+		at = earliest
+	}
+	return at
+}
+
+// lead is how long before expiry c is due for its proactive refresh.
+func (p *Pool) lead(c *kv.Credential) time.Duration {
+	lifetime := c.ExpiresAt.Sub(c.ReceivedAt)
+	if p.cfg.RefreshLead > 0 {
+		return min(p.cfg.RefreshLead, lifetime/2)
+	}
+	return lead(lifetime)
+}
+
+// lead is the default rule of DESIGN.md: 10 % of the token's lifetime,
+// clamped to 30s–10m, and never more than half of it.
 func lead(lifetime time.Duration) time.Duration {
 	l := min(max(lifetime/10, 30*time.Second), 10*time.Minute)
 	return min(l, lifetime/2)

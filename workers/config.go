@@ -9,6 +9,10 @@ import (
 	"runtime"
 	"time"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/authbus/authbus/kv"
 )
 
@@ -49,6 +53,12 @@ type Config struct {
 	// BreakerOpenFor is how long an open breaker refuses calls before letting
 	// one through; 0 means 30s.
 	BreakerOpenFor time.Duration
+	// RefreshLead is how long before expiry the proactive refresh is due; 0
+	// means the rule of DESIGN.md: 10 % of the token's lifetime, clamped to
+	// 30s–10m. Either way it is never more than half the lifetime. Each
+	// schedule fires at a random point of the first half of the lead, so
+	// credentials registered together do not all refresh in the same second.
+	RefreshLead time.Duration
 	// Replicas of the streams and buckets; 0 means 1.
 	Replicas int
 	// Instance names this process in leases and logs; "" means hostname-pid.
@@ -58,11 +68,30 @@ type Config struct {
 	Source string
 	// Seal encrypts refresh tokens and client secrets at rest. Required.
 	Seal *kv.KeyRing
+	// TokenHosts restricts which token endpoints may be registered and
+	// called; the zero value allows public addresses only. It is enforced
+	// at registration and, in the default HTTPClient, on every connection.
+	TokenHosts TokenHostPolicy
 	// HTTPClient calls token endpoints; nil means a client whose transport
-	// keeps an idle connection per worker per host.
+	// keeps an idle connection per worker per host and enforces TokenHosts
+	// on every connection (directly, without HTTP_PROXY: a proxy would
+	// resolve the name where the address cannot be checked). A client
+	// given here brings its own dialer; TokenHosts is then checked at
+	// registration only.
 	HTTPClient *http.Client
+	// Discovery finds token endpoints of registrations that name an issuer
+	// (RFC 8414) and caches them; nil means one per pool that fetches with
+	// HTTPClient, caches for an hour and gives up after 5s. Pools of one
+	// process may share one.
+	Discovery *Discovery
 	// Logger receives the pool's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// TracerProvider makes the pool's spans (process, lease claim, token
+	// endpoint call, store, publish); nil means otel.GetTracerProvider().
+	TracerProvider trace.TracerProvider
+	// MeterProvider makes the pool's metrics; nil means
+	// otel.GetMeterProvider().
+	MeterProvider metric.MeterProvider
 }
 
 // withDefaults returns a copy of c with zero values replaced by defaults.
@@ -113,11 +142,20 @@ func (c Config) withDefaults() Config {
 	if c.Source == "" {
 		c.Source = "authbus/refresher/" + c.Instance
 	}
-	if c.HTTPClient == nil {
-		c.HTTPClient = newHTTPClient(c.Workers)
-	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.TracerProvider == nil {
+		c.TracerProvider = otel.GetTracerProvider()
+	}
+	if c.MeterProvider == nil {
+		c.MeterProvider = otel.GetMeterProvider()
+	}
+	if c.HTTPClient == nil {
+		c.HTTPClient = newHTTPClient(c.Workers, c.TokenHosts, c.Logger)
+	}
+	if c.Discovery == nil {
+		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient})
 	}
 	return c
 }
@@ -144,6 +182,9 @@ func (c Config) validate() error {
 	if c.Replicas < 1 || c.Replicas > 5 {
 		errs = append(errs, fmt.Errorf("Replicas is %d: use 1, 3 or 5", c.Replicas))
 	}
+	if err := c.TokenHosts.validate(); err != nil {
+		errs = append(errs, err)
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("workers config: %w", err)
 	}
@@ -152,9 +193,12 @@ func (c Config) validate() error {
 
 // newHTTPClient keeps an idle connection per worker per host: with
 // http.DefaultClient's two, most token calls under load open a new
-// connection (measured: 20–40 % less throughput).
-func newHTTPClient(workers int) *http.Client {
+// connection (measured: 20–40 % less throughput). It dials token endpoints
+// through the SSRF guard of hosts.
+func newHTTPClient(workers int, hosts TokenHostPolicy, log *slog.Logger) *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.Proxy = nil
+	t.DialContext = hosts.dialContext(log)
 	t.MaxIdleConnsPerHost = workers
 	t.MaxIdleConns = 4 * workers
 	return &http.Client{Transport: t}

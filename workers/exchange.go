@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
@@ -20,13 +21,23 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.TokenTimeout)
 	defer cancel()
 	hc := p.cfg.HTTPClient
+	// x/oauth2 sends no extra parameters on a refresh, not even the scopes:
+	// RFC 8707 wants the resource on every token request, and the scopes
+	// registered are the ones to ask for (RFC 6749 §6), so add them on the
+	// wire. The client_credentials grant sends its scopes itself.
+	add := url.Values{}
 	if c.Resource != "" {
-		// x/oauth2 sends no extra parameters on a refresh; RFC 8707 wants
-		// the resource on every token request, so add it on the wire.
-		hc = &http.Client{Transport: formParams{base: transportOf(hc), add: url.Values{"resource": {c.Resource}}}, Timeout: hc.Timeout}
+		add.Set("resource", c.Resource)
+	}
+	if c.Grant != events.GrantClientCredentials && len(c.Scopes) > 0 {
+		add.Set("scope", strings.Join(c.Scopes, " "))
+	}
+	if len(add) > 0 {
+		hc = &http.Client{Transport: formParams{base: transportOf(hc), add: add}, Timeout: hc.Timeout}
 	}
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
-	return p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
+	start := time.Now()
+	tok, err := p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
 		if c.Grant == events.GrantClientCredentials {
 			cc := clientcredentials.Config{
 				ClientID:     c.ClientID,
@@ -48,6 +59,8 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 		}
 		return cfg.TokenSource(ctx, &oauth2.Token{RefreshToken: c.RefreshToken.Reveal()}).Token()
 	})
+	p.metrics.tokenCalled(ctx, c.TokenEndpoint, time.Since(start), err)
+	return tok, err
 }
 
 func authStyle(s string) oauth2.AuthStyle {

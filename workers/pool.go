@@ -12,9 +12,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sony/gobreaker/v2"
-	"go.opentelemetry.io/otel"
-	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 	"golang.org/x/sync/errgroup"
@@ -35,10 +34,12 @@ type Pool struct {
 	store    *kv.Store
 	leases   *kv.Leases
 	cons     jetstream.Consumer
+	work     jetstream.Stream // AUTH_EVENTS: events and pending schedules
 	reauth   jetstream.Stream
 	breakers *breakers
 	log      *slog.Logger
 	tracer   trace.Tracer
+	metrics  *metrics
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -62,13 +63,17 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		js:     js,
 		subj:   subj,
 		log:    cfg.Logger,
-		tracer: otel.Tracer("github.com/authbus/authbus/workers"),
+		tracer: cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
 	}
+	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
 	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
 		p.log.Warn("token endpoint breaker changed state", "endpoint", endpoint, "from", from.String(), "to", to.String())
 	})
 	if p.cons, err = p.provision(ctx); err != nil {
 		return nil, err
+	}
+	if p.work, err = js.Stream(ctx, subj.EventsStream()); err != nil {
+		return nil, fmt.Errorf("stream %s: %w", subj.EventsStream(), err)
 	}
 	if p.reauth, err = js.Stream(ctx, subj.ReauthStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.ReauthStream(), err)
@@ -77,6 +82,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		return nil, err
 	}
 	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.BucketName("LEASES"), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
+		return nil, err
+	}
+	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -194,23 +202,34 @@ func term(outcome, detail string) result {
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	start := time.Now()
 	ctx = telemetry.Extract(ctx, msg.Headers())
-	ctx, span := p.tracer.Start(ctx, "process "+msg.Subject(), trace.WithSpanKind(trace.SpanKindConsumer),
+	// One process span per delivery, a child of the span that published
+	// the event (see telemetry.Extract); process renames it once the
+	// subject is parsed.
+	ctx, span := p.tracer.Start(ctx, "process", trace.WithSpanKind(trace.SpanKindConsumer),
 		trace.WithAttributes(
-			attribute.String("messaging.system", "nats"),
-			attribute.String("messaging.operation.type", "process"),
-			attribute.String("messaging.destination.name", msg.Subject()),
+			semconv.MessagingSystemKey.String("nats"),
+			semconv.MessagingOperationTypeProcess,
+			semconv.MessagingOperationName("process"),
+			semconv.MessagingDestinationName(msg.Subject()),
+			semconv.MessagingConsumerGroupName(consumerName),
+			semconv.MessagingMessageBodySize(len(msg.Data())),
 		))
 	defer span.End()
+	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
+		span.SetAttributes(semconv.MessagingMessageID(id))
+	}
 
 	var attempt uint64 = 1
 	if md, err := msg.Metadata(); err == nil {
 		attempt = md.NumDelivered
 	}
 	r := p.process(ctx, msg, attempt)
+	gaveUp := false
 	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
 		// A work-queue stream keeps a message that reached MaxDeliver
 		// forever, with only an advisory: terminate it ourselves.
 		r = term(r.outcome, fmt.Sprintf("gave up after %d deliveries: %s %s", attempt, r.outcome, r.detail))
+		gaveUp = true
 	}
 	var err error
 	switch r.action {
@@ -221,12 +240,21 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	case actionTerm:
 		err = msg.TermWithReason(r.detail)
 	}
-	span.SetAttributes(attribute.String("authbus.outcome", r.outcome), attribute.Int64("authbus.attempt", int64(attempt)))
+	p.metrics.settled(ctx, r, gaveUp, time.Since(start))
+	span.SetAttributes(attrOutcome.String(r.outcome), attrAttempt.Int64(int64(attempt)))
+	if r.outcome == outLeaseHeld {
+		span.SetAttributes(attrLeaseWait.Float64(r.delay.Seconds()))
+	}
 	level := slog.LevelInfo
 	switch {
 	case r.action == actionTerm || r.outcome == outStoreFailed:
 		level = slog.LevelWarn
 		span.SetStatus(codes.Error, r.outcome)
+		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
+	case r.outcome == outTransient || r.outcome == outNATS:
+		// Retried later, but this attempt failed.
+		span.SetStatus(codes.Error, r.outcome)
+		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
 	case r.outcome == outLeaseHeld || r.outcome == outNotDue || r.outcome == outStale:
 		level = slog.LevelDebug
 	}
@@ -260,13 +288,16 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	if typ != events.Type401 && typ != events.TypeExpiring {
 		return term(outBadInput, fmt.Sprintf("event type %s is not consumed by refreshers", typ))
 	}
+	span := trace.SpanFromContext(ctx)
+	span.SetName("process " + p.subj.EventWildcard(typ))
+	span.SetAttributes(semconv.MessagingDestinationTemplate(p.subj.EventWildcard(typ)), attrKey.String(key.String()))
 	ev, err := events.Decode(typ, key, msg.Data())
 	if err != nil {
 		return term(outBadInput, err.Error())
 	}
-	trace.SpanFromContext(ctx).SetAttributes(
-		attribute.String("authbus.credential.key", key.String()),
-		attribute.String("authbus.fingerprint", ev.Fingerprint()))
+	span.SetAttributes(attrFingerprint.String(ev.Fingerprint()),
+		semconv.CloudEventsEventID(ev.ID), semconv.CloudEventsEventSource(ev.Source),
+		semconv.CloudEventsEventType(string(ev.Type)), semconv.CloudEventsEventSpecVersion(ev.SpecVersion))
 
 	// 2. Load and decide without a lease: most events of a storm end here.
 	cred, rev, err := p.store.Get(ctx, key)
@@ -284,7 +315,7 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	}
 
 	// 3. Claim the lease.
-	lease, err := p.leases.Claim(ctx, key, p.cfg.Instance)
+	lease, err := p.claimLease(ctx, key)
 	if errors.Is(err, kv.ErrLeaseHeld) {
 		return nak(outLeaseHeld, jitter(p.cfg.LeaseWait), "")
 	}
@@ -314,8 +345,10 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 			"the credential was registered without a refresh token; log in again and register the new tokens")
 	}
 
-	// 4. Call the token endpoint.
-	tok, err := p.exchangeKeepingAlive(ctx, msg, lease, cred)
+	// 4. Call the token endpoint, keeping the lease until the result is
+	// stored (the deferred stop runs before the deferred release).
+	defer p.keepAlive(ctx, msg, lease, key)()
+	tok, err := p.exchange(ctx, cred)
 
 	// 5. Classify.
 	o := classify(err)
@@ -367,7 +400,7 @@ func (p *Pool) decide(ctx context.Context, ev *events.Event, c *kv.Credential) (
 		r.version = c.Version
 		return r, true
 	}
-	if ev.Type == events.TypeExpiring && !due(c, now) {
+	if ev.Type == events.TypeExpiring && !p.due(c, now) {
 		return ack(outNotDue), true
 	}
 	return result{}, false
@@ -375,17 +408,18 @@ func (p *Pool) decide(ctx context.Context, ev *events.Event, c *kv.Credential) (
 
 // due reports whether the proactive refresh of c should happen now. A token
 // without an expiry is refreshed only on 401.
-func due(c *kv.Credential, now time.Time) bool {
+func (p *Pool) due(c *kv.Credential, now time.Time) bool {
 	if c.ExpiresAt.IsZero() {
 		return false
 	}
-	return !c.ExpiresAt.Add(-lead(c.ExpiresAt.Sub(c.ReceivedAt))).After(now)
+	return !c.ExpiresAt.Add(-p.lead(c)).After(now)
 }
 
-// exchangeKeepingAlive calls the token endpoint while telling JetStream the
-// event is in progress and renewing the lease, so a slow server costs
-// neither a redelivery nor the lease.
-func (p *Pool) exchangeKeepingAlive(ctx context.Context, msg jetstream.Msg, lease *kv.Lease, c *kv.Credential) (*oauth2.Token, error) {
+// keepAlive tells JetStream the event is in progress and renews the lease
+// until stop is called, so that neither a slow token endpoint nor a slow
+// store (a KV leader election) costs the redelivery or the lease: another
+// worker claiming it would present the refresh token just redeemed.
+func (p *Pool) keepAlive(ctx context.Context, msg jetstream.Msg, lease *kv.Lease, key events.Key) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	every := min(p.cfg.AckWait, p.leases.TTL()) / 3
@@ -399,7 +433,7 @@ func (p *Pool) exchangeKeepingAlive(ctx context.Context, msg jetstream.Msg, leas
 			case <-t.C:
 				_ = msg.InProgress()
 				if err := lease.Renew(ctx); err != nil {
-					p.log.Warn("lease renewal failed during a token-endpoint call", "key", c.Key.String(), "error", err)
+					p.log.Warn("lease renewal failed during a refresh", "key", key.String(), "error", err)
 					if errors.Is(err, kv.ErrLeaseLost) {
 						return
 					}
@@ -407,10 +441,10 @@ func (p *Pool) exchangeKeepingAlive(ctx context.Context, msg jetstream.Msg, leas
 			}
 		}
 	})
-	tok, err := p.exchange(ctx, c)
-	close(done)
-	wg.Wait()
-	return tok, err
+	return func() {
+		close(done)
+		wg.Wait()
+	}
 }
 
 // storeRotation is step 6 and 7 for a new token.
@@ -442,7 +476,7 @@ func (p *Pool) storeRotation(ctx context.Context, lease *kv.Lease, old *kv.Crede
 	c.State, c.Reason, c.Description = kv.StateActive, "", ""
 	c.UpdatedAt = now
 
-	_, err := p.updateRetrying(ctx, c, rev)
+	_, err := p.storeCredential(ctx, c, rev)
 	if errors.Is(err, kv.ErrConflict) {
 		// Someone newer wrote first (a re-registration): a late completion
 		// must never overwrite newer tokens. Nothing is published.
@@ -516,7 +550,7 @@ func (p *Pool) needsReauth(ctx context.Context, old *kv.Credential, rev uint64, 
 	c := old.Clone()
 	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, description
 	c.UpdatedAt = time.Now().UTC()
-	if _, err := p.updateRetrying(ctx, c, rev); err != nil {
+	if _, err := p.storeCredential(ctx, c, rev); err != nil {
 		if errors.Is(err, kv.ErrConflict) {
 			if cur, _, gerr := p.store.Get(ctx, old.Key); gerr == nil {
 				return p.lostRace(ctx, cur)

@@ -93,8 +93,12 @@ func (p *Pool) handleRegister(req micro.Request) {
 		return
 	}
 	if rr.Issuer != "" {
-		p.replyError(req, events.CodeInvalidRequest,
-			"field \"issuer\": discovery is not available in this version; pass token_endpoint instead", "")
+		if !p.discover(ctx, req, &rr) {
+			return
+		}
+	}
+	if err := p.cfg.TokenHosts.CheckEndpoint(ctx, rr.TokenEndpoint); err != nil {
+		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("field \"token_endpoint\": %v", err), "")
 		return
 	}
 	now := time.Now().UTC()

@@ -7,96 +7,430 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/telemetry"
 )
 
-// conn holds the flags every command shares.
-type conn struct {
-	url     string
-	prefix  string
-	timeout time.Duration
-	subj    events.Subjects
+// Exit statuses, listed in the top-level help so scripts can branch on them.
+const (
+	exitOK          = 0
+	exitFailure     = 1 // could not do it: NATS unreachable, timeout, refresher unavailable
+	exitUsage       = 2 // bad flags, arguments or input; the message says what to fix
+	exitNotFound    = 3 // the credential is not registered
+	exitNeedsReauth = 4 // the credential needs a person to log in again
+)
+
+// errUsage marks errors about the command line or the input given to it.
+var errUsage = errors.New("bad usage")
+
+// usageErrorf returns an error that exits with exitUsage.
+func usageErrorf(format string, args ...any) error {
+	return &usageError{fmt.Errorf(format, args...)}
 }
 
-// newFlagSet returns a flag set with the shared connection flags bound.
-func newFlagSet(name, synopsis string, stderr io.Writer, c *conn) (*flag.FlagSet, *cli.EnvFlags) {
+type usageError struct{ err error }
+
+func (e *usageError) Error() string { return e.err.Error() }
+func (e *usageError) Unwrap() error { return e.err }
+func (e *usageError) Is(target error) bool {
+	return target == errUsage
+}
+
+// errNotRegistered is what operator commands return for a key that has no
+// credential record.
+var errNotRegistered = errors.New("credential not registered")
+
+// errReauth is what a command returns when the credential turned out to
+// need a new login.
+var errReauth = errors.New("credential needs a new login")
+
+// serviceError is an error answer of the token or register service.
+type serviceError struct {
+	Status string            // Nats-Service-Error-Code: "400", "404", …
+	Reply  events.ErrorReply // the JSON body
+}
+
+func (e *serviceError) Error() string {
+	desc := e.Reply.ErrorDescription
+	if desc == "" {
+		desc = "the refresher gave no description; see its log"
+	}
+	code := e.Reply.Error
+	if code == "" {
+		code = events.CodeOf(e.Status)
+	}
+	return code + ": " + desc
+}
+
+// exitCode maps an error to the exit status the top-level help documents.
+func exitCode(err error) int {
+	var se *serviceError
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.As(err, &se):
+		switch events.CodeOf(se.Status) {
+		case events.CodeInvalidRequest:
+			return exitUsage
+		case events.CodeNotFound:
+			return exitNotFound
+		case events.CodeNeedsReauth:
+			return exitNeedsReauth
+		}
+		return exitFailure
+	case errors.Is(err, errNotRegistered):
+		return exitNotFound
+	case errors.Is(err, errReauth):
+		return exitNeedsReauth
+	case errors.Is(err, errUsage), errors.Is(err, events.ErrInvalidKey), errors.Is(err, events.ErrInvalidSubject),
+		errors.Is(err, events.ErrInvalidRequest), errors.Is(err, events.ErrInvalidEvent):
+		return exitUsage
+	}
+	return exitFailure
+}
+
+// globals are the connection settings every command takes, before or
+// after its name.
+type globals struct {
+	url, creds, inboxPrefix, prefix string
+	timeout                         time.Duration
+	subj                            events.Subjects
+}
+
+// define adds the connection flags to fs.
+func (g *globals) define(fs *flag.FlagSet) {
+	fs.StringVar(&g.url, "nats-url", nats.DefaultURL, "NATS server URL")
+	fs.StringVar(&g.creds, "creds", "", "NATS user credentials file")
+	fs.StringVar(&g.inboxPrefix, "inbox-prefix", "", "reply inbox prefix (default _INBOX), for a tenant user allowed only _INBOX_<tenant>.>")
+	fs.StringVar(&g.prefix, "prefix", events.DefaultPrefix, "authbus subject prefix")
+	fs.DurationVar(&g.timeout, "timeout", 5*time.Second, "how long to wait for each answer")
+}
+
+var globalEnv = map[string]string{
+	"nats-url": "NATS_URL", "creds": "NATS_CREDS", "inbox-prefix": "NATS_INBOX_PREFIX",
+	"prefix": "AUTHBUS_PREFIX", "timeout": "AUTHBUS_TIMEOUT",
+}
+
+// cmdFlags is the flag set of one command: its own flags plus the
+// connection flags, each bound to its environment variable.
+type cmdFlags struct {
+	*flag.FlagSet
+	env      *cli.EnvFlags
+	g        globals
+	s        streams
+	synopsis string // "token [flags] KEY"
+	about    string // what the command does, for --help
+}
+
+// newFlags returns the flag set of a command; define the command's own
+// flags on it, then call parse.
+func newFlags(name, synopsis, about string, s streams) *cmdFlags {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: publisher %s\n\nFlags (each also read from the environment variable shown):\n", synopsis)
-		fs.PrintDefaults()
+	// Errors and help are printed by parse and run, to the right stream.
+	fs.SetOutput(io.Discard)
+	f := &cmdFlags{FlagSet: fs, env: cli.NewEnvFlags(fs), s: s, synopsis: synopsis, about: about}
+	f.g.define(fs)
+	for name, env := range globalEnv {
+		f.env.Bind(name, env)
 	}
-	env := cli.NewEnvFlags(fs)
-	fs.StringVar(&c.url, "nats-url", nats.DefaultURL, "NATS server URL")
-	env.Bind("nats-url", "NATS_URL")
-	fs.StringVar(&c.prefix, "prefix", events.DefaultPrefix, "subject prefix")
-	env.Bind("prefix", "AUTHBUS_PREFIX")
-	fs.DurationVar(&c.timeout, "timeout", 5*time.Second, "how long to wait for an answer")
-	env.Bind("timeout", "AUTHBUS_TIMEOUT")
-	return fs, env
+	return f
 }
 
-// parse parses args and checks the shared flags.
-func (c *conn) parse(env *cli.EnvFlags, args []string) error {
-	if err := env.Parse(args); err != nil {
+// bind ties a command flag to an environment variable.
+func (f *cmdFlags) bind(name, env string) { f.env.Bind(name, env) }
+
+// parse parses args: flags may come before, between and after the
+// positional arguments ("--" ends flags). On --help it prints the usage to
+// stdout and returns flag.ErrHelp.
+func (f *cmdFlags) parse(args []string) error {
+	err := f.env.Parse(args)
+	var positional []string
+	for err == nil && f.NArg() > 0 {
+		// flag stops at the first non-flag; take it and go on, unless the
+		// caller ended flags with "--".
+		rest := f.Args()
+		consumed := args[:len(args)-len(rest)]
+		if len(consumed) > 0 && consumed[len(consumed)-1] == "--" {
+			positional = append(positional, rest...)
+			break
+		}
+		positional = append(positional, rest[0])
+		args = rest[1:]
+		err = f.Parse(args)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		f.printUsage()
 		return err
 	}
-	s, err := events.NewSubjects(c.prefix)
 	if err != nil {
-		return err
+		return usageErrorf("%v; run \"publisher %s --help\" for the flags", err, f.Name())
 	}
-	c.subj = s
+	// Re-parsing only the positionals leaves them as Args().
+	_ = f.Parse(append([]string{"--"}, positional...))
+	if f.g.subj, err = events.NewSubjects(f.g.prefix); err != nil {
+		return usageErrorf("--prefix: %w", err)
+	}
+	if f.g.timeout <= 0 {
+		return usageErrorf("--timeout %v: give a positive duration such as 5s", f.g.timeout)
+	}
+	if f.g.inboxPrefix != "" {
+		if err := nats.CustomInboxPrefix(f.g.inboxPrefix)(&nats.Options{}); err != nil {
+			return usageErrorf("--inbox-prefix %q: a subject prefix without wildcards or a trailing dot, such as _INBOX_acme", f.g.inboxPrefix)
+		}
+	}
 	return nil
 }
 
-func (c *conn) connect() (*nats.Conn, error) {
-	nc, err := nats.Connect(c.url, nats.Name("authbus-publisher"), nats.Timeout(c.timeout))
+func (f *cmdFlags) printUsage() {
+	w := f.s.out
+	fmt.Fprintf(w, "Usage: publisher %s\n\n%s\n", f.synopsis, strings.TrimSpace(f.about))
+	var own, conn []*flag.Flag
+	f.VisitAll(func(fl *flag.Flag) {
+		if _, ok := globalEnv[fl.Name]; ok {
+			conn = append(conn, fl)
+		} else {
+			own = append(own, fl)
+		}
+	})
+	if len(own) > 0 {
+		fmt.Fprintln(w, "\nFlags:")
+		printFlags(w, own)
+	}
+	fmt.Fprintln(w, "\nConnection flags:")
+	printFlags(w, conn)
+	fmt.Fprintln(w, "\nFlags may also come after the arguments; each environment variable shown is read when its flag is not given.")
+}
+
+// printFlags prints flags as flag.PrintDefaults does.
+func printFlags(w io.Writer, flags []*flag.Flag) {
+	for _, fl := range flags {
+		typ, use := flag.UnquoteUsage(fl)
+		line := "  --" + fl.Name
+		if typ != "" {
+			line += " " + typ
+		}
+		line += "\n    \t" + strings.ReplaceAll(use, "\n", "\n    \t")
+		if fl.DefValue != "" && fl.DefValue != "false" && fl.DefValue != "0" && fl.DefValue != "0s" && fl.DefValue != "[]" {
+			line += fmt.Sprintf(" (default %s)", fl.DefValue)
+		}
+		fmt.Fprintln(w, line)
+	}
+}
+
+// oneKey parses the single KEY argument of a command.
+func (f *cmdFlags) oneKey() (events.Key, error) {
+	if f.NArg() != 1 {
+		return events.Key{}, usageErrorf("want exactly one KEY argument (tenant.user.server), got %d; run \"publisher %s --help\"", f.NArg(), f.Name())
+	}
+	return events.ParseKey(f.Arg(0))
+}
+
+// keys parses one or more KEY arguments.
+func (f *cmdFlags) keys() ([]events.Key, error) {
+	if f.NArg() == 0 {
+		return nil, usageErrorf("want one or more KEY arguments (tenant.user.server); run \"publisher %s --help\"", f.Name())
+	}
+	keys := make([]events.Key, 0, f.NArg())
+	for _, a := range f.Args() {
+		k, err := events.ParseKey(a)
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+// client is one command's NATS connection.
+type client struct {
+	nc *nats.Conn
+	g  *globals
+}
+
+// connect connects with the connection flags.
+func (f *cmdFlags) connect() (*client, error) {
+	g := &f.g
+	opts := []nats.Option{nats.Name("authbus-publisher " + f.Name()), nats.Timeout(g.timeout)}
+	if g.inboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(g.inboxPrefix))
+	}
+	if g.creds != "" {
+		opts = append(opts, nats.UserCredentials(g.creds))
+	}
+	nc, err := nats.Connect(g.url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS %s: %w; is the refresher running? set --nats-url or NATS_URL", c.url, err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w; is a refresher or NATS server running there? set --nats-url or NATS_URL (and --creds if it needs a user)", g.url, err)
 	}
-	return nc, nil
+	return &client{nc: nc, g: g}, nil
 }
 
-// keyArg parses the one KEY argument of a command.
-func keyArg(fs *flag.FlagSet) (events.Key, error) {
-	if fs.NArg() != 1 {
-		return events.Key{}, fmt.Errorf("want exactly one KEY argument (tenant.user.server), got %d; see --help", fs.NArg())
+func (c *client) close() { c.nc.Close() }
+
+// tracer is the global tracer: a no-op unless the process installs a
+// provider. Trace context still flows: a parent from the TRACEPARENT
+// environment variable (see traceContext) reaches the refresher through
+// the headers.
+func tracer() trace.Tracer { return otel.Tracer("github.com/authbus/authbus/cmd/publisher") }
+
+// traceContext returns ctx with the remote parent named by the TRACEPARENT
+// and TRACESTATE environment variables, if set, so a script's trace
+// continues through the publisher (OpenTelemetry's environment-variable
+// carrier convention).
+func traceContext(ctx context.Context) context.Context {
+	carrier := propagation.MapCarrier{}
+	if v := os.Getenv("TRACEPARENT"); v != "" {
+		carrier["traceparent"] = v
 	}
-	return events.ParseKey(fs.Arg(0))
+	if v := os.Getenv("TRACESTATE"); v != "" {
+		carrier["tracestate"] = v
+	}
+	if len(carrier) == 0 {
+		return ctx
+	}
+	return propagation.TraceContext{}.Extract(ctx, carrier)
 }
 
-// errService is a request the service answered with an error.
-var errService = errors.New("service error")
+func messagingAttrs(op, subject string, k events.Key) trace.SpanStartOption {
+	return trace.WithAttributes(
+		attribute.String("messaging.system", "nats"),
+		attribute.String("messaging.operation.type", op),
+		attribute.String("messaging.destination.name", subject),
+		attribute.String("authbus.credential.key", k.String()),
+	)
+}
 
-// request sends a request and decodes a successful JSON answer into out.
-// Error answers (micro's Nats-Service-Error headers) become errors that
-// carry the service's description.
-func (c *conn) request(ctx context.Context, nc *nats.Conn, subject string, body []byte, out any) error {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+// endSpan ends span, marking it failed when err is set. Error texts name
+// keys, subjects and fields, never tokens.
+func endSpan(span trace.Span, err error) {
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
+}
+
+// timeoutError explains a timed-out request or publish: with NATS, a
+// request the server refused for lack of permission looks like a timeout,
+// and the refusal arrives separately as the connection's last error.
+func (c *client) timeoutError(subject string, err error) error {
+	if last := c.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
+		return fmt.Errorf("%s: %w (%v); check the NATS user's permissions for %s and its reply inbox (--inbox-prefix)", subject, err, last, subject)
+	}
+	return fmt.Errorf("%s: no answer within %v (%w); is a refresher running? raise --timeout if it is busy", subject, c.g.timeout, err)
+}
+
+// request sends a request to the service word ("token", "register") of k
+// with the trace context in its headers, and decodes a successful JSON
+// answer into out. An error answer is a *serviceError carrying the
+// service's code and description.
+func (c *client) request(ctx context.Context, word string, k events.Key, body []byte, out any) (err error) {
+	subject := c.g.subj.Token(k)
+	if word == "register" {
+		subject = c.g.subj.Register(k)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.g.timeout)
 	defer cancel()
-	msg, err := nc.RequestWithContext(ctx, subject, body)
-	if errors.Is(err, nats.ErrNoResponders) {
+	ctx, span := tracer().Start(ctx, "request auth."+word, trace.WithSpanKind(trace.SpanKindClient), messagingAttrs("send", subject, k))
+	defer func() { endSpan(span, err) }()
+	msg := nats.NewMsg(subject)
+	msg.Data = body
+	telemetry.Inject(ctx, msg.Header)
+	reply, err := c.nc.RequestMsgWithContext(ctx, msg)
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
 		return fmt.Errorf("no refresher answers on %s: start one (go run ./cmd/refresher) or check --prefix", subject)
-	}
-	if err != nil {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
+		return c.timeoutError(subject, err)
+	case err != nil:
 		return fmt.Errorf("request %s: %w", subject, err)
 	}
-	if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
-		var er events.ErrorReply
-		_ = json.Unmarshal(msg.Data, &er)
-		desc := er.ErrorDescription
-		if desc == "" {
-			desc = msg.Header.Get("Nats-Service-Error")
+	if status := reply.Header.Get("Nats-Service-Error-Code"); status != "" {
+		se := &serviceError{Status: status}
+		if json.Unmarshal(reply.Data, &se.Reply) != nil || se.Reply.ErrorDescription == "" {
+			se.Reply.ErrorDescription = reply.Header.Get("Nats-Service-Error")
 		}
-		return fmt.Errorf("%w %s (%s): %s", errService, code, er.Error, desc)
+		return se
 	}
-	if err := json.Unmarshal(msg.Data, out); err != nil {
-		return fmt.Errorf("decode answer from %s: %w", subject, err)
+	if err := json.Unmarshal(reply.Data, out); err != nil {
+		return fmt.Errorf("decode the answer on %s: %w; is the refresher the same authbus version?", subject, err)
 	}
 	return nil
+}
+
+// publishEvent publishes an inbound event (401, expiring) through
+// JetStream with the Nats-Msg-Id that lets the stream drop duplicates of a
+// storm, under a producer span whose context travels in the headers.
+func (c *client) publishEvent(ctx context.Context, k events.Key, p events.Payload, fingerprint string) (_ *jetstream.PubAck, _ string, err error) {
+	subject := c.g.subj.Event(p.EventType(), k)
+	msgID := events.MsgID(p.EventType(), k, fingerprint)
+	ctx, span := tracer().Start(ctx, "send "+string(p.EventType()), trace.WithSpanKind(trace.SpanKindProducer),
+		messagingAttrs("send", subject, k),
+		trace.WithAttributes(attribute.String("messaging.message.id", msgID), attribute.String("authbus.fingerprint", fingerprint)))
+	defer func() { endSpan(span, err) }()
+	host, _ := os.Hostname()
+	data, err := events.Encode(k, "authbus/publisher/"+host, p)
+	if err != nil {
+		return nil, subject, err
+	}
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return nil, subject, err
+	}
+	msg := nats.NewMsg(subject)
+	msg.Data = data
+	telemetry.Inject(ctx, msg.Header)
+	ctx, cancel := context.WithTimeout(ctx, c.g.timeout)
+	defer cancel()
+	ack, err := js.PublishMsg(ctx, msg, jetstream.WithMsgID(msgID))
+	switch {
+	case errors.Is(err, jetstream.ErrNoStreamResponse), errors.Is(err, nats.ErrNoResponders):
+		return nil, subject, fmt.Errorf("publish %s: no stream captures it: start a refresher (it creates the stream %s) or check --prefix", subject, c.g.subj.EventsStream())
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
+		return nil, subject, c.timeoutError(subject, err)
+	case err != nil:
+		return nil, subject, fmt.Errorf("publish %s: %w", subject, err)
+	}
+	return ack, subject, nil
+}
+
+// writeJSON prints v as one line of JSON.
+func writeJSON(s streams, v any) error { return json.NewEncoder(s.out).Encode(v) }
+
+// ago describes how far t is from now: "in 59m", "3m ago".
+func ago(t, now time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := t.Sub(now).Round(time.Second)
+	if d == 0 {
+		return "now"
+	}
+	if d > 0 {
+		return "in " + shortDuration(d)
+	}
+	return shortDuration(-d) + " ago"
+}
+
+func shortDuration(d time.Duration) string {
+	switch {
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%dd", d/(24*time.Hour))
+	case d >= time.Hour:
+		return strings.TrimSuffix((d - d%time.Minute).String(), "0s")
+	case d >= time.Minute:
+		return strings.TrimSuffix(d.String(), "0s")
+	}
+	return d.String()
 }

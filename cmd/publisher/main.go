@@ -1,59 +1,168 @@
 // Command publisher is the operator's and runtime's CLI for authbus: register
-// a credential, report a 401, read the current token, and watch events.
+// a credential, report a 401 or an expiring token, print the current token,
+// watch events, show and forget credentials.
+//
+// Runtime commands (register, 401, expiring, token, watch) speak the wire
+// protocol only, so a tenant's NATS user may run them on its own keys (with
+// --inbox-prefix when its user may only receive on its own inbox prefix).
+// Operator commands (status, delete) read and write the authbus streams and
+// buckets directly and need a NATS user with JetStream access to them.
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+
+	"github.com/authbus/authbus/telemetry"
 )
 
-const usage = `Usage: publisher <command> [flags] [args]
-
-Commands:
-  register KEY   store fresh tokens for a credential (and how to refresh them)
-  401 KEY        report that a request with a token got HTTP 401
-  token KEY      print the current access token (for curl -H "Authorization: Bearer $(publisher token KEY)")
-  watch [KEYS]   follow auth.rotated and auth.needs_reauth events
-
-KEY is tenant.user.server, each part [A-Za-z0-9_-]{1,64}.
-Run "publisher <command> --help" for the flags of a command.
-`
-
-func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+// A command is one subcommand: its name, a one-line summary for the
+// top-level help, and the function that runs it with the arguments after
+// its name (connection flags given before the name come first).
+type command struct {
+	name    string
+	args    string // what follows the name in the top-level help
+	summary string
+	run     func(ctx context.Context, args []string, s streams) error
 }
 
-// command is one subcommand: it parses its own flags.
-type command func(args []string, stdin io.Reader, stdout, stderr io.Writer) error
+// commands is the subcommand table; adding a command is one entry here.
+var commands = []command{
+	{"register", "KEY", "store fresh tokens for a credential and how to refresh them", register},
+	{"401", "KEY", "report that a request with a credential's token got HTTP 401", unauthorized},
+	{"expiring", "KEY", "report that a credential's token expires soon", expiring},
+	{"token", "KEY", `print the current access token (curl -H "Authorization: Bearer $(publisher token KEY)")`, token},
+	{"watch", "[PATTERN…]", "follow auth.rotated and auth.needs_reauth events (access tokens hidden)", watch},
+	{"status", "[KEY|TENANT|PATTERN…]", "show credentials: version, state, expiry, last rotation, lease (operator)", status},
+	{"delete", "KEY…", "forget credentials: record, pending refresh, kept needs_reauth (operator)", deleteCmd},
+	{"revoke", "KEY…", "delete, and say that the tokens stay valid at the authorization server (operator)", revoke},
+	{"storm", "", "load test: a 401 storm through naive, in-process and authbus refreshing, side by side", stormCmd},
+}
 
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprint(stderr, usage)
-		if len(args) == 0 {
-			return 2
+// streams are the standard streams of one run, so tests can run commands
+// as function calls.
+type streams struct {
+	in          io.Reader
+	out, errOut io.Writer
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// Spans go where the OTEL_* environment says; with none set, nowhere.
+	_, shutdown, err := telemetry.Setup(ctx, telemetry.Config{ServiceName: "authbus-publisher"})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "publisher: %v\n", err)
+		os.Exit(exitUsage)
+	}
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	flush, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	if err := shutdown(flush); err != nil {
+		fmt.Fprintf(os.Stderr, "publisher: %v\n", err)
+	}
+	cancel()
+	os.Exit(code)
+}
+
+// run runs the command line args and returns the exit status (see
+// usage). Cancelling ctx stops a command that waits (watch, 401 --wait).
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	s := streams{in: stdin, out: stdout, errOut: stderr}
+	// Connection flags may come before the command name; they are handed on
+	// to the command, which parses them with their environment fallbacks.
+	top := flag.NewFlagSet("publisher", flag.ContinueOnError)
+	top.SetOutput(io.Discard)
+	new(globals).define(top)
+	err := top.Parse(args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprint(stdout, usage())
+		return exitOK
+	case err != nil:
+		fmt.Fprintf(stderr, "publisher: %v\n\n%s", err, usage())
+		return exitUsage
+	case top.NArg() == 0:
+		fmt.Fprint(stderr, usage())
+		return exitUsage
+	}
+	name, rest := top.Arg(0), top.Args()[1:]
+	if name == "help" {
+		if len(rest) == 0 {
+			fmt.Fprint(stdout, usage())
+			return exitOK
 		}
-		return 0
+		name, rest = rest[0], []string{"--help"}
 	}
-	cmds := map[string]command{
-		"register": register,
-		"401":      unauthorized,
-		"token":    token,
-		"watch":    watch,
+	i := slices.IndexFunc(commands, func(c command) bool { return c.name == name })
+	if i < 0 {
+		fmt.Fprintf(stderr, "publisher: unknown command %q; the commands are %s. Run \"publisher --help\" for what each does.\n", name, commandNames())
+		return exitUsage
 	}
-	cmd, ok := cmds[args[0]]
-	if !ok {
-		fmt.Fprintf(stderr, "publisher: unknown command %q\n\n%s", args[0], usage)
-		return 2
+	cmdArgs := append(slices.Clone(args[:len(args)-top.NArg()]), rest...)
+	// One trace per run: the spans of its requests and publishes are
+	// children of the command's, itself a child of TRACEPARENT if set.
+	ctx, span := tracer().Start(traceContext(ctx), "publisher "+name)
+	err = commands[i].run(ctx, cmdArgs, s)
+	if errors.Is(err, flag.ErrHelp) {
+		err = nil
 	}
-	if err := cmd(args[1:], stdin, stdout, stderr); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		fmt.Fprintf(stderr, "publisher %s: %v\n", args[0], err)
-		return 1
+	code := exitCode(err)
+	span.SetAttributes(attribute.Int("process.exit.code", code))
+	endSpan(span, err)
+	if err != nil {
+		fmt.Fprintf(stderr, "publisher %s: %v\n", name, err)
 	}
-	return 0
+	return code
+}
+
+func commandNames() string {
+	names := make([]string, len(commands))
+	for i, c := range commands {
+		names[i] = c.name
+	}
+	return strings.Join(names, ", ")
+}
+
+func usage() string {
+	var b strings.Builder
+	b.WriteString("Usage: publisher [connection flags] <command> [flags] [args]\n\nCommands:\n")
+	width := 0
+	for _, c := range commands {
+		width = max(width, len(c.name)+1+len(c.args))
+	}
+	for _, c := range commands {
+		fmt.Fprintf(&b, "  %-*s  %s\n", width, c.name+" "+c.args, c.summary)
+	}
+	b.WriteString(`
+KEY is tenant.user.server, each part [A-Za-z0-9_-]{1,64}. A PATTERN is a key
+with NATS wildcards (acme.*.github, acme.>) or a tenant (acme).
+
+Connection flags, accepted before or after the command name:
+  --nats-url URL        NATS server (env NATS_URL; default nats://127.0.0.1:4222)
+  --creds FILE          NATS user credentials file (env NATS_CREDS)
+  --inbox-prefix P      reply inbox prefix, for a tenant user allowed only _INBOX_<tenant>.> (env NATS_INBOX_PREFIX)
+  --prefix P            authbus subject prefix (env AUTHBUS_PREFIX; default auth)
+  --timeout D           how long to wait for each answer (env AUTHBUS_TIMEOUT; default 5s)
+
+status and delete read and write the authbus streams and buckets directly:
+they need a NATS user with JetStream access to them, not a tenant's user.
+
+Exit status: 0 done; 1 failed (NATS unreachable, timeout, refresher
+unavailable); 2 bad flags, arguments or input (the message says what to fix);
+3 credential not registered; 4 credential needs a new login.
+
+Run "publisher <command> --help" for the flags of a command.
+`)
+	return b.String()
 }

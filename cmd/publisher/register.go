@@ -1,118 +1,155 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/cli"
 )
 
-// tokenFile is a token response as OAuth libraries write it: RFC 6749 §5.1
-// fields, plus x/oauth2's absolute "expiry".
-type tokenFile struct {
-	AccessToken  string    `json:"access_token"`
-	TokenType    string    `json:"token_type"`
-	RefreshToken string    `json:"refresh_token"`
-	ExpiresIn    int64     `json:"expires_in"`
-	Expiry       time.Time `json:"expiry"`
-	ExpiresAt    time.Time `json:"expires_at"`
-}
+func register(ctx context.Context, args []string, s streams) error {
+	f := newFlags("register", "register [flags] KEY", `
+Store fresh tokens for the credential KEY and how to refresh them. The first
+registration and every later one (how a person repairs needs_reauth after a
+new login) publish auth.rotated and schedule the proactive refresh. Nothing
+calls the token endpoint now.
 
-func register(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	var c conn
+Give the tokens as the token endpoint returned them, in a file or on stdin:
+  publisher register --token-file - --token-endpoint URL --client-id ID KEY < token.json
+The file is a JSON object with access_token, token_type, refresh_token and
+the expiry as expires_in (seconds from now: use it only on a fresh response),
+expiry (RFC 3339, as x/oauth2 writes its Token) or expires_at (RFC 3339 or
+Unix seconds, as Python libraries write it); an absolute expiry wins over
+expires_in, which a saved token carries from when it was received. Other
+fields (id_token, scope, …) are ignored. The file's fields win over the
+token flags. Prefer the file or the environment to flags for secrets: flags
+show in ps.`, s)
 	var req events.RegisterRequest
 	var scopes cli.StringList
 	var tokenPath, expiresAt string
-	var asJSON bool
-	fs, env := newFlagSet("register", "register [flags] KEY", stderr, &c)
-	fs.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
-	env.Bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
-	fs.StringVar(&req.ClientID, "client-id", "", "OAuth client id")
-	env.Bind("client-id", "AUTHBUS_CLIENT_ID")
-	fs.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret (prefer the environment: flags show in ps)")
-	env.Bind("client-secret", "AUTHBUS_CLIENT_SECRET")
-	fs.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default basic)")
-	fs.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
-	fs.Var(&scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
-	fs.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh")
-	fs.StringVar(&tokenPath, "token-file", "", "token response JSON (access_token, refresh_token, expires_in…) from FILE, or - for stdin")
-	fs.StringVar(&req.Token.AccessToken, "access-token", "", "access token (prefer --token-file or the environment)")
-	env.Bind("access-token", "AUTHBUS_ACCESS_TOKEN")
-	fs.StringVar(&req.Token.RefreshToken, "refresh-token", "", "refresh token (prefer --token-file or the environment)")
-	env.Bind("refresh-token", "AUTHBUS_REFRESH_TOKEN")
-	fs.StringVar(&req.Token.TokenType, "token-type", "", "token type (default Bearer)")
-	fs.Int64Var(&req.Token.ExpiresIn, "expires-in", 0, "access token lifetime in seconds from now")
-	fs.StringVar(&expiresAt, "expires-at", "", "absolute access token expiry, RFC 3339")
-	fs.BoolVar(&asJSON, "json", false, "print the reply as JSON")
-	if err := c.parse(env, args); err != nil {
+	f.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
+	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
+	f.StringVar(&req.Issuer, "issuer", "", "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
+	f.bind("issuer", "AUTHBUS_ISSUER")
+	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
+	f.bind("client-id", "AUTHBUS_CLIENT_ID")
+	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
+	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
+	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
+	f.Var(&scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
+	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+	f.StringVar(&tokenPath, "token-file", "", "token response JSON from `FILE`, or - for stdin")
+	f.StringVar(&req.Token.AccessToken, "access-token", "", "access token (prefer --token-file or the environment)")
+	f.bind("access-token", "AUTHBUS_ACCESS_TOKEN")
+	f.StringVar(&req.Token.RefreshToken, "refresh-token", "", "refresh token (prefer --token-file or the environment)")
+	f.bind("refresh-token", "AUTHBUS_REFRESH_TOKEN")
+	f.StringVar(&req.Token.TokenType, "token-type", "", "token type (default Bearer)")
+	f.Int64Var(&req.Token.ExpiresIn, "expires-in", 0, "access token lifetime in `seconds` from now")
+	f.StringVar(&expiresAt, "expires-at", "", "absolute access token expiry, RFC 3339")
+	asJSON := f.Bool("json", false, "print the reply (version, fingerprint, expires_at) as JSON")
+	if err := f.parse(args); err != nil {
 		return err
 	}
-	key, err := keyArg(fs)
+	key, err := f.oneKey()
 	if err != nil {
 		return err
 	}
 	req.Scopes = scopes
-	if tokenPath != "" {
-		if err := readTokenFile(tokenPath, stdin, &req.Token); err != nil {
-			return err
-		}
-	}
 	if expiresAt != "" {
 		t, err := time.Parse(time.RFC3339, expiresAt)
 		if err != nil {
-			return fmt.Errorf("--expires-at %q: %w; use RFC 3339, e.g. 2026-11-23T20:00:00Z", expiresAt, err)
+			return usageErrorf("--expires-at %q: not RFC 3339; write it like 2026-11-23T20:00:00Z", expiresAt)
 		}
 		req.Token.ExpiresAt = t
 	}
-	// Check here too, so a typo is reported before anything is sent.
+	if tokenPath != "" {
+		raw, err := readInput(tokenPath, s.in, events.MaxRegisterSize)
+		if err != nil {
+			return err
+		}
+		if err := mergeTokenFile(raw, &req.Token); err != nil {
+			return usageErrorf("--token-file %s: %w", tokenPath, err)
+		}
+	}
+	// Checked here too, so a typo is reported before anything is sent.
 	if err := req.Validate(); err != nil {
-		return err
+		return usageErrorf("%w; see \"publisher register --help\"", err)
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
 		return err
 	}
-	nc, err := c.connect()
+	c, err := f.connect()
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
+	defer c.close()
 	var reply events.RegisterReply
-	if err := c.request(context.Background(), nc, c.subj.Register(key), body, &reply); err != nil {
+	if err := c.request(ctx, "register", key, body, &reply); err != nil {
 		return err
 	}
-	if asJSON {
-		return json.NewEncoder(stdout).Encode(reply)
+	if *asJSON {
+		return writeJSON(s, reply)
 	}
 	exp := "never"
 	if !reply.ExpiresAt.IsZero() {
-		exp = reply.ExpiresAt.Format(time.RFC3339)
+		exp = reply.ExpiresAt.UTC().Format(time.RFC3339)
 	}
-	fmt.Fprintf(stdout, "registered %s: version %d, fingerprint %s, expires %s\n", key, reply.Version, reply.Fingerprint, exp)
-	return nil
+	_, err = fmt.Fprintf(s.out, "registered %s: version %d, fingerprint %s, expires %s\n", key, reply.Version, reply.Fingerprint, exp)
+	return err
 }
 
-// readTokenFile fills t from a token response file; flags given explicitly
-// are overwritten only by fields the file sets.
-func readTokenFile(path string, stdin io.Reader, t *events.RegisterToken) error {
-	var raw []byte
-	var err error
-	if path == "-" {
-		raw, err = io.ReadAll(io.LimitReader(stdin, events.MaxRegisterSize+1))
-	} else {
-		raw, err = os.ReadFile(path)
+// readInput reads path, or stdin for "-", refusing more than limit bytes.
+func readInput(path string, stdin io.Reader, limit int) ([]byte, error) {
+	r := stdin
+	if path != "-" {
+		file, err := os.Open(path)
+		if err != nil {
+			return nil, usageErrorf("--token-file: %w", err)
+		}
+		defer file.Close()
+		r = file
 	}
-	if err != nil {
-		return fmt.Errorf("--token-file: %w", err)
+	raw, err := io.ReadAll(io.LimitReader(r, int64(limit)+1))
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("--token-file %s: %w", path, err)
+	case len(raw) > limit:
+		return nil, usageErrorf("--token-file %s: longer than %d bytes; give the token response JSON", path, limit)
+	case len(bytes.TrimSpace(raw)) == 0:
+		return nil, usageErrorf("--token-file %s: empty; give the token response JSON (for -, on stdin)", path)
 	}
+	return raw, nil
+}
+
+// tokenFile is a token response as OAuth libraries save it: RFC 6749 §5.1
+// fields, x/oauth2's absolute "expiry", and "expires_at" as RFC 3339 or as
+// Unix seconds (Python's requests-oauthlib and Authlib). Numbers may come
+// as strings: some servers send "expires_in":"3600".
+type tokenFile struct {
+	AccessToken  string          `json:"access_token"`
+	TokenType    string          `json:"token_type"`
+	RefreshToken string          `json:"refresh_token"`
+	ExpiresIn    json.RawMessage `json:"expires_in"`
+	Expiry       time.Time       `json:"expiry"`
+	ExpiresAt    json.RawMessage `json:"expires_at"`
+}
+
+// mergeTokenFile fills t from a token response; the file's fields replace
+// those set by flags.
+func mergeTokenFile(raw []byte, t *events.RegisterToken) error {
 	var f tokenFile
 	if err := json.Unmarshal(raw, &f); err != nil {
-		return fmt.Errorf("--token-file %s: not a token response JSON object: %w", path, err)
+		return fmt.Errorf("not a token response JSON object (access_token, refresh_token, expires_in…): %w", err)
 	}
 	if f.AccessToken != "" {
 		t.AccessToken = f.AccessToken
@@ -123,13 +160,64 @@ func readTokenFile(path string, stdin io.Reader, t *events.RegisterToken) error 
 	if f.RefreshToken != "" {
 		t.RefreshToken = f.RefreshToken
 	}
+	expiresAt, err := absoluteExpiry(f.ExpiresAt)
+	if err != nil {
+		return err
+	}
+	if expiresAt.IsZero() {
+		expiresAt = f.Expiry // x/oauth2 writes the zero time for "no expiry"
+	}
+	expiresIn, err := seconds("expires_in", f.ExpiresIn)
+	if err != nil {
+		return err
+	}
+	// An absolute expiry is right whenever the file was written; expires_in
+	// is relative to when the response was received, which only a fresh
+	// response makes "now".
 	switch {
-	case f.ExpiresIn > 0:
-		t.ExpiresIn = f.ExpiresIn
-	case !f.ExpiresAt.IsZero():
-		t.ExpiresAt = f.ExpiresAt
-	case !f.Expiry.IsZero():
-		t.ExpiresAt = f.Expiry
+	case !expiresAt.IsZero():
+		t.ExpiresAt, t.ExpiresIn = expiresAt, 0
+	case expiresIn > 0:
+		t.ExpiresAt, t.ExpiresIn = time.Time{}, expiresIn
 	}
 	return nil
+}
+
+// absoluteExpiry reads expires_at: an RFC 3339 string or Unix seconds.
+func absoluteExpiry(raw json.RawMessage) (time.Time, error) {
+	if isAbsent(raw) {
+		return time.Time{}, nil
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		if t, err := time.Parse(time.RFC3339, s); err == nil {
+			return t, nil
+		}
+	}
+	sec, err := seconds("expires_at", raw)
+	if err != nil || sec <= 0 {
+		return time.Time{}, fmt.Errorf("expires_at %s: want an RFC 3339 time or Unix seconds", raw)
+	}
+	return time.Unix(sec, 0).UTC(), nil
+}
+
+// seconds reads a whole number of seconds given as a JSON number (possibly
+// fractional, as Python writes time.time()) or a numeric string.
+func seconds(field string, raw json.RawMessage) (int64, error) {
+	if isAbsent(raw) {
+		return 0, nil
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		raw = json.RawMessage(s)
+	}
+	v, err := strconv.ParseFloat(string(raw), 64)
+	if err != nil || v < 0 || v > math.MaxInt32*100 {
+		return 0, fmt.Errorf("%s %s: want a non-negative number of seconds", field, raw)
+	}
+	return int64(math.Ceil(v)), nil
+}
+
+func isAbsent(raw json.RawMessage) bool {
+	return len(raw) == 0 || string(raw) == "null" || string(raw) == `""`
 }

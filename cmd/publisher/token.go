@@ -2,37 +2,37 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 
 	"github.com/authbus/authbus/events"
 )
 
-func token(args []string, _ io.Reader, stdout, stderr io.Writer) error {
-	var c conn
-	var asJSON bool
-	fs, env := newFlagSet("token", "token [flags] KEY", stderr, &c)
-	fs.BoolVar(&asJSON, "json", false, "print the whole answer (token, type, expiry, version) as JSON")
-	if err := c.parse(env, args); err != nil {
+func token(ctx context.Context, args []string, s streams) error {
+	f := newFlags("token", "token [flags] KEY", `
+Print the current access token of KEY and nothing else, for
+  curl -H "Authorization: Bearer $(publisher token KEY)" …
+The refresh token never leaves the refresher. Exits 3 when KEY is not
+registered and 4 when it needs a new login.`, s)
+	asJSON := f.Bool("json", false, "print the whole auth.token reply (access token, type, expiry, fingerprint, version) as JSON")
+	if err := f.parse(args); err != nil {
 		return err
 	}
-	key, err := keyArg(fs)
+	key, err := f.oneKey()
 	if err != nil {
 		return err
 	}
-	nc, err := c.connect()
+	c, err := f.connect()
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
+	defer c.close()
 	var reply events.Rotated
-	if err := c.request(context.Background(), nc, c.subj.Token(key), nil, &reply); err != nil {
+	if err := c.request(ctx, "token", key, nil, &reply); err != nil {
 		return err
 	}
-	if asJSON {
-		return json.NewEncoder(stdout).Encode(reply)
+	if *asJSON {
+		return writeJSON(s, reply)
 	}
-	_, err = fmt.Fprintln(stdout, reply.AccessToken)
+	_, err = fmt.Fprintln(s.out, reply.AccessToken)
 	return err
 }

@@ -4,10 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"os"
-	"os/signal"
-	"syscall"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -15,68 +12,131 @@ import (
 	"github.com/authbus/authbus/events"
 )
 
-func watch(args []string, _ io.Reader, stdout, stderr io.Writer) error {
-	var c conn
-	var asJSON, showTokens bool
-	var count int
-	var duration time.Duration
-	fs, env := newFlagSet("watch", "watch [flags] [KEY-PATTERN…]\n\nKEY-PATTERN is a key or a NATS wildcard over keys (acme.>, acme.*.github); default all", stderr, &c)
-	fs.BoolVar(&asJSON, "json", false, "print each event as its CloudEvents JSON, one per line")
-	fs.BoolVar(&showTokens, "show-tokens", false, "include access tokens in --json output (they are redacted by default)")
-	fs.IntVar(&count, "count", 0, "exit after this many events (0: run until interrupted)")
-	fs.DurationVar(&duration, "for", 0, "exit with an error if --count events have not arrived within this time (0: no limit)")
-	if err := c.parse(env, args); err != nil {
+func watch(ctx context.Context, args []string, s streams) error {
+	f := newFlags("watch", "watch [flags] [PATTERN…]", `
+Follow authbus events, one line each (or CloudEvents JSON with --json), until
+interrupted. PATTERN is a key, a tenant (acme) or a key with NATS wildcards
+(acme.*.github, acme.>); default all. Access tokens are never printed unless
+--show-tokens is given; events carry no refresh tokens at all.
+
+By default auth.rotated and auth.needs_reauth are followed (what a tenant's
+user may subscribe to); --types 401,expiring adds the runtimes' reports.`, s)
+	asJSON := f.Bool("json", false, "print each event as its CloudEvents JSON, one per line")
+	showTokens := f.Bool("show-tokens", false, "print access tokens (hidden by default)")
+	count := f.Int("count", 0, "exit after this many events (0: run until interrupted)")
+	limit := f.Duration("for", 0, "exit with an error if --count events have not arrived within this time (0: no limit)")
+	types := f.String("types", "rotated,needs_reauth", "event types to follow, comma-separated: 401, expiring, rotated, needs_reauth")
+	if err := f.parse(args); err != nil {
 		return err
 	}
-	patterns := fs.Args()
-	if len(patterns) == 0 {
-		patterns = []string{">"}
+	var want []events.Type
+	for _, w := range strings.Split(*types, ",") {
+		t, ok := eventType(strings.TrimSpace(w))
+		if !ok {
+			return usageErrorf("--types: %q is not an event type; use 401, expiring, rotated or needs_reauth", w)
+		}
+		want = append(want, t)
 	}
-	nc, err := c.connect()
+	patterns, err := keyPatterns(f.Args())
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	ch := make(chan *nats.Msg, 256)
+	if *limit > 0 && *count == 0 {
+		return usageErrorf("--for needs --count: say how many events to wait for")
+	}
+	c, err := f.connect()
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	msgs := make(chan *nats.Msg, 256)
 	var subjects []string
 	for _, pat := range patterns {
-		for _, t := range []events.Type{events.TypeRotated, events.TypeNeedsReauth} {
-			subject := c.subj.Prefix() + "." + t.Word() + "." + pat
-			if _, err := nc.ChanSubscribe(subject, ch); err != nil {
-				return fmt.Errorf("subscribe %s: %w; patterns are keys or NATS wildcards such as acme.>", subject, err)
+		for _, t := range want {
+			subject := c.g.subj.Prefix() + "." + t.Word() + "." + pat
+			sub, err := c.nc.ChanSubscribe(subject, msgs)
+			if err != nil {
+				return fmt.Errorf("subscribe %s: %w", subject, err)
 			}
+			defer sub.Unsubscribe() //nolint:errcheck // the connection closes next
 			subjects = append(subjects, subject)
 		}
 	}
-	if err := nc.Flush(); err != nil {
-		return err
+	// A refused subscription arrives as an asynchronous error; the flush
+	// round trip makes it show up now.
+	if err := c.nc.Flush(); err != nil {
+		return fmt.Errorf("subscribe: %w", err)
 	}
-	fmt.Fprintf(stderr, "watching %v\n", subjects)
+	if err := c.nc.LastError(); err != nil {
+		return fmt.Errorf("subscribe %s: %w; check the NATS user's permissions", strings.Join(subjects, " "), err)
+	}
+	fmt.Fprintf(s.errOut, "watching %s\n", strings.Join(subjects, " "))
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if duration > 0 {
+	if *limit > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, duration)
+		ctx, cancel = context.WithTimeout(ctx, *limit)
 		defer cancel()
 	}
-	for seen := 0; count == 0 || seen < count; seen++ {
+	for seen := 0; *count == 0 || seen < *count; seen++ {
 		select {
 		case <-ctx.Done():
-			if duration > 0 && count > 0 && ctx.Err() == context.DeadlineExceeded {
-				return fmt.Errorf("saw %d of %d events within %v", seen, count, duration)
+			if *limit > 0 && ctx.Err() == context.DeadlineExceeded {
+				return fmt.Errorf("saw %d of %d events within --for %v", seen, *count, *limit)
 			}
 			return nil
-		case msg := <-ch:
-			if err := printEvent(stdout, c.subj, msg, asJSON, showTokens); err != nil {
-				fmt.Fprintf(stderr, "skipping a malformed event on %s: %v\n", msg.Subject, err)
+		case msg := <-msgs:
+			if err := printEvent(s, c.g.subj, msg, *asJSON, *showTokens); err != nil {
+				fmt.Fprintf(s.errOut, "skipping a malformed event on %s: %v\n", msg.Subject, err)
 			}
 		}
 	}
 	return nil
 }
 
-func printEvent(w io.Writer, subj events.Subjects, msg *nats.Msg, asJSON, showTokens bool) error {
+func eventType(word string) (events.Type, bool) {
+	for _, t := range []events.Type{events.Type401, events.TypeExpiring, events.TypeRotated, events.TypeNeedsReauth} {
+		if word == t.Word() || word == string(t) {
+			return t, true
+		}
+	}
+	return "", false
+}
+
+// keyPatterns turns arguments into subject patterns over keys: a tenant
+// becomes tenant.>, keys and wildcard patterns stay as they are. Each part
+// is checked, so an argument cannot reach beyond the key tokens (a tenant
+// user's permissions would refuse it anyway, but with a timeout).
+func keyPatterns(args []string) ([]string, error) {
+	if len(args) == 0 {
+		return []string{">"}, nil
+	}
+	var out []string
+	for _, a := range args {
+		parts := strings.Split(a, ".")
+		if len(parts) == 1 && parts[0] != "*" && parts[0] != ">" {
+			parts = append(parts, ">")
+		}
+		ok := len(parts) <= 3
+		for i, p := range parts {
+			switch {
+			case p == "*":
+			case p == ">":
+				ok = ok && i == len(parts)-1
+			default:
+				_, err := events.NewKey(p, "x", "x")
+				ok = ok && err == nil
+			}
+		}
+		if !ok || (len(parts) < 3 && parts[len(parts)-1] != ">") {
+			return nil, usageErrorf("pattern %q: want a key tenant.user.server, a tenant, or a key with NATS wildcards such as acme.*.github or acme.>; each part [A-Za-z0-9_-]{1,64}", a)
+		}
+		out = append(out, strings.Join(parts, "."))
+	}
+	return out, nil
+}
+
+// printEvent prints one event, without its access token unless showTokens.
+func printEvent(s streams, subj events.Subjects, msg *nats.Msg, asJSON, showTokens bool) error {
 	typ, key, err := subj.ParseEvent(msg.Subject)
 	if err != nil {
 		return err
@@ -85,15 +145,15 @@ func printEvent(w io.Writer, subj events.Subjects, msg *nats.Msg, asJSON, showTo
 	if err != nil {
 		return err
 	}
-	if asJSON {
-		if ev.Rotated != nil && !showTokens {
-			redacted := *ev.Rotated
-			redacted.AccessToken = "[redacted]"
-			if ev.Data, err = json.Marshal(redacted); err != nil {
-				return err
-			}
+	if ev.Rotated != nil && !showTokens {
+		redacted := *ev.Rotated
+		redacted.AccessToken = "[hidden]"
+		if ev.Data, err = json.Marshal(redacted); err != nil {
+			return err
 		}
-		return json.NewEncoder(w).Encode(ev.Envelope)
+	}
+	if asJSON {
+		return writeJSON(s, ev.Envelope)
 	}
 	ts := ev.Time.UTC().Format(time.RFC3339)
 	switch {
@@ -102,9 +162,18 @@ func printEvent(w io.Writer, subj events.Subjects, msg *nats.Msg, asJSON, showTo
 		if !ev.Rotated.ExpiresAt.IsZero() {
 			exp = ev.Rotated.ExpiresAt.UTC().Format(time.RFC3339)
 		}
-		_, err = fmt.Fprintf(w, "%s %s %s version=%d fingerprint=%s expires=%s\n", ts, ev.Type, key, ev.Rotated.Version, ev.Rotated.Fingerprint, exp)
+		line := fmt.Sprintf("%s %s %s version=%d fingerprint=%s expires=%s", ts, ev.Type, key, ev.Rotated.Version, ev.Rotated.Fingerprint, exp)
+		if showTokens {
+			line += " access_token=" + ev.Rotated.AccessToken
+		}
+		_, err = fmt.Fprintln(s.out, line)
 	case ev.NeedsReauth != nil:
-		_, err = fmt.Fprintf(w, "%s %s %s version=%d reason=%s description=%q\n", ts, ev.Type, key, ev.NeedsReauth.Version, ev.NeedsReauth.Reason, ev.NeedsReauth.ErrorDescription)
+		_, err = fmt.Fprintf(s.out, "%s %s %s version=%d reason=%s description=%q\n", ts, ev.Type, key, ev.NeedsReauth.Version, ev.NeedsReauth.Reason, ev.NeedsReauth.ErrorDescription)
+	case ev.Unauthorized != nil:
+		u := ev.Unauthorized
+		_, err = fmt.Fprintf(s.out, "%s %s %s fingerprint=%s runtime=%q status=%d url=%q\n", ts, ev.Type, key, u.Fingerprint, u.Runtime, u.Status, u.URL)
+	case ev.Expiring != nil:
+		_, err = fmt.Fprintf(s.out, "%s %s %s fingerprint=%s expires=%s\n", ts, ev.Type, key, ev.Expiring.Fingerprint, ev.Expiring.ExpiresAt.UTC().Format(time.RFC3339))
 	}
 	return err
 }

@@ -10,9 +10,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	neturl "net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -26,7 +28,7 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stderr); err != nil {
+	if err := dispatch(os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
 		}
@@ -37,7 +39,9 @@ func main() {
 
 type options struct {
 	natsURL, listen, dataDir, sealKeyFile string
+	sec                                   securityOptions
 	logFormat, logLevel                   string
+	metricsAddr                           string
 	shutdownTimeout                       time.Duration
 	pool                                  workers.Config
 }
@@ -48,6 +52,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: refresher [flags]
+       refresher keys list|rotate|reseal|retire [flags]   (seal key rotation; see refresher keys --help)
+       refresher permissions --tenant T | --refresher     (NATS user permissions for nats-server)
 
 Runs authbus refresh workers and the auth.register/auth.token service. Without
 --nats-url it starts an embedded NATS server with JetStream on --listen, with
@@ -67,6 +73,7 @@ Flags (each also read from the environment variable shown):
 	env.Bind("data-dir", "AUTHBUS_DATA_DIR")
 	fs.StringVar(&o.sealKeyFile, "seal-key-file", "", "key ring that seals refresh tokens and client secrets at rest, created (mode 0600) when missing; every refresher of a deployment needs the same file (default <data-dir>/seal-keys.json)")
 	env.Bind("seal-key-file", "AUTHBUS_SEAL_KEY_FILE")
+	bindSecurityFlags(fs, env, &o.sec)
 	fs.StringVar(&o.pool.Prefix, "prefix", "auth", "subject prefix")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
 	fs.IntVar(&o.pool.Workers, "workers", 0, "concurrent refreshes in this process (default 4×GOMAXPROCS, at least 8)")
@@ -75,6 +82,8 @@ Flags (each also read from the environment variable shown):
 	env.Bind("token-timeout", "AUTHBUS_TOKEN_TIMEOUT")
 	fs.DurationVar(&o.pool.LeaseTTL, "lease-ttl", 0, "refresh lease lifetime without renewal (default 2×token-timeout+5s)")
 	env.Bind("lease-ttl", "AUTHBUS_LEASE_TTL")
+	fs.DurationVar(&o.pool.RefreshLead, "refresh-lead", 0, "how long before expiry the proactive refresh is due (default 10% of the token lifetime, 30s–10m; never more than half of it)")
+	env.Bind("refresh-lead", "AUTHBUS_REFRESH_LEAD")
 	fs.DurationVar(&o.pool.DuplicateWindow, "duplicate-window", 30*time.Second, "events stream de-duplication window")
 	env.Bind("duplicate-window", "AUTHBUS_DUPLICATE_WINDOW")
 	fs.IntVar(&o.pool.MaxDeliver, "max-deliver", 20, "deliveries of an event before it is terminated with a reason")
@@ -89,6 +98,8 @@ Flags (each also read from the environment variable shown):
 	env.Bind("log-format", "AUTHBUS_LOG_FORMAT")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	env.Bind("log-level", "AUTHBUS_LOG_LEVEL")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "127.0.0.1:9464", `listener of /metrics (Prometheus), /healthz and /readyz; "" disables it. Traces and OTLP metrics follow the OTEL_* variables (OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, …); with none set nothing is exported`)
+	env.Bind("metrics-addr", "AUTHBUS_METRICS_ADDR")
 	if err := env.Parse(args); err != nil {
 		return o, err
 	}
@@ -116,6 +127,27 @@ func run(args []string, stderr io.Writer) error {
 	// After the first signal a second one kills the process at once.
 	context.AfterFunc(ctx, stop)
 
+	tel, shutdownTelemetry, err := telemetry.Setup(ctx, telemetry.Config{
+		ServiceVersion: workers.Version,
+		InstanceID:     o.pool.Instance,
+		Prometheus:     o.metricsAddr != "",
+		Logger:         log,
+	})
+	if err != nil {
+		return err
+	}
+	// Deferred first, so it runs last: the spans of the final refreshes
+	// and of the shutdown itself are flushed.
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := shutdownTelemetry(ctx); err != nil {
+			log.Warn("flushing telemetry", "error", err)
+		}
+	}()
+	o.pool.TracerProvider, o.pool.MeterProvider = tel.TracerProvider, tel.MeterProvider
+	log.Info("telemetry", "traces_exported", tel.Tracing, "metrics_exporter", tel.MetricsExporter, "metrics_addr", o.metricsAddr)
+
 	ring, created, err := kv.LoadOrCreateKeyRing(o.sealKeyFile)
 	if err != nil {
 		return err
@@ -127,12 +159,13 @@ func run(args []string, stderr io.Writer) error {
 		}
 	}
 	o.pool.Seal = ring
+	o.pool.TokenHosts = o.sec.tokenHosts(o.natsURL == "")
 	o.pool.Logger = log
 
 	url := o.natsURL
 	var connOpts []nats.Option
 	if url == "" {
-		ns, err := embedded.Start(embedded.Config{Listen: o.listen, DataDir: o.dataDir, Logger: log})
+		ns, err := embedded.Start(embedded.Config{Listen: o.listen, DataDir: o.dataDir, Logger: log, ConfigFile: o.sec.natsConfig})
 		if err != nil {
 			return err
 		}
@@ -145,19 +178,34 @@ func run(args []string, stderr io.Writer) error {
 	}
 	connOpts = append(connOpts,
 		nats.Name("authbus-refresher"),
+		o.sec.natsAuth(),
 		nats.MaxReconnects(-1),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "error", err) }),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
 	)
 	nc, err := nats.Connect(url, connOpts...)
 	if err != nil {
-		return fmt.Errorf("connect to NATS %q: %w; check --nats-url or that the server is running", url, err)
+		return fmt.Errorf("connect to NATS %q: %w; check --nats-url or that the server is running", redactURLs(url), err)
 	}
 	defer nc.Close()
 
 	pool, err := workers.New(ctx, nc, o.pool)
 	if err != nil {
 		return err
+	}
+	if o.metricsAddr != "" {
+		ops, err := telemetry.StartOps(telemetry.OpsConfig{Addr: o.metricsAddr, Metrics: tel.MetricsHandler, Ready: pool.Ready, Logger: log})
+		if err != nil {
+			return err
+		}
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := ops.Shutdown(ctx); err != nil {
+				log.Warn("stopping the metrics listener", "error", err)
+			}
+		}()
+		log.Info("metrics and health listener running", "addr", ops.Addr())
 	}
 	log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
 	runErr := make(chan error, 1)
@@ -198,4 +246,18 @@ func drain(nc *nats.Conn, timeout time.Duration) error {
 	case <-time.After(timeout):
 		return fmt.Errorf("connection did not drain within %v", timeout)
 	}
+}
+
+// redactURLs hides the passwords of a comma-separated NATS server list, so
+// that an error or log line never carries them.
+func redactURLs(list string) string {
+	parts := strings.Split(list, ",")
+	for i, s := range parts {
+		if u, err := neturl.Parse(strings.TrimSpace(s)); err == nil {
+			parts[i] = u.Redacted()
+		} else {
+			parts[i] = "(unparsable URL)"
+		}
+	}
+	return strings.Join(parts, ",")
 }

@@ -33,7 +33,7 @@ func TestREADMEQuickStart(t *testing.T) {
 	dataDir := t.TempDir()
 	addr := freeAddr(t)
 	natsURL := "nats://" + addr
-	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr)
+	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr, "--metrics-addr", "")
 	refresher.Env = cleanEnv()
 	var refLog syncBuf
 	refresher.Stderr = &refLog
@@ -190,4 +190,11 @@ func (s *syncBuf) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+func TestRedactURLs(t *testing.T) {
+	got := redactURLs("nats://svc:hunter2@n1:4222,nats://n2:4222")
+	if strings.Contains(got, "hunter2") || !strings.Contains(got, "n1:4222") || !strings.Contains(got, "nats://n2:4222") {
+		t.Errorf("redactURLs = %q", got)
+	}
 }

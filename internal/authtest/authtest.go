@@ -100,6 +100,8 @@ type Server struct {
 	onToken       func(*http.Request)
 	fails         []reply // answers queued by Fail, oldest first
 	drops         int     // answers still to lose, see DropAnswers
+	noOAuthMeta   bool    // see SetMetadata
+	noOIDCMeta    bool
 
 	// State. Tokens are never deleted, so a value is never issued twice.
 	clients map[string]string // client id → secret ("" for a public client)
@@ -109,6 +111,7 @@ type Server struct {
 	// Counts.
 	calls    []Call
 	reuses   int
+	meta     int           // discovery document requests, see MetadataCalls
 	finished int           // calls whose outcome is recorded
 	changed  chan struct{} // closed and replaced whenever finished grows
 }
@@ -154,8 +157,8 @@ func New(t testing.TB) *Server {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/token", s.handleToken)
-	mux.HandleFunc("GET /.well-known/oauth-authorization-server", s.handleMetadata)
-	mux.HandleFunc("GET /.well-known/openid-configuration", s.handleMetadata)
+	mux.HandleFunc("GET "+MetadataPath, s.handleMetadata)
+	mux.HandleFunc("GET "+OpenIDConfigurationPath, s.handleMetadata)
 	s.srv = httptest.NewServer(mux)
 	t.Cleanup(func() {
 		close(s.closing)
@@ -500,6 +503,14 @@ func cloneValues(v url.Values) url.Values {
 }
 
 func (s *Server) handleMetadata(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	s.meta++
+	off := r.URL.Path == MetadataPath && s.noOAuthMeta || r.URL.Path == OpenIDConfigurationPath && s.noOIDCMeta
+	s.mu.Unlock()
+	if off {
+		http.NotFound(w, r)
+		return
+	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(map[string]any{
 		"issuer":                                s.BaseURL(),

@@ -23,6 +23,16 @@ type Config struct {
 	Logger *slog.Logger
 	// ReadyTimeout bounds start-up; 0 means 10s.
 	ReadyTimeout time.Duration
+	// ConfigFile is a standard nats-server configuration file (accounts,
+	// users and permissions, TLS, limits), loaded before the settings
+	// above apply: Listen is used only when the file sets no host or port,
+	// DataDir only when it sets no store_dir, and JetStream is always on.
+	// "" means none.
+	ConfigFile string
+	// JetStreamKey encrypts the JetStream store at rest (the server's
+	// jetstream.key); "" leaves it as the file says, or unencrypted. Once a
+	// store is encrypted, every later start needs the same key.
+	JetStreamKey string
 }
 
 // Start starts a JetStream-enabled server and waits until it accepts
@@ -39,15 +49,28 @@ func Start(cfg Config) (*server.Server, error) {
 	if port == 0 {
 		port = server.RANDOM_PORT
 	}
-	opts := &server.Options{
-		ServerName: "authbus-embedded",
-		Host:       host,
-		Port:       port,
-		JetStream:  true,
-		StoreDir:   filepath.Join(cfg.DataDir, "jetstream"),
-		NoSigs:     true,
-		NoLog:      cfg.Logger == nil,
+	opts := &server.Options{}
+	if cfg.ConfigFile != "" {
+		if opts, err = server.ProcessConfigFile(cfg.ConfigFile); err != nil {
+			return nil, fmt.Errorf("NATS config file %s: %w; check it with: nats-server -t -c %s", cfg.ConfigFile, err, cfg.ConfigFile)
+		}
 	}
+	if opts.ServerName == "" {
+		opts.ServerName = "authbus-embedded"
+	}
+	if opts.Host == "" && opts.Port == 0 {
+		opts.Host, opts.Port = host, port
+	}
+	if opts.StoreDir == "" {
+		opts.StoreDir = filepath.Join(cfg.DataDir, "jetstream")
+	}
+	if cfg.JetStreamKey != "" {
+		opts.JetStreamKey = cfg.JetStreamKey
+	}
+	opts.JetStream = true
+	// The refresher handles signals itself, and logs through slog.
+	opts.NoSigs = true
+	opts.NoLog = cfg.Logger == nil
 	s, err := server.NewServer(opts)
 	if err != nil {
 		return nil, fmt.Errorf("embedded NATS server: %w", err)

@@ -53,6 +53,36 @@ type Fleet struct {
 type PoolHandle struct {
 	Pool *workers.Pool
 	NC   *nats.Conn
+
+	name    string
+	cancel  context.CancelFunc
+	done    chan error
+	stopped sync.Once
+}
+
+// Stop stops the pool gracefully, as SIGTERM stops a refresher, and waits
+// for Run to return. It is safe to call more than once.
+func (h *PoolHandle) Stop(t testing.TB) {
+	t.Helper()
+	h.stopped.Do(func() {
+		h.cancel()
+		select {
+		case err := <-h.done:
+			if err != nil {
+				t.Errorf("pool %s: Run: %v", h.name, err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Errorf("pool %s did not stop within 15s", h.name)
+		}
+	})
+}
+
+// StopPools stops every pool started so far; StartPools starts new ones.
+func (b *Fleet) StopPools(t testing.TB) {
+	t.Helper()
+	for _, h := range b.Pools {
+		h.Stop(t)
+	}
 }
 
 // Setup starts a NATS server and a test authorization server that knows
@@ -85,6 +115,7 @@ func (b *Fleet) TestConfig() workers.Config {
 		BreakerOpenFor:  time.Second,
 		BreakerFailures: 5,
 		Seal:            b.Ring,
+		TokenHosts:      workers.TokenHostPolicy{AllowLoopback: true}, // the test AS listens on 127.0.0.1
 		Logger:          slog.New(slog.NewJSONHandler(b.Logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 }
@@ -93,9 +124,9 @@ func (b *Fleet) TestConfig() workers.Config {
 // processes would be, and stops them when the test ends.
 func (b *Fleet) StartPools(t testing.TB, n int, tune func(*workers.Config)) {
 	t.Helper()
-	for i := range n {
+	for range n {
 		cfg := b.TestConfig()
-		cfg.Instance = fmt.Sprintf("pool-%d", len(b.Pools)+i)
+		cfg.Instance = fmt.Sprintf("pool-%d", len(b.Pools))
 		if tune != nil {
 			tune(&cfg)
 		}
@@ -105,20 +136,10 @@ func (b *Fleet) StartPools(t testing.TB, n int, tune func(*workers.Config)) {
 			t.Fatalf("workers.New: %v", err)
 		}
 		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- p.Run(ctx) }()
-		t.Cleanup(func() {
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("pool %s: Run: %v", cfg.Instance, err)
-				}
-			case <-time.After(15 * time.Second):
-				t.Errorf("pool %s did not stop within 15s", cfg.Instance)
-			}
-		})
-		b.Pools = append(b.Pools, &PoolHandle{Pool: p, NC: nc})
+		h := &PoolHandle{Pool: p, NC: nc, cancel: cancel, done: make(chan error, 1), name: cfg.Instance}
+		go func() { h.done <- p.Run(ctx) }()
+		t.Cleanup(func() { h.Stop(t) })
+		b.Pools = append(b.Pools, h)
 		b.Store = p.Store()
 	}
 	// Run starts the service asynchronously: wait until it answers.

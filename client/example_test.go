@@ -1,0 +1,164 @@
+package client_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/authbus/authbus/client"
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/embedded"
+	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/workers"
+)
+
+// A runtime gets an HTTP client whose bearer token authbus keeps fresh.
+func Example() {
+	nc, api, stop := startAuthbus("rt-example") // NATS, a refresher, a registered credential, an API
+	defer stop()
+
+	src, err := client.New(nc, "acme.alice.api", client.WithRuntime("example-host"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+	resp, err := src.Client().Get(api.URL)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	fmt.Println(resp.Status, string(body))
+	// Output: 200 OK hello, alice
+}
+
+// Source is an oauth2.TokenSource: Token answers from the local copy that
+// auth.rotated events keep current, and asks auth.token only on first use.
+func ExampleSource_Token() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+
+	src, err := client.New(nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+	tok, err := src.Token()
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tok.Type(), events.Fingerprint(tok.AccessToken) == events.Fingerprint(exampleAccessToken))
+	// Output: Bearer true
+}
+
+// When only a person can repair a credential, a request fails with a
+// *NeedsReauthError instead of retrying. Here the credential was registered
+// without a refresh token, and the API refuses its access token.
+func ExampleNeedsReauthError() {
+	nc, api, stop := startAuthbus("") // no refresh token
+	defer stop()
+	src, err := client.New(nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+
+	_, err = src.Client().Get(api.URL + "/revoked")
+	var reauth *client.NeedsReauthError
+	if errors.As(err, &reauth) {
+		fmt.Println("log in again:", reauth.Reason)
+	}
+	// Output: log in again: no_refresh_token
+}
+
+const exampleAccessToken = "at-example-alice"
+
+// startAuthbus runs what a deployment runs, for the examples: an embedded
+// NATS server with JetStream, one refresher, the credential acme.alice.api
+// registered with exampleAccessToken (and refreshToken, if not ""), and an
+// API that accepts that token except on /revoked. Registration makes no
+// token-endpoint call, so none is needed here.
+func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
+	dir, err := os.MkdirTemp("", "authbus-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err != nil {
+		log.Fatal(err)
+	}
+	poolNC, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		log.Fatal(err)
+	}
+	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{7}, 32)})
+	if err != nil {
+		log.Fatal(err)
+	}
+	pool, err := workers.New(context.Background(), poolNC, workers.Config{
+		Seal:       ring,
+		Logger:     slog.New(slog.DiscardHandler),
+		TokenHosts: workers.TokenHostPolicy{AllowLoopback: true}, // the embedded dev mode
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(ctx) }()
+
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		log.Fatal(err)
+	}
+	body, _ := json.Marshal(events.RegisterRequest{
+		Token:         events.RegisterToken{AccessToken: exampleAccessToken, TokenType: "Bearer", RefreshToken: refreshToken, ExpiresIn: 3600},
+		TokenEndpoint: "http://127.0.0.1:9/token",
+		ClientID:      "example",
+	})
+	subj, _ := events.NewSubjects("")
+	key, _ := events.ParseKey("acme.alice.api")
+	// The pool starts its service in the background: poll until it answers.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		reply, err := nc.Request(subj.Register(key), body, 5*time.Second)
+		if errors.Is(err, nats.ErrNoResponders) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if err != nil || reply.Header.Get("Nats-Service-Error-Code") != "" {
+			log.Fatalf("register: %v %s", err, reply.Data)
+		}
+		break
+	}
+
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer "+exampleAccessToken || r.URL.Path == "/revoked" {
+			http.Error(w, "invalid token", http.StatusUnauthorized)
+			return
+		}
+		fmt.Fprint(w, "hello, alice")
+	}))
+	return nc, api, func() {
+		api.Close()
+		nc.Close()
+		cancel()
+		if err := <-done; err != nil {
+			log.Print(err)
+		}
+		poolNC.Close()
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		os.RemoveAll(dir)
+	}
+}

@@ -1,0 +1,53 @@
+package client
+
+import (
+	"context"
+	"time"
+
+	"github.com/authbus/authbus/events"
+)
+
+// lead is how long before expiry a token is reported as expiring: 10 % of
+// its lifetime, clamped to 30s–10m, and never more than half of it. It is
+// the rule of DESIGN.md ("auth.expiring"), the same the refreshers'
+// scheduler uses (workers.lead); the client does not import workers.
+func lead(lifetime time.Duration) time.Duration {
+	l := min(max(lifetime/10, 30*time.Second), 10*time.Minute)
+	return min(l, lifetime/2)
+}
+
+// scheduleExpiringLocked arranges the auth.expiring report of the token just
+// installed, replacing the report of the previous one.
+func (s *Source) scheduleExpiringLocked() {
+	if s.expiring != nil {
+		s.expiring.Stop()
+	}
+	if !s.cfg.expiring || s.tok.ExpiresAt.IsZero() {
+		return
+	}
+	fp, exp := s.tok.Fingerprint, s.tok.ExpiresAt
+	// A token received already expired has no lifetime left: report it now.
+	at := exp.Add(-lead(max(exp.Sub(s.receivedAt), 0)))
+	s.expiring = time.AfterFunc(time.Until(at), func() { s.reportExpiring(fp, exp) })
+}
+
+// reportExpiring publishes auth.expiring for the token of fingerprint fp if
+// it is still the one held.
+func (s *Source) reportExpiring(fp string, exp time.Time) {
+	s.mu.Lock()
+	current := !s.closed && s.tok != nil && s.tok.Fingerprint == fp
+	if current {
+		s.wg.Add(1) // under mu and before closed is set: Close waits for it
+	}
+	s.mu.Unlock()
+	if !current {
+		return
+	}
+	defer s.wg.Done()
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.requestTimeout)
+	defer cancel()
+	if err := s.publish(ctx, events.Expiring{Fingerprint: fp, ExpiresAt: exp}, fp); err != nil {
+		s.log.Warn("reporting an expiring token failed; the refreshers' own schedule still refreshes it",
+			"fingerprint", fp, "error", err)
+	}
+}

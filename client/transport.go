@@ -1,0 +1,204 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/authbus/authbus/events"
+)
+
+// Transport is an http.RoundTripper that sends each request with the current
+// token of Source, and recovers from a 401 once:
+//
+//  1. It reports the refused token (auth.401 with its fingerprint, this
+//     runtime's name, the status and the URL without query or user info),
+//     unless a newer token has already arrived.
+//  2. It waits for a token with a different fingerprint, at most as long as
+//     WithWaitTimeout and the request's context allow.
+//  3. It sends the request again with that token, once. A second 401 is
+//     returned to the caller as it is.
+//
+// A request whose body cannot be replayed (a body without GetBody) is not
+// retried: its 401 is reported, so that later requests get a new token, and
+// returned. When the credential needs a new login the request fails with a
+// *NeedsReauthError, at once if that is already known. Other errors wrap
+// ErrTimeout, ErrUnavailable, ErrNotFound, ErrRefused or ErrClosed.
+//
+// A Transport is safe for concurrent use; many goroutines that see the same
+// 401 report it once and share the wait.
+type Transport struct {
+	// Source provides the tokens (required).
+	Source *Source
+	// Base sends the requests; nil means http.DefaultTransport.
+	Base http.RoundTripper
+}
+
+// maxDrain bounds how much of a 401 body is read so its connection can be
+// reused; a longer body costs a new connection instead.
+const maxDrain = 64 << 10
+
+// The first auth.token poll while waiting after a 401, and the longest gap
+// between polls. The wait is for the auth.rotated event; polling only
+// covers an event missed during a reconnect.
+const (
+	pollFirst = 2 * time.Second
+	pollMax   = 8 * time.Second
+)
+
+// errWaitBound is the cause of the wait's own deadline, to tell it from the
+// request's.
+var errWaitBound = errors.New("wait bound reached")
+
+// RoundTrip implements http.RoundTripper. It does not modify req: each
+// attempt sends a clone.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	s := t.Source
+	if s == nil {
+		closeBody(req)
+		return nil, errors.New("client.Transport: Source is nil; create one with client.New")
+	}
+	ctx := req.Context()
+	used, err := s.current(ctx)
+	if err != nil {
+		closeBody(req)
+		return nil, err
+	}
+	resp, err := t.base().RoundTrip(authorized(req, used, req.Body))
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		return resp, err
+	}
+
+	if req.Body != nil && req.Body != http.NoBody && req.GetBody == nil {
+		// The body is spent and cannot be sent again. Report the 401
+		// unless a newer token is already here, so the next request works.
+		if st := s.snapshot(); st.tok != nil && st.tok.Fingerprint == used.Fingerprint {
+			if err := s.report401(ctx, used, req.URL); err != nil {
+				s.log.Warn("reporting a 401 failed", "fingerprint", used.Fingerprint, "error", err)
+			}
+		}
+		return resp, nil
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
+	resp.Body.Close()
+
+	next, err := s.renew(ctx, used, req.URL)
+	if err != nil {
+		return nil, err
+	}
+	body := req.Body
+	if req.GetBody != nil && body != nil && body != http.NoBody {
+		if body, err = req.GetBody(); err != nil {
+			return nil, fmt.Errorf("client: replaying %s %s after a 401: GetBody: %w", req.Method, cleanURL(req.URL), err)
+		}
+	}
+	return t.base().RoundTrip(authorized(req, next, body))
+}
+
+func (t *Transport) base() http.RoundTripper {
+	if t.Base != nil {
+		return t.Base
+	}
+	return http.DefaultTransport
+}
+
+// authorized returns a clone of req with body and tok's Authorization header.
+func authorized(req *http.Request, tok events.Rotated, body io.ReadCloser) *http.Request {
+	r := req.Clone(req.Context())
+	r.Body = body
+	oauthToken(tok).SetAuthHeader(r)
+	return r
+}
+
+// closeBody closes the request body, as a RoundTripper must even when it
+// fails before sending.
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
+	}
+}
+
+// cleanURL is u without user info, query and fragment, which may hold
+// secrets, at most events.MaxURLLen bytes.
+func cleanURL(u *url.URL) string {
+	c := *u
+	c.User, c.RawQuery, c.ForceQuery, c.Fragment, c.RawFragment = nil, "", false, "", ""
+	s := c.String()
+	if len(s) > events.MaxURLLen {
+		s = s[:events.MaxURLLen]
+	}
+	return s
+}
+
+// report401 publishes auth.401 for the token used; goroutines that saw the
+// same token refused share one publish.
+func (s *Source) report401(ctx context.Context, used events.Rotated, u *url.URL) error {
+	p := events.Unauthorized{
+		Fingerprint: used.Fingerprint,
+		Runtime:     s.cfg.runtime,
+		Status:      http.StatusUnauthorized,
+		URL:         cleanURL(u),
+		ObservedAt:  time.Now().UTC(),
+	}
+	return s.shared(ctx, "reporting the 401 of token "+used.Fingerprint, func(ctx context.Context) error {
+		return s.publish(ctx, p, used.Fingerprint)
+	})
+}
+
+// renew reports that used was refused, unless a newer token is already
+// here, and waits for a token with a different fingerprint or for the
+// credential to need a new login.
+func (s *Source) renew(ctx context.Context, used events.Rotated, u *url.URL) (events.Rotated, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, s.cfg.wait, errWaitBound)
+	defer cancel()
+	poll := time.NewTimer(pollFirst)
+	defer poll.Stop()
+	every := pollFirst
+	reported := false
+	for {
+		st := s.snapshot()
+		switch {
+		case st.closed:
+			return events.Rotated{}, fmt.Errorf("client: waiting for a new token for %s: %w", s.key, ErrClosed)
+		case st.reauth != nil && st.reauth.Version >= used.Version:
+			return events.Rotated{}, st.reauthErr()
+		case st.tok != nil && st.tok.Fingerprint != used.Fingerprint:
+			return *st.tok, nil
+		}
+		if !reported {
+			if err := s.report401(ctx, used, u); err != nil {
+				return events.Rotated{}, s.waitError(ctx, err)
+			}
+			reported = true
+			continue // the answer may have arrived during the publish
+		}
+		select {
+		case <-st.changed:
+		case <-poll.C:
+			// Errors are the refreshers' business here: keep waiting.
+			_ = s.fetch(ctx)
+			every = min(2*every, pollMax)
+			poll.Reset(every)
+		case <-ctx.Done():
+			return events.Rotated{}, s.waitError(ctx, ctx.Err())
+		case <-s.ctx.Done():
+		}
+	}
+}
+
+// waitError explains why the wait after a 401 ended without a token.
+func (s *Source) waitError(ctx context.Context, err error) error {
+	switch {
+	case errors.Is(context.Cause(ctx), errWaitBound):
+		return fmt.Errorf("client: no new token for %s within %v after a 401: %w; check that refreshers are running and the token endpoint answers, or raise WithWaitTimeout",
+			s.key, s.cfg.wait, ErrTimeout)
+	case ctx.Err() != nil:
+		return fmt.Errorf("client: waiting for a new token for %s after a 401: %w", s.key, ctx.Err())
+	default:
+		return err
+	}
+}

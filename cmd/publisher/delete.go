@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/workers"
+)
+
+const deleteAbout = `
+Forget the credentials KEY…: purge the credential record (with its history of
+sealed refresh tokens), the pending proactive refresh (<prefix>.schedule.KEY
+in the events stream) and the kept <prefix>.needs_reauth.KEY. The token
+service answers not_found from then on; runtimes holding the access token
+keep it until it expires. Registering the key again starts at version 1.
+
+authbus does not call the authorization server: the tokens stay valid there
+until they expire. If they leaked, also revoke them at the server (RFC 7009
+revocation endpoint, or the provider's console).
+
+delete is an operator command: it needs a NATS user with JetStream access to
+the authbus streams and buckets, but no seal key and no running refresher.
+Exits 3 if a KEY had nothing to forget (the others are still forgotten).`
+
+func deleteCmd(ctx context.Context, args []string, s streams) error {
+	return forget(ctx, "delete", args, s)
+}
+
+// revoke is delete under the name operators reach for; it says plainly
+// that revoking at the authorization server is a separate step.
+func revoke(ctx context.Context, args []string, s streams) error {
+	return forget(ctx, "revoke", args, s)
+}
+
+// forgetResult is the --json output of delete and revoke, one per key.
+type forgetResult struct {
+	Key string `json:"key"`
+	workers.Forgotten
+}
+
+func forget(ctx context.Context, name string, args []string, s streams) error {
+	about := deleteAbout
+	if name == "revoke" {
+		about = "\nrevoke is delete: authbus forgets the credentials; it does not revoke\nthe tokens at the authorization server.\n" + deleteAbout
+	}
+	f := newFlags(name, name+" [flags] KEY…", about, s)
+	asJSON := f.Bool("json", false, "print one JSON object per key: what was found and removed")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	keys, err := f.keys()
+	if err != nil {
+		return err
+	}
+	c, err := f.connect()
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.g.timeout)
+	defer cancel()
+	var missing []events.Key
+	for _, k := range keys {
+		done, err := workers.Forget(ctx, js, c.g.subj, k)
+		if err != nil {
+			return err
+		}
+		if !done.Registered {
+			missing = append(missing, k)
+		}
+		if *asJSON {
+			if err := writeJSON(s, forgetResult{Key: k.String(), Forgotten: done}); err != nil {
+				return err
+			}
+			continue
+		}
+		switch {
+		case done.Registered:
+			fmt.Fprintf(s.out, "forgot %s: removed %s\n", k, removed(done))
+		case done.Any():
+			fmt.Fprintf(s.out, "%s was not registered; removed %s\n", k, removed(done))
+		default:
+			fmt.Fprintf(s.out, "%s was not registered; nothing to forget\n", k)
+		}
+	}
+	if name == "revoke" && !*asJSON && len(missing) < len(keys) {
+		fmt.Fprintln(s.errOut, "note: the tokens are still valid at the authorization server until they expire; revoke them there too if they leaked")
+	}
+	if len(missing) > 0 {
+		names := make([]string, len(missing))
+		for i, k := range missing {
+			names[i] = k.String()
+		}
+		return fmt.Errorf("%s: %w; nothing of it to forget (check the key and --prefix)", strings.Join(names, ", "), errNotRegistered)
+	}
+	return nil
+}
+
+// removed lists what Forget found, in words.
+func removed(f workers.Forgotten) string {
+	var items []string
+	if f.Registered {
+		items = append(items, "the record")
+	}
+	if f.Scheduled {
+		items = append(items, "the pending refresh")
+	}
+	if f.NeedsReauth {
+		items = append(items, "the kept needs_reauth")
+	}
+	if len(items) > 1 {
+		return strings.Join(items[:len(items)-1], ", ") + " and " + items[len(items)-1]
+	}
+	return strings.Join(items, "")
+}

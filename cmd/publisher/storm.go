@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"runtime/pprof"
+	"slices"
+
+	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/storm"
+)
+
+func stormCmd(ctx context.Context, args []string, s streams) error {
+	f := newFlags("storm", "storm [flags]", `
+Run a 401 storm: K credentials, N runtimes per credential all reporting a 401
+at once, in waves, and count what it costs at the token endpoint, side by
+side for each --mode:
+
+  naive      every runtime refreshes for itself with x/oauth2
+  inprocess  a singleflight per process, --processes processes
+  authbus    runtimes publish auth.401, refresher pools refresh
+  ceiling    the bare NATS operations of a refresh plus the same token call,
+             no authbus code, same concurrency (always run with authbus)
+
+By default everything runs in this process: an embedded NATS server,
+refresher pools, and a test authorization server with refresh-token
+rotation and reuse detection. --nats-url (or NATS_URL) joins a deployment
+instead, whose refreshers do the authbus refreshes (they must reach the
+token endpoint, and allow loopback hosts for the built-in one).
+--token-url uses a real token endpoint with the client_credentials grant.
+
+Progress goes to stderr; the table (or --json) to stdout.`, s)
+	var cfg storm.Config
+	mode := f.String("mode", "naive,inprocess,authbus,ceiling", "comma-separated modes to run side by side: naive, inprocess, authbus, ceiling")
+	f.IntVar(&cfg.Credentials, "credentials", 500, "K, the number of credentials")
+	f.IntVar(&cfg.Runtimes, "runtimes", 8, "N, the runtimes per credential that each see the 401")
+	f.IntVar(&cfg.Waves, "waves", 3, "how often every credential's token is rejected, one wave after the other")
+	f.IntVar(&cfg.Processes, "processes", 4, "P, the processes of the inprocess mode")
+	f.IntVar(&cfg.Pools, "pools", 2, "in-process refresher pools, and ceiling worker groups")
+	f.IntVar(&cfg.Workers, "workers", 0, "concurrent refreshes per pool and per ceiling group (default: the refresher's, 4×GOMAXPROCS, at least 8)")
+	f.IntVar(&cfg.Publishers, "publishers", 16, "goroutines publishing 401s, and naive runtimes calling at once")
+	f.IntVar(&cfg.Probes, "probes", 50, "one-at-a-time refreshes after the waves, to measure the latency authbus adds (negative: none)")
+	f.DurationVar(&cfg.WaveTimeout, "wave-timeout", 0, "give up on a wave after this long (default 2m)")
+	f.DurationVar(&cfg.Latency, "latency", 0, "the built-in authorization server's answer time")
+	f.IntVar(&cfg.Failures, "fail", 0, "the built-in server answers the first N token calls of every wave with 503")
+	reuse := f.String("reuse", "invalid_grant", "the built-in server's answer to a spent refresh token: invalid_grant, invalid_grant_403 (Auth0), dex (400 invalid_request), revoke_family (node oidc-provider)")
+	f.StringVar(&cfg.TokenURL, "token-url", "", "a real token endpoint instead of the built-in server (client_credentials grant)")
+	f.StringVar(&cfg.ClientID, "client-id", "", "client id at --token-url")
+	f.StringVar(&cfg.ClientSecret, "client-secret", "", "client secret at --token-url")
+	f.bind("client-secret", "AUTHBUS_STORM_CLIENT_SECRET")
+	asJSON := f.Bool("json", false, "print the results as JSON instead of a table")
+	cpuProfile := f.String("cpuprofile", "", "write a CPU profile of the whole storm to this file (go tool pprof FILE)")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	if f.NArg() != 0 {
+		return usageErrorf("storm takes no arguments, got %q; run \"publisher storm --help\"", f.Args())
+	}
+	modes, err := storm.ParseModes(*mode)
+	if err != nil {
+		return usageErrorf("--mode: %w", err)
+	}
+	if slices.Contains(modes, storm.ModeAuthbus) && !slices.Contains(modes, storm.ModeCeiling) {
+		// authbus is always reported against its ceiling.
+		modes = append(modes, storm.ModeCeiling)
+	}
+	cfg.Modes = modes
+	reuses := map[string]authtest.ReuseMode{
+		"invalid_grant": authtest.ReuseInvalidGrant, "invalid_grant_403": authtest.ReuseInvalidGrant403,
+		"dex": authtest.ReuseDexInvalidRequest, "revoke_family": authtest.ReuseRevokeFamily,
+	}
+	var ok bool
+	if cfg.Reuse, ok = reuses[*reuse]; !ok {
+		return usageErrorf("--reuse %q: use invalid_grant, invalid_grant_403, dex or revoke_family", *reuse)
+	}
+	// The default URL means the embedded server: join a deployment only
+	// when asked to.
+	f.Visit(func(fl *flag.Flag) {
+		if fl.Name == "nats-url" {
+			cfg.NATSURL = f.g.url
+		}
+	})
+	cfg.Prefix = f.g.prefix
+	cfg.Progress = s.errOut
+
+	if *cpuProfile != "" {
+		out, err := os.Create(*cpuProfile)
+		if err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer out.Close()
+		if err := pprof.StartCPUProfile(out); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	rep, err := storm.Run(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(s.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	return rep.WriteTable(s.out)
+}

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/cli"
+)
+
+// runPermissions prints the nats-server configuration block of a NATS user:
+// a tenant's runtime user, or the refreshers' own. Tenant isolation is
+// enforced by these permissions, not by convention (DESIGN.md, Security).
+func runPermissions(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("refresher permissions", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: refresher permissions --tenant T [--user NAME] [flags]
+       refresher permissions --refresher [--user NAME] [flags]
+
+Prints a user entry for the users list of a nats-server configuration
+(authorization { users: [ ... ] }, or an account's users): a tenant's runtime
+user may publish auth.401 and auth.expiring, request auth.token and
+auth.register, and subscribe to auth.rotated and auth.needs_reauth, all of its
+own tenant only, plus its own inbox prefix _INBOX_<tenant> (clients must set
+it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --inbox-prefix in the
+nats CLI). A JetStream publish needs nothing more: the server sends the
+acknowledgement to the publisher's inbox. The password is a reference to an
+environment variable that nats-server resolves when it loads the file.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	env := cli.NewEnvFlags(fs)
+	var tenant, user, prefix, passwordEnv string
+	var refresher bool
+	fs.StringVar(&tenant, "tenant", "", "tenant whose runtime user to print")
+	fs.BoolVar(&refresher, "refresher", false, "print the refreshers' own user instead")
+	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", or "authbus-refresher")`)
+	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_<TENANT>, or AUTHBUS_PASSWORD_REFRESHER)")
+	fs.StringVar(&prefix, "prefix", "auth", "subject prefix")
+	env.Bind("prefix", "AUTHBUS_PREFIX")
+	if err := env.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
+	}
+	subj, err := events.NewSubjects(prefix)
+	if err != nil {
+		return fmt.Errorf("--prefix: %w", err)
+	}
+	var b userBlock
+	switch {
+	case refresher && tenant != "":
+		return errors.New("give either --tenant or --refresher, not both")
+	case refresher:
+		b = refresherUser(subj)
+	case tenant != "":
+		if b, err = tenantUser(subj, tenant); err != nil {
+			return err
+		}
+	default:
+		return errors.New("missing --tenant T (a tenant's runtime user) or --refresher (the refreshers' user); see refresher permissions --help")
+	}
+	if user != "" {
+		b.user = user
+	}
+	if passwordEnv != "" {
+		b.passwordEnv = passwordEnv
+	}
+	if !envName.MatchString(b.passwordEnv) {
+		return fmt.Errorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
+	}
+	_, err = io.WriteString(stdout, b.String())
+	return err
+}
+
+// userBlock is one user entry of a nats-server configuration.
+type userBlock struct {
+	comment          []string
+	user             string
+	passwordEnv      string
+	pubAllow, subAll []string
+	allowResponses   bool
+}
+
+// tenantUser is the runtime user of tenant: its own tenant's subjects and
+// nothing else.
+func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
+	// The tenant becomes a subject token: a wildcard or dot in it would
+	// grant other tenants' subjects.
+	if err := (events.Key{Tenant: tenant, User: "x", Server: "x"}).Validate(); err != nil {
+		return userBlock{}, fmt.Errorf("--tenant %q: must be 1-%d characters of [A-Za-z0-9_-]: %w", tenant, events.MaxKeyPartLen, err)
+	}
+	own := func(word string) string { return subj.Prefix() + "." + word + "." + tenant + ".>" }
+	inbox := TenantInboxPrefix(tenant)
+	return userBlock{
+		comment: []string{
+			fmt.Sprintf("authbus runtime user of tenant %q.", tenant),
+			fmt.Sprintf("Its clients must use the inbox prefix %s (Go: nats.CustomInboxPrefix(%q)).", inbox, inbox),
+		},
+		user:        tenant + "-runtime",
+		passwordEnv: "AUTHBUS_PASSWORD_" + envSafe(tenant),
+		pubAllow: []string{
+			own(events.Type401.Word()), own(events.TypeExpiring.Word()),
+			own("token"), own("register"),
+		},
+		subAll: []string{
+			own(events.TypeRotated.Word()), own(events.TypeNeedsReauth.Word()),
+			inbox + ".>",
+		},
+	}, nil
+}
+
+// refresherUser is the refreshers' user: JetStream (streams, consumer, KV
+// buckets, acks, flow control), the events it publishes, the service it
+// answers on ($SRV for discovery) and its own inbox; replies to the
+// runtimes' requests go to their inboxes through allow_responses.
+func refresherUser(subj events.Subjects) userBlock {
+	p := subj.Prefix()
+	return userBlock{
+		comment:     []string{"authbus refresher user: every refresher of the deployment connects as this user."},
+		user:        "authbus-refresher",
+		passwordEnv: "AUTHBUS_PASSWORD_REFRESHER",
+		pubAllow: []string{
+			p + "." + events.TypeRotated.Word() + ".>",
+			p + "." + events.TypeNeedsReauth.Word() + ".>",
+			subj.ScheduleWildcard(),
+			"$JS.API.>", "$JS.ACK.>", "$JS.FC.>",
+			"$KV." + subj.BucketName("CREDENTIALS") + ".>",
+			"$KV." + subj.BucketName("LEASES") + ".>",
+			"$SRV.>", "_INBOX.>",
+		},
+		subAll: []string{
+			subj.RegisterWildcard(), subj.TokenWildcard(),
+			"$SRV.>", "_INBOX.>",
+		},
+		allowResponses: true,
+	}
+}
+
+// TenantInboxPrefix is the inbox prefix a tenant's clients must use.
+func TenantInboxPrefix(tenant string) string { return "_INBOX_" + tenant }
+
+// String renders the entry in nats-server configuration syntax.
+func (b userBlock) String() string {
+	var sb strings.Builder
+	for _, c := range b.comment {
+		sb.WriteString("# " + c + "\n")
+	}
+	fmt.Fprintf(&sb, "# nats-server reads the password from $%s when it loads the file.\n", b.passwordEnv)
+	sb.WriteString("{\n")
+	fmt.Fprintf(&sb, "  user: %s\n", strconv.Quote(b.user))
+	fmt.Fprintf(&sb, "  password: $%s\n", b.passwordEnv)
+	sb.WriteString("  permissions: {\n")
+	fmt.Fprintf(&sb, "    publish: { allow: %s }\n", quoteList(b.pubAllow))
+	fmt.Fprintf(&sb, "    subscribe: { allow: %s }\n", quoteList(b.subAll))
+	if b.allowResponses {
+		sb.WriteString("    allow_responses: true\n")
+	}
+	sb.WriteString("  }\n}\n")
+	return sb.String()
+}
+
+func quoteList(ss []string) string {
+	q := make([]string, len(ss))
+	for i, s := range ss {
+		q[i] = strconv.Quote(s)
+	}
+	return "[" + strings.Join(q, ", ") + "]"
+}
+
+var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// envSafe turns a tenant into the tail of an environment variable name.
+func envSafe(s string) string {
+	return strings.ToUpper(strings.ReplaceAll(s, "-", "_"))
+}

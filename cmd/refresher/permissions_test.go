@@ -1,0 +1,291 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/embedded"
+	"github.com/authbus/authbus/internal/fleet"
+	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/workers"
+)
+
+func permissionsBlock(t *testing.T, args ...string) string {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	if err := runPermissions(args, &out, &errOut); err != nil {
+		t.Fatalf("refresher permissions %s: %v\n%s", strings.Join(args, " "), err, errOut.String())
+	}
+	return out.String()
+}
+
+func TestPermissionsRefusesBadInput(t *testing.T) {
+	for _, args := range [][]string{
+		nil,
+		{"--tenant", "acme.*"},
+		{"--tenant", ">"},
+		{"--tenant", "acme", "--refresher"},
+		{"--tenant", "acme", "--password-env", "NOT-A-VAR"},
+	} {
+		if err := runPermissions(args, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
+			t.Errorf("permissions %q was accepted", args)
+		}
+	}
+}
+
+// tenantConn is a runtime of one tenant, connected as the tenant's user.
+type tenantConn struct {
+	nc *nats.Conn
+	js jetstream.JetStream
+
+	mu         sync.Mutex
+	violations []string
+}
+
+func (c *tenantConn) denied(what string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, v := range c.violations {
+		if strings.Contains(v, what) {
+			return true
+		}
+	}
+	return false
+}
+
+// The printed blocks, loaded by the embedded server through --nats-config,
+// isolate tenants: A's user registers, publishes 401s, reads tokens and
+// watches its own keys, with its own inbox prefix and with the refreshers
+// running as their own user; it can neither publish, request nor subscribe
+// on B's subjects, nor on everyone's at once.
+func TestTenantPermissions(t *testing.T) {
+	for _, v := range []string{"AUTHBUS_PASSWORD_ACME", "AUTHBUS_PASSWORD_BRAVO", "AUTHBUS_PASSWORD_REFRESHER"} {
+		t.Setenv(v, "pw-"+strings.ToLower(v))
+	}
+	conf := fmt.Sprintf("authorization {\n  users: [\n%s\n%s\n%s\n  ]\n}\n",
+		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--tenant", "bravo"), permissionsBlock(t, "--refresher"))
+	dir := t.TempDir()
+	confPath := filepath.Join(dir, "nats.conf")
+	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir, ConfigFile: confPath})
+	if err != nil {
+		t.Fatalf("embedded server with the printed config: %v\n%s", err, conf)
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+
+	if _, err := nats.Connect(ns.ClientURL()); err == nil {
+		t.Fatal("an anonymous connection was accepted: the config's users are not in force")
+	}
+
+	as := authtest.New(t)
+	as.AddClient(fleet.ClientID, fleet.ClientSecret)
+	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{1}, 32)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	refresherNC, err := nats.Connect(ns.ClientURL(), nats.UserInfo("authbus-refresher", "pw-authbus_password_refresher"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(refresherNC.Close)
+	var logs fleet.LogBuffer
+	pool, err := workers.New(context.Background(), refresherNC, workers.Config{
+		Workers: 4, TokenTimeout: 5 * time.Second, LeaseTTL: 3 * time.Second, AckWait: 3 * time.Second,
+		RetryBase: 50 * time.Millisecond, RetryMax: time.Second, LeaseWait: 100 * time.Millisecond,
+		Seal: ring, TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+		Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
+	})
+	if err != nil {
+		t.Fatalf("a pool as the refresher user: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("pool: %v", err)
+		}
+	})
+
+	connect := func(tenant string) *tenantConn {
+		c := &tenantConn{}
+		nc, err := nats.Connect(ns.ClientURL(),
+			nats.UserInfo(tenant+"-runtime", "pw-authbus_password_"+tenant),
+			nats.CustomInboxPrefix(TenantInboxPrefix(tenant)),
+			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				c.mu.Lock()
+				c.violations = append(c.violations, err.Error())
+				c.mu.Unlock()
+			}))
+		if err != nil {
+			t.Fatalf("connect as %s: %v", tenant, err)
+		}
+		t.Cleanup(nc.Close)
+		c.nc = nc
+		c.js, _ = jetstream.New(nc)
+		return c
+	}
+	a, b := connect("acme"), connect("bravo")
+	subj, _ := events.NewSubjects("")
+
+	register := func(c *tenantConn, key events.Key) (events.RegisterReply, error) {
+		tok := as.Issue(fleet.ClientID)
+		body, _ := json.Marshal(events.RegisterRequest{
+			Token:         events.RegisterToken{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresIn: tok.ExpiresIn},
+			TokenEndpoint: as.TokenURL(), ClientID: fleet.ClientID, ClientSecret: fleet.ClientSecret,
+		})
+		var reply events.RegisterReply
+		var msg *nats.Msg
+		var err error
+		// The service starts asynchronously: retry while nobody answers.
+		fleet.Eventually(t, 10*time.Second, "the token service answers", func() bool {
+			msg, err = c.nc.Request(subj.Register(key), body, 2*time.Second)
+			return !errors.Is(err, nats.ErrNoResponders)
+		})
+		if err != nil {
+			return reply, err
+		}
+		if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
+			return reply, fmt.Errorf("%s: %s", code, msg.Data)
+		}
+		return reply, json.Unmarshal(msg.Data, &reply)
+	}
+	aKey, bKey := fleet.MustKey(t, "acme.alice.github"), fleet.MustKey(t, "bravo.bob.github")
+
+	// A watches its own rotations, and tries to watch B's and everyone's.
+	rotated := make(chan *nats.Msg, 16)
+	if _, err := a.nc.ChanSubscribe("auth.rotated.acme.>", rotated); err != nil {
+		t.Fatal(err)
+	}
+	stolen := make(chan *nats.Msg, 16)
+	for _, s := range []string{"auth.rotated.bravo.>", "auth.rotated.>", "auth.token.>", "_INBOX_bravo.>"} {
+		if _, err := a.nc.ChanSubscribe(s, stolen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bRotated := make(chan *nats.Msg, 16)
+	if _, err := b.nc.ChanSubscribe("auth.rotated.bravo.>", bRotated); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A's own key: register, rotated v1, 401 through JetStream, rotated v2, token.
+	reg, err := register(a, aKey)
+	if err != nil || reg.Version != 1 {
+		t.Fatalf("A registers its own key: %+v %v", reg, err)
+	}
+	waitRotated(t, rotated, 1)
+	data, _ := events.Encode(aKey, "test/a", events.Unauthorized{Fingerprint: reg.Fingerprint, Runtime: "a"})
+	pubCtx, pubCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer pubCancel()
+	if _, err := a.js.Publish(pubCtx, subj.Event(events.Type401, aKey), data,
+		jetstream.WithMsgID(events.MsgID(events.Type401, aKey, reg.Fingerprint))); err != nil {
+		t.Fatalf("A publishes a 401 for its own key through JetStream: %v", err)
+	}
+	waitRotated(t, rotated, 2)
+	msg, err := a.nc.Request(subj.Token(aKey), nil, 5*time.Second)
+	if err != nil || msg.Header.Get("Nats-Service-Error-Code") != "" {
+		t.Fatalf("A reads its own token: %v %s", err, msg.Data)
+	}
+
+	// B registers its key and sees its rotation; A sees none of it.
+	if _, err := register(b, bKey); err != nil {
+		t.Fatalf("B registers: %v", err)
+	}
+	waitRotated(t, bRotated, 1)
+	if err := a.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A on B's subjects: every publish and request is refused by the server.
+	short := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.Background(), 500*time.Millisecond)
+	}
+	c1, cancel1 := short()
+	defer cancel1()
+	if _, err := a.js.Publish(c1, subj.Event(events.Type401, bKey), data); err == nil {
+		t.Error("A published a 401 on B's key")
+	}
+	for _, s := range []string{subj.Token(bKey), subj.Register(bKey)} {
+		if _, err := a.nc.Request(s, []byte("{}"), 500*time.Millisecond); err == nil {
+			t.Errorf("A's request on %s was answered", s)
+		}
+	}
+	if err := a.nc.Publish(subj.Event(events.TypeRotated, bKey), []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fleet.Eventually(t, 5*time.Second, "the server reports every violation to A", func() bool {
+		return a.denied(`Publish to "auth.401.bravo.bob.github"`) &&
+			a.denied(`Publish to "auth.token.bravo.bob.github"`) &&
+			a.denied(`Publish to "auth.register.bravo.bob.github"`) &&
+			a.denied(`Publish to "auth.rotated.bravo.bob.github"`) &&
+			a.denied(`Subscription to "auth.rotated.bravo.>"`) &&
+			a.denied(`Subscription to "auth.rotated.>"`) &&
+			a.denied(`Subscription to "auth.token.>"`) &&
+			a.denied(`Subscription to "_INBOX_bravo.>"`)
+	})
+	if n := len(stolen); n != 0 {
+		t.Errorf("A received %d messages on subjects it may not read", n)
+	}
+	select {
+	case m := <-bRotated:
+		t.Errorf("B saw a rotated event A forged: %s", m.Data)
+	default:
+	}
+	if c := as.Calls(); c != 1 {
+		t.Errorf("token calls %d, want 1 (A's own 401)", c)
+	}
+	// The refresher user may do all that a refresher does.
+	for _, rec := range logs.Records(nil) {
+		if rec["level"] != "INFO" && rec["level"] != "DEBUG" {
+			t.Errorf("refresher logged %v: %v", rec["level"], rec)
+		}
+	}
+}
+
+func waitRotated(t *testing.T, ch <-chan *nats.Msg, version int64) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-ch:
+			var ev struct {
+				Data events.Rotated `json:"data"`
+			}
+			if err := json.Unmarshal(m.Data, &ev); err != nil {
+				t.Fatalf("rotated event: %v", err)
+			}
+			if ev.Data.Version == version {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no auth.rotated version %d within 10s", version)
+		}
+	}
+}

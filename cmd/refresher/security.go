@@ -1,0 +1,67 @@
+package main
+
+import (
+	"flag"
+	"io"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/workers"
+)
+
+// dispatch runs a subcommand, or the daemon when args name none.
+func dispatch(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "keys":
+			return runKeys(args[1:], stdout, stderr)
+		case "permissions":
+			return runPermissions(args[1:], stdout, stderr)
+		}
+	}
+	return run(args, stderr)
+}
+
+// securityOptions are the daemon's flags about what it may reach and who it
+// is on NATS.
+type securityOptions struct {
+	allowedTokenHosts    cli.StringList
+	allowPrivateHosts    bool
+	allowLoopbackHosts   bool
+	natsConfig           string
+	natsUser, natsPasswd string
+}
+
+func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) {
+	fs.Var(&o.allowedTokenHosts, "allowed-token-hosts", "comma-separated host patterns token endpoints must match, e.g. *.okta.com,auth.example.com (default any public host)")
+	env.Bind("allowed-token-hosts", "AUTHBUS_ALLOWED_TOKEN_HOSTS")
+	fs.BoolVar(&o.allowPrivateHosts, "allow-private-token-hosts", false, "allow token endpoints on private addresses (10/8, 172.16/12, 192.168/16, fc00::/7), for an authorization server inside the network; link-local and metadata addresses stay refused")
+	env.Bind("allow-private-token-hosts", "AUTHBUS_ALLOW_PRIVATE_TOKEN_HOSTS")
+	fs.BoolVar(&o.allowLoopbackHosts, "allow-loopback-token-hosts", false, "allow token endpoints on localhost (always allowed in the embedded dev mode, without --nats-url)")
+	env.Bind("allow-loopback-token-hosts", "AUTHBUS_ALLOW_LOOPBACK_TOKEN_HOSTS")
+	fs.StringVar(&o.natsConfig, "nats-config", "", "nats-server configuration file for the embedded server (users and permissions, TLS, limits); see refresher permissions")
+	env.Bind("nats-config", "AUTHBUS_NATS_CONFIG")
+	fs.StringVar(&o.natsUser, "nats-user", "", "NATS user the refresher connects as")
+	env.Bind("nats-user", "NATS_USER")
+	fs.StringVar(&o.natsPasswd, "nats-password", "", "password of --nats-user (prefer the environment variable to the flag)")
+	env.Bind("nats-password", "NATS_PASSWORD")
+}
+
+// tokenHosts is the SSRF policy: loopback is allowed in the embedded dev
+// mode, so the README's quick start with a local test server works.
+func (o securityOptions) tokenHosts(embedded bool) workers.TokenHostPolicy {
+	return workers.TokenHostPolicy{
+		Allowed:       o.allowedTokenHosts,
+		AllowLoopback: embedded || o.allowLoopbackHosts,
+		AllowPrivate:  o.allowPrivateHosts,
+	}
+}
+
+// natsAuth authenticates the refresher's connection when a user is set.
+func (o securityOptions) natsAuth() nats.Option {
+	if o.natsUser == "" {
+		return func(*nats.Options) error { return nil }
+	}
+	return nats.UserInfo(o.natsUser, o.natsPasswd)
+}

@@ -1,0 +1,354 @@
+package workers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/micro"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/authbus/authbus/events"
+)
+
+// Errors of Discovery.Lookup. Every lookup error wraps exactly one of them,
+// and its text names the issuer, each URL tried and what went wrong there.
+var (
+	// ErrIssuerUnavailable: the issuer did not answer usefully right now
+	// (connection failure, timeout, 408, 429 or 5xx). Retry later; the token
+	// service answers it with CodeUnavailable (503).
+	ErrIssuerUnavailable = errors.New("authorization server metadata unavailable")
+	// ErrIssuerMetadata: the issuer answered, but with no usable metadata
+	// (404 on both well-known URLs, malformed JSON, an issuer that differs
+	// from the one asked for, a missing or plain-http token endpoint).
+	// Retrying will not help; the token service answers it with
+	// CodeInvalidRequest (400) naming the field issuer.
+	ErrIssuerMetadata = errors.New("authorization server metadata unusable")
+)
+
+// Discovery defaults.
+const (
+	// DefaultDiscoveryTTL is how long discovered metadata is reused.
+	DefaultDiscoveryTTL = time.Hour
+	// DefaultDiscoveryTimeout bounds one lookup, all URLs tried included. It
+	// is short because a registration waits for it.
+	DefaultDiscoveryTimeout = 5 * time.Second
+	// DefaultDiscoveryEntries bounds how many issuers are cached.
+	DefaultDiscoveryEntries = 1000
+	// maxMetadataSize bounds a metadata document; real ones are a few KiB.
+	maxMetadataSize = 256 << 10
+)
+
+// Metadata is the part of an authorization server's metadata (RFC 8414 §2,
+// OpenID Connect Discovery §3) that authbus uses.
+type Metadata struct {
+	// Issuer is the issuer identifier; it equals the one looked up.
+	Issuer string `json:"issuer"`
+	// TokenEndpoint is the token endpoint URL: https, or http on loopback.
+	TokenEndpoint string `json:"token_endpoint"`
+	// TokenEndpointAuthMethods lists the client authentication methods the
+	// token endpoint supports; empty means client_secret_basic (RFC 8414).
+	TokenEndpointAuthMethods []string `json:"token_endpoint_auth_methods_supported,omitempty"`
+}
+
+// AuthStyle is the auth_style a registration gets when it sets none:
+// client_secret_basic when the server supports it (the default method of
+// RFC 6749 §2.3.1), else client_secret_post when supported, else basic.
+func (m Metadata) AuthStyle() string {
+	if !slices.Contains(m.TokenEndpointAuthMethods, "client_secret_basic") &&
+		slices.Contains(m.TokenEndpointAuthMethods, "client_secret_post") {
+		return events.AuthStylePost
+	}
+	return events.AuthStyleBasic
+}
+
+// DiscoveryConfig configures a Discovery. Zero values mean the defaults.
+type DiscoveryConfig struct {
+	// HTTPClient fetches metadata; nil means http.DefaultClient.
+	HTTPClient *http.Client
+	// TTL is how long metadata is reused; 0 means DefaultDiscoveryTTL.
+	TTL time.Duration
+	// Timeout bounds one lookup; 0 means DefaultDiscoveryTimeout.
+	Timeout time.Duration
+	// MaxEntries bounds the cache; 0 means DefaultDiscoveryEntries.
+	MaxEntries int
+}
+
+// Discovery finds an authorization server's token endpoint from its issuer
+// and caches the answer per issuer. Concurrent lookups of one issuer share a
+// single fetch. Failures are not cached, so a repaired issuer works on the
+// next registration. It is safe for concurrent use.
+type Discovery struct {
+	client  *http.Client
+	ttl     time.Duration
+	timeout time.Duration
+	max     int
+	now     func() time.Time
+
+	flight singleflight.Group
+
+	mu    sync.Mutex
+	cache map[string]cached
+}
+
+type cached struct {
+	md      Metadata
+	expires time.Time
+}
+
+// NewDiscovery returns an empty Discovery.
+func NewDiscovery(cfg DiscoveryConfig) *Discovery {
+	d := &Discovery{
+		client:  cfg.HTTPClient,
+		ttl:     cfg.TTL,
+		timeout: cfg.Timeout,
+		max:     cfg.MaxEntries,
+		now:     time.Now,
+		cache:   make(map[string]cached),
+	}
+	if d.client == nil {
+		d.client = http.DefaultClient
+	}
+	if d.ttl <= 0 {
+		d.ttl = DefaultDiscoveryTTL
+	}
+	if d.timeout <= 0 {
+		d.timeout = DefaultDiscoveryTimeout
+	}
+	if d.max <= 0 {
+		d.max = DefaultDiscoveryEntries
+	}
+	return d
+}
+
+// Lookup returns the metadata of issuer, from the cache when it is fresh.
+// Otherwise it fetches {scheme://host}/.well-known/oauth-authorization-server{path}
+// (RFC 8414 §3.1) and, when that yields no usable document, the OpenID
+// Connect location {issuer}/.well-known/openid-configuration. A document is
+// usable when its issuer is identical to the one asked for (RFC 8414 §3.3)
+// and its token endpoint is https (http on loopback only). Errors wrap
+// ErrIssuerUnavailable or ErrIssuerMetadata.
+func (d *Discovery) Lookup(ctx context.Context, issuer string) (Metadata, error) {
+	if md, ok := d.cached(issuer); ok {
+		return md, nil
+	}
+	v, err, _ := d.flight.Do(issuer, func() (any, error) {
+		// A lookup that finished while this one waited for the flight.
+		if md, ok := d.cached(issuer); ok {
+			return md, nil
+		}
+		// Not the caller's cancellation: the fetch is shared with other
+		// callers, and it is bounded by its own timeout.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.timeout)
+		defer cancel()
+		md, err := d.fetch(fctx, issuer)
+		if err == nil {
+			d.store(issuer, md)
+		}
+		return md, err
+	})
+	if err != nil {
+		return Metadata{}, err
+	}
+	return v.(Metadata), nil
+}
+
+func (d *Discovery) cached(issuer string) (Metadata, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, ok := d.cache[issuer]
+	if !ok || !d.now().Before(c.expires) {
+		return Metadata{}, false
+	}
+	return c.md, true
+}
+
+func (d *Discovery) store(issuer string, md Metadata) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.now()
+	if _, ok := d.cache[issuer]; !ok && len(d.cache) >= d.max {
+		// Full: drop what has expired, else the entry closest to expiry.
+		// A linear scan is fine: lookups happen on registration only.
+		oldest := ""
+		for k, c := range d.cache {
+			if !now.Before(c.expires) {
+				delete(d.cache, k)
+			} else if oldest == "" || c.expires.Before(d.cache[oldest].expires) {
+				oldest = k
+			}
+		}
+		if len(d.cache) >= d.max {
+			delete(d.cache, oldest)
+		}
+	}
+	d.cache[issuer] = cached{md: md, expires: now.Add(d.ttl)}
+}
+
+// discover resolves the issuer of a registration to its token endpoint, and
+// its auth style when the request sets none, both stored explicitly: refreshes
+// then need no discovery, and a wrong issuer is refused while someone waits
+// for the answer. It answers the request itself and returns false when
+// discovery fails: 503 unavailable when the issuer may recover by itself,
+// else 400 invalid_request naming the field issuer.
+func (p *Pool) discover(ctx context.Context, req micro.Request, rr *events.RegisterRequest) bool {
+	// The metadata fetch is a request to a URL a runtime chose: the same
+	// host policy as for token endpoints applies before anything is sent.
+	if err := p.cfg.TokenHosts.CheckEndpoint(ctx, rr.Issuer); err != nil {
+		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("field \"issuer\": %v", err), "")
+		return false
+	}
+	md, err := p.cfg.Discovery.Lookup(ctx, rr.Issuer)
+	if err != nil {
+		code := events.CodeInvalidRequest
+		if errors.Is(err, ErrIssuerUnavailable) {
+			code = events.CodeUnavailable
+		}
+		p.log.Warn("issuer discovery failed", "subject", req.Subject(), "issuer", rr.Issuer, "error", err)
+		p.replyError(req, code, "field \"issuer\": "+err.Error(), "")
+		return false
+	}
+	rr.TokenEndpoint = md.TokenEndpoint
+	if rr.AuthStyle == "" {
+		rr.AuthStyle = md.AuthStyle()
+	}
+	return true
+}
+
+// wellKnownURLs returns the metadata URLs of issuer in the order Lookup
+// tries them: the RFC 8414 location, with the well-known segment inserted
+// between host and path, then the OpenID Connect location, appended to the
+// issuer's path.
+func wellKnownURLs(issuer string) ([]string, error) {
+	u, err := url.Parse(issuer)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return nil, fmt.Errorf("issuer %q is not an absolute URL; send one such as https://auth.example.com", issuer)
+	}
+	path := strings.TrimSuffix(u.EscapedPath(), "/")
+	base := u.Scheme + "://" + u.Host
+	return []string{
+		base + "/.well-known/oauth-authorization-server" + path,
+		base + path + "/.well-known/openid-configuration",
+	}, nil
+}
+
+// fetch tries the well-known URLs in order and returns the first usable
+// document.
+func (d *Discovery) fetch(ctx context.Context, issuer string) (Metadata, error) {
+	urls, err := wellKnownURLs(issuer)
+	if err != nil {
+		return Metadata{}, fmt.Errorf("%w: %w", err, ErrIssuerMetadata)
+	}
+	var tried []string
+	transient := false
+	for _, u := range urls {
+		md, problem, retry, answered := d.try(ctx, issuer, u)
+		if problem == "" {
+			return md, nil
+		}
+		tried = append(tried, u+": "+problem)
+		transient = transient || retry
+		if !answered {
+			break // the host did not speak HTTP at all; the other URL is on it too
+		}
+	}
+	if transient {
+		return Metadata{}, fmt.Errorf("issuer %q: no metadata (%s); the authorization server is not answering, retry the registration shortly or send token_endpoint instead: %w",
+			issuer, strings.Join(tried, "; "), ErrIssuerUnavailable)
+	}
+	return Metadata{}, fmt.Errorf("issuer %q: no usable metadata (%s); check the issuer (it must equal the \"issuer\" of the server's metadata, RFC 8414) or send token_endpoint instead: %w",
+		issuer, strings.Join(tried, "; "), ErrIssuerMetadata)
+}
+
+// try fetches one metadata URL. problem is "" for a usable document;
+// otherwise retry says whether trying later might help, and answered whether
+// the server answered over HTTP at all.
+func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, problem string, retry, answered bool) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return md, err.Error(), false, false
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := d.client.Do(req)
+	if err != nil {
+		if errors.Is(err, ErrTokenHostRefused) {
+			return md, "refused by the token host policy (" + unwrapURLError(err) + ")", false, false
+		}
+		if ctx.Err() != nil {
+			return md, fmt.Sprintf("no answer within %v", d.timeout), true, false
+		}
+		return md, "unreachable (" + unwrapURLError(err) + ")", true, false
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxMetadataSize+1))
+	switch {
+	case err != nil:
+		return md, "answer cut off (" + err.Error() + ")", true, true
+	case resp.StatusCode == http.StatusRequestTimeout || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+		return md, fmt.Sprintf("HTTP %d", resp.StatusCode), true, true
+	case resp.StatusCode != http.StatusOK:
+		return md, fmt.Sprintf("HTTP %d", resp.StatusCode), false, true
+	case len(body) > maxMetadataSize:
+		return md, fmt.Sprintf("document larger than %d KiB", maxMetadataSize>>10), false, true
+	}
+	if err := json.Unmarshal(body, &md); err != nil {
+		return Metadata{}, "not a JSON metadata document (" + err.Error() + ")", false, true
+	}
+	switch {
+	case md.Issuer != issuer:
+		return Metadata{}, fmt.Sprintf("names the issuer %q, which is not identical to the one registered (RFC 8414 §3.3)", md.Issuer), false, true
+	case md.TokenEndpoint == "":
+		return Metadata{}, "has no token_endpoint", false, true
+	}
+	if p := tokenEndpointProblem(md.TokenEndpoint); p != "" {
+		return Metadata{}, fmt.Sprintf("token_endpoint %q %s", md.TokenEndpoint, p), false, true
+	}
+	return md, "", false, true
+}
+
+// tokenEndpointProblem applies the register request's rule for
+// token_endpoint to a discovered one: an absolute https URL, plain http only
+// on loopback, no credentials, no fragment.
+func tokenEndpointProblem(s string) string {
+	u, err := url.Parse(s)
+	switch {
+	case err != nil || u.Scheme == "" || u.Hostname() == "":
+		return "is not an absolute URL"
+	case u.User != nil:
+		return "contains a user name or password"
+	case u.Fragment != "" || strings.Contains(s, "#"):
+		return "has a fragment"
+	case u.Scheme == "https":
+		return ""
+	case u.Scheme == "http" && isLoopbackHost(u.Hostname()):
+		return ""
+	}
+	return "is not https (plain http is allowed only on localhost, 127.0.0.0/8 and ::1)"
+}
+
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Unmap().IsLoopback()
+}
+
+// unwrapURLError drops the "Get \"url\":" prefix of a *url.Error: the URL is
+// already named next to it.
+func unwrapURLError(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err.Error()
+	}
+	return err.Error()
+}

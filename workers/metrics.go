@@ -1,0 +1,265 @@
+package workers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
+)
+
+// instrumentationName is the tracer and meter name of the pool.
+const instrumentationName = "github.com/authbus/authbus/workers"
+
+// Attribute keys of authbus's own span and metric attributes. Values are
+// credential keys, fingerprints, outcome names and endpoint URLs without
+// query or user info: never a token or secret.
+const (
+	attrKey           = attribute.Key("authbus.credential.key")
+	attrFingerprint   = attribute.Key("authbus.fingerprint")
+	attrOutcome       = attribute.Key("authbus.outcome")
+	attrAttempt       = attribute.Key("authbus.attempt")
+	attrLeaseWait     = attribute.Key("authbus.lease.wait")
+	attrVersion       = attribute.Key("authbus.credential.version")
+	attrState         = attribute.Key("authbus.credential.state")
+	attrLeaseHeld     = attribute.Key("authbus.lease.held")
+	attrLeaseRevision = attribute.Key("authbus.lease.revision")
+	attrConflict      = attribute.Key("authbus.store.conflict")
+)
+
+// consumerInfoTTL is how long the consumer's pending counts are reused: each
+// refresh of them is a JetStream API request, and a storm of scrapes must
+// not become a storm of requests.
+const consumerInfoTTL = 5 * time.Second
+
+// histogramBounds (seconds) cover a fast token endpoint (a few ms) up to the
+// 30s default token timeout; OTel's default buckets are made for
+// milliseconds.
+var histogramBounds = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+
+// metrics are the pool's instruments. Their names are the contract with the
+// Grafana dashboard in deploy/grafana (the Prometheus exporter turns
+// "authbus.events.processed" into authbus_events_processed_total, and
+// seconds histograms get a _seconds suffix).
+type metrics struct {
+	processed  metric.Int64Counter     // authbus.events.processed{outcome}
+	duration   metric.Float64Histogram // authbus.event.duration{outcome}
+	tokenCall  metric.Float64Histogram // authbus.token_endpoint.duration{endpoint,result}
+	contention metric.Int64Counter     // authbus.lease.contention
+	terminated metric.Int64Counter     // authbus.events.terminated{reason}
+}
+
+// newMetrics creates the pool's instruments on mp, and the observable gauges
+// of its breakers and consumer. The callbacks live as long as mp.
+func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
+	m := mp.Meter(instrumentationName, metric.WithInstrumentationVersion(Version))
+	var errs [8]error
+	ms := &metrics{}
+	ms.processed, errs[0] = m.Int64Counter("authbus.events.processed", metric.WithUnit("{event}"),
+		metric.WithDescription("auth.401 and auth.expiring deliveries processed, by outcome (rotated counts token rotations)"))
+	ms.duration, errs[1] = m.Float64Histogram("authbus.event.duration", metric.WithUnit("s"),
+		metric.WithDescription("time to process one delivered event, by outcome"),
+		metric.WithExplicitBucketBoundaries(histogramBounds...))
+	ms.tokenCall, errs[2] = m.Float64Histogram("authbus.token_endpoint.duration", metric.WithUnit("s"),
+		metric.WithDescription("token-endpoint call latency, by endpoint and result (success, permanent, transient, canceled)"),
+		metric.WithExplicitBucketBoundaries(histogramBounds...))
+	ms.contention, errs[3] = m.Int64Counter("authbus.lease.contention", metric.WithUnit("{event}"),
+		metric.WithDescription("events that found their credential's refresh lease held by another worker and were redelivered later"))
+	ms.terminated, errs[4] = m.Int64Counter("authbus.events.terminated", metric.WithUnit("{event}"),
+		metric.WithDescription("events terminated without redelivery, by reason (bad_input, unknown_credential, max_deliver)"))
+	breaker, err5 := m.Int64ObservableGauge("authbus.breaker.state",
+		metric.WithDescription("token-endpoint circuit breaker state per endpoint in this process: 0 closed, 1 half-open, 2 open"))
+	pending, err6 := m.Int64ObservableGauge("authbus.consumer.pending", metric.WithUnit("{event}"),
+		metric.WithDescription("events in the work queue not yet delivered to any refresher"))
+	ackPending, err7 := m.Int64ObservableGauge("authbus.consumer.ack_pending", metric.WithUnit("{event}"),
+		metric.WithDescription("events delivered to refreshers and not yet settled"))
+	errs[5], errs[6], errs[7] = err5, err6, err7
+	if err := errors.Join(errs[:]...); err != nil {
+		return nil, fmt.Errorf("pool metrics: %w", err)
+	}
+	info := &infoCache{cons: p.cons}
+	if _, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
+		for endpoint, state := range p.breakers.states() {
+			o.ObserveInt64(breaker, int64(state), metric.WithAttributes(attribute.String("endpoint", endpoint)))
+		}
+		if ci := info.get(ctx); ci != nil {
+			o.ObserveInt64(pending, int64(ci.NumPending))
+			o.ObserveInt64(ackPending, int64(ci.NumAckPending))
+		}
+		return nil
+	}, breaker, pending, ackPending); err != nil {
+		return nil, fmt.Errorf("pool metrics callback: %w", err)
+	}
+	return ms, nil
+}
+
+// settled records one processed event.
+func (m *metrics) settled(ctx context.Context, r result, gaveUp bool, took time.Duration) {
+	outcome := metric.WithAttributeSet(attribute.NewSet(attribute.String("outcome", r.outcome)))
+	m.processed.Add(ctx, 1, outcome)
+	m.duration.Record(ctx, took.Seconds(), outcome)
+	if r.action == actionTerm {
+		reason := r.outcome
+		if gaveUp {
+			reason = "max_deliver"
+		}
+		m.terminated.Add(ctx, 1, metric.WithAttributes(attribute.String("reason", reason)))
+	}
+}
+
+// tokenCalled records one token-endpoint call; a call the open breaker
+// refused never reached the server and is not recorded.
+func (m *metrics) tokenCalled(ctx context.Context, endpoint string, took time.Duration, err error) {
+	var res string
+	switch classify(err).verdict {
+	case rotated:
+		res = "success"
+	case permanent:
+		res = "permanent"
+	case transient:
+		res = "transient"
+	case canceled:
+		res = "canceled"
+	default:
+		return
+	}
+	m.tokenCall.Record(ctx, took.Seconds(), metric.WithAttributes(
+		attribute.String("endpoint", endpointLabel(endpoint)), attribute.String("result", res)))
+}
+
+// endpointLabel is a token endpoint as shown in metrics: without user info
+// or query, which could carry credentials.
+func endpointLabel(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "unparsable"
+	}
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return u.String()
+}
+
+// states returns the state of every breaker created so far, by endpoint
+// label.
+func (b *breakers) states() map[string]int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make(map[string]int, len(b.m))
+	for endpoint, cb := range b.m {
+		out[endpointLabel(endpoint)] = int(cb.State())
+	}
+	return out
+}
+
+// infoCache reuses the consumer's info for consumerInfoTTL. Safe for
+// concurrent use; concurrent callers wait for one request.
+type infoCache struct {
+	cons jetstream.Consumer
+
+	mu   sync.Mutex
+	at   time.Time
+	info *jetstream.ConsumerInfo // nil after a failed request
+}
+
+// get returns the consumer info, or nil when it could not be had: a gauge
+// that is not observed is better than a made-up zero.
+func (c *infoCache) get(ctx context.Context) *jetstream.ConsumerInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.at.IsZero() && time.Since(c.at) < consumerInfoTTL {
+		return c.info
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	info, err := c.cons.Info(ctx)
+	if err != nil {
+		info = nil // also cached: a failing server is not asked on every scrape
+	}
+	c.info, c.at = info, time.Now()
+	return c.info
+}
+
+// instrumentHTTP returns a copy of hc whose transport makes an HTTP client
+// span (a child of the refresh's span: x/oauth2 sends with the context it
+// is given) and HTTP client metrics for every token-endpoint call. The
+// span carries method, URL without user info, server address and status,
+// never the form body or the Authorization header.
+func instrumentHTTP(hc *http.Client, tp trace.TracerProvider, mp metric.MeterProvider) *http.Client {
+	c := *hc
+	c.Transport = otelhttp.NewTransport(transportOf(hc),
+		otelhttp.WithTracerProvider(tp),
+		otelhttp.WithMeterProvider(mp),
+		// HTTP semantic conventions name client spans by the method alone
+		// when there is no low-cardinality route.
+		otelhttp.WithSpanNameFormatter(func(_ string, r *http.Request) string { return r.Method }),
+	)
+	return &c
+}
+
+// Ready reports whether the pool can do its work, for a readiness probe:
+// the NATS connection is up and the events and needs_reauth streams and
+// the credentials and leases buckets exist. Each call makes four JetStream
+// API requests; errors say what is missing and never hold a secret.
+func (p *Pool) Ready(ctx context.Context) error {
+	if st := p.nc.Status(); st != nats.CONNECTED {
+		return fmt.Errorf("NATS connection is %s; check the NATS server and --nats-url", st)
+	}
+	for _, s := range []string{p.subj.EventsStream(), p.subj.ReauthStream()} {
+		if _, err := p.js.Stream(ctx, s); err != nil {
+			return fmt.Errorf("stream %s: %w; restart the refresher to create it, or check JetStream", s, err)
+		}
+	}
+	for _, b := range []string{p.subj.BucketName("CREDENTIALS"), p.subj.BucketName("LEASES")} {
+		if _, err := p.js.KeyValue(ctx, b); err != nil {
+			return fmt.Errorf("KV bucket %s: %w; restart the refresher to create it, or check JetStream", b, err)
+		}
+	}
+	return nil
+}
+
+// claimLease is step 3 in a span of its own.
+func (p *Pool) claimLease(ctx context.Context, key events.Key) (*kv.Lease, error) {
+	ctx, span := p.tracer.Start(ctx, "lease claim", trace.WithAttributes(attrKey.String(key.String())))
+	defer span.End()
+	lease, err := p.leases.Claim(ctx, key, p.cfg.Instance)
+	switch {
+	case errors.Is(err, kv.ErrLeaseHeld):
+		// Not an error of this span: contention is the lease working.
+		span.SetAttributes(attrLeaseHeld.Bool(true))
+		p.metrics.contention.Add(ctx, 1)
+	case err != nil:
+		span.SetStatus(codes.Error, err.Error())
+	default:
+		span.SetAttributes(attrLeaseHeld.Bool(false), attrLeaseRevision.Int64(int64(lease.Revision())))
+	}
+	return lease, err
+}
+
+// storeCredential is the compare-and-set write of steps 5–6 in a span of
+// its own.
+func (p *Pool) storeCredential(ctx context.Context, c *kv.Credential, rev uint64) (uint64, error) {
+	ctx, span := p.tracer.Start(ctx, "store credential", trace.WithAttributes(
+		attrKey.String(c.Key.String()), attrVersion.Int64(c.Version), attrState.String(string(c.State))))
+	defer span.End()
+	nrev, err := p.updateRetrying(ctx, c, rev)
+	switch {
+	case errors.Is(err, kv.ErrConflict):
+		// Someone newer wrote first; the caller discards or re-reads.
+		span.SetAttributes(attrConflict.Bool(true))
+	case err != nil:
+		span.SetStatus(codes.Error, err.Error())
+	}
+	return nrev, err
+}

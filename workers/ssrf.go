@@ -1,0 +1,217 @@
+package workers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// ErrTokenHostRefused marks a token endpoint that the pool's TokenHostPolicy
+// does not allow: a host outside the allowed patterns, or one that resolves
+// to a loopback, private, link-local or otherwise non-public address. A
+// registration naming such an endpoint is refused (400); a refusal at
+// connect time (the name now resolves elsewhere) is logged and retried as a
+// transient failure, never turned into needs_reauth: the refresh token was
+// not sent, and only an operator (allow-list, DNS) can fix it.
+var ErrTokenHostRefused = errors.New("token endpoint host refused")
+
+// TokenHostPolicy says which token endpoints a pool may call. Registration
+// data comes from runtimes, so without it a runtime could make the
+// refreshers send requests (with a client secret) to the metadata service
+// or an internal admin port. The check runs on every connection, on the
+// address actually dialed, because a name can resolve to something else
+// after it was registered (DNS rebinding). The zero value allows any host
+// whose addresses are public. It is a plain value, safe for concurrent use
+// once built.
+type TokenHostPolicy struct {
+	// Allowed lists host patterns a token endpoint must match: an exact
+	// host ("auth.example.com", "10.1.2.3") or "*." and a domain
+	// ("*.okta.com", which matches any name under okta.com but not
+	// okta.com itself). Matching ignores case and the port. Empty means
+	// any host.
+	Allowed []string
+	// AllowLoopback permits 127.0.0.0/8 and ::1: the embedded dev mode,
+	// where the README's test server runs on localhost, and tests.
+	AllowLoopback bool
+	// AllowPrivate permits private and shared address space (10/8,
+	// 172.16/12, 192.168/16, 100.64/10, fc00::/7): an authorization server
+	// inside the network. Link-local addresses (169.254/16 with the cloud
+	// metadata service, fe80::/10), unspecified, multicast and reserved
+	// addresses are always refused.
+	AllowPrivate bool
+}
+
+// validate reports malformed patterns.
+func (p TokenHostPolicy) validate() error {
+	var errs []error
+	for _, pat := range p.Allowed {
+		name := strings.TrimPrefix(pat, "*.")
+		if name == "" || strings.ContainsAny(name, "*/:@ ") || strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") {
+			errs = append(errs, fmt.Errorf("TokenHosts.Allowed: pattern %q is not a host or *.domain; use e.g. auth.example.com or *.okta.com", pat))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// matchHost reports whether host is allowed by the patterns.
+func (p TokenHostPolicy) matchHost(host string) bool {
+	if len(p.Allowed) == 0 {
+		return true
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	for _, pat := range p.Allowed {
+		pat = strings.ToLower(pat)
+		if domain, ok := strings.CutPrefix(pat, "*."); ok {
+			if strings.HasSuffix(host, "."+domain) {
+				return true
+			}
+		} else if host == pat {
+			return true
+		}
+	}
+	return false
+}
+
+// checkHost refuses a host name outside the allowed patterns.
+func (p TokenHostPolicy) checkHost(host string) error {
+	if !p.matchHost(host) {
+		return fmt.Errorf("%w: host %q matches none of the allowed token hosts (%s); add it to --allowed-token-hosts (TokenHosts.Allowed)",
+			ErrTokenHostRefused, host, strings.Join(p.Allowed, ", "))
+	}
+	return nil
+}
+
+// Address ranges that netip does not name. Shared address space and the
+// benchmark range are as internal as RFC 1918 space.
+var (
+	privateExtra = []netip.Prefix{
+		netip.MustParsePrefix("100.64.0.0/10"),
+		netip.MustParsePrefix("198.18.0.0/15"),
+	}
+	reserved = []netip.Prefix{
+		netip.MustParsePrefix("0.0.0.0/8"),
+		netip.MustParsePrefix("192.0.0.0/24"),
+		netip.MustParsePrefix("192.0.2.0/24"),
+		netip.MustParsePrefix("198.51.100.0/24"),
+		netip.MustParsePrefix("203.0.113.0/24"),
+		netip.MustParsePrefix("240.0.0.0/4"), // includes 255.255.255.255
+		netip.MustParsePrefix("2001:db8::/32"),
+		netip.MustParsePrefix("fec0::/10"),
+	}
+	nat64 = netip.MustParsePrefix("64:ff9b::/96")
+)
+
+// checkAddr refuses an address the policy does not allow.
+func (p TokenHostPolicy) checkAddr(ip netip.Addr) error {
+	ip = ip.Unmap()
+	if nat64.Contains(ip) {
+		// The IPv4 address in the low 32 bits is where the packet goes.
+		b := ip.As16()
+		ip = netip.AddrFrom4([4]byte(b[12:]))
+	}
+	refuse := func(kind, fix string) error {
+		return fmt.Errorf("%w: address %s is %s; %s", ErrTokenHostRefused, ip, kind, fix)
+	}
+	inAny := func(ps []netip.Prefix) bool {
+		for _, pf := range ps {
+			if pf.Contains(ip) {
+				return true
+			}
+		}
+		return false
+	}
+	switch {
+	case !ip.IsValid():
+		return refuse("not an IP address", "check the token endpoint")
+	case ip.IsLoopback():
+		if !p.AllowLoopback {
+			return refuse("loopback", "a token endpoint on localhost is allowed only in the embedded dev mode (TokenHosts.AllowLoopback)")
+		}
+	case ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast():
+		return refuse("link-local (e.g. a cloud metadata service)", "token endpoints there are never allowed")
+	case ip.IsUnspecified() || ip.IsMulticast() || ip.IsInterfaceLocalMulticast() || inAny(reserved):
+		return refuse("unspecified, multicast or reserved", "token endpoints there are never allowed")
+	case ip.IsPrivate() || inAny(privateExtra):
+		if !p.AllowPrivate {
+			return refuse("private", "to call an authorization server inside the network set --allow-private-token-hosts (TokenHosts.AllowPrivate)")
+		}
+	}
+	return nil
+}
+
+// registrationLookupTimeout bounds the DNS lookup at registration. A lookup
+// that fails or times out does not refuse the registration: the check at
+// connect time is the one that counts, and a registration should not
+// depend on a resolver's bad minute.
+const registrationLookupTimeout = 2 * time.Second
+
+// CheckEndpoint checks a token endpoint URL at registration: its host must
+// match the allowed patterns, an IP literal must be an allowed address, and
+// every address a host name resolves to now must be allowed. Errors wrap
+// ErrTokenHostRefused and say what to change.
+func (p TokenHostPolicy) CheckEndpoint(ctx context.Context, endpoint string) error {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Hostname() == "" {
+		return fmt.Errorf("%w: token endpoint %q has no host; send an absolute https URL", ErrTokenHostRefused, endpoint)
+	}
+	host := u.Hostname()
+	if err := p.checkHost(host); err != nil {
+		return err
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return p.checkAddr(ip)
+	}
+	ctx, cancel := context.WithTimeout(ctx, registrationLookupTimeout)
+	defer cancel()
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil
+	}
+	for _, ip := range ips {
+		if err := p.checkAddr(ip); err != nil {
+			return fmt.Errorf("token endpoint host %q resolves to a refused address: %w", host, err)
+		}
+	}
+	return nil
+}
+
+// dialContext returns a DialContext for an http.Transport that enforces the
+// policy at connect time: the host name against the patterns before it is
+// resolved, and each resolved address in the dialer's Control hook, right
+// before the socket connects, so no later DNS answer can slip past. Refusals
+// are logged here, where host and address are both known.
+func (p TokenHostPolicy) dialContext(log *slog.Logger) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, fmt.Errorf("token endpoint address %q: %w", addr, err)
+		}
+		if err := p.checkHost(host); err != nil {
+			log.Warn("token endpoint refused at connect time", "host", host, "error", err)
+			return nil, err
+		}
+		d := &net.Dialer{
+			Timeout:   30 * time.Second,
+			KeepAlive: 30 * time.Second,
+			Control: func(_, address string, _ syscall.RawConn) error {
+				ap, err := netip.ParseAddrPort(address)
+				if err != nil {
+					return fmt.Errorf("%w: cannot parse dialed address %q", ErrTokenHostRefused, address)
+				}
+				if err := p.checkAddr(ap.Addr()); err != nil {
+					log.Warn("token endpoint refused at connect time", "host", host, "address", ap.Addr().String(), "error", err)
+					return err
+				}
+				return nil
+			},
+		}
+		return d.DialContext(ctx, network, addr)
+	}
+}

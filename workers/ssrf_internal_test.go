@@ -1,0 +1,156 @@
+package workers
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+)
+
+func TestTokenHostPolicyAddresses(t *testing.T) {
+	cases := []struct {
+		addr                  string
+		public, loopback, dev bool // allowed by: zero policy, AllowLoopback, AllowLoopback+AllowPrivate
+	}{
+		{"93.184.216.34", true, true, true},
+		{"2606:4700::1111", true, true, true},
+		{"127.0.0.1", false, true, true},
+		{"127.9.9.9", false, true, true},
+		{"::1", false, true, true},
+		{"::ffff:127.0.0.1", false, true, true},
+		{"10.1.2.3", false, false, true},
+		{"172.16.0.1", false, false, true},
+		{"192.168.1.1", false, false, true},
+		{"100.64.0.1", false, false, true},
+		{"fd00::1", false, false, true},
+		{"::ffff:10.0.0.1", false, false, true},
+		{"64:ff9b::a00:1", false, false, true}, // NAT64 of 10.0.0.1
+		{"169.254.169.254", false, false, false},
+		{"fe80::1", false, false, false},
+		{"0.0.0.0", false, false, false},
+		{"::", false, false, false},
+		{"224.0.0.1", false, false, false},
+		{"255.255.255.255", false, false, false},
+		{"192.0.2.1", false, false, false},
+	}
+	for _, c := range cases {
+		ip := netip.MustParseAddr(c.addr)
+		for _, p := range []struct {
+			name   string
+			policy TokenHostPolicy
+			want   bool
+		}{
+			{"zero", TokenHostPolicy{}, c.public},
+			{"loopback", TokenHostPolicy{AllowLoopback: true}, c.loopback},
+			{"loopback+private", TokenHostPolicy{AllowLoopback: true, AllowPrivate: true}, c.dev},
+		} {
+			err := p.policy.checkAddr(ip)
+			if got := err == nil; got != p.want {
+				t.Errorf("%s policy, %s: allowed=%v, want %v (err %v)", p.name, c.addr, got, p.want, err)
+			}
+			if err != nil && !errors.Is(err, ErrTokenHostRefused) {
+				t.Errorf("%s: error %v does not wrap ErrTokenHostRefused", c.addr, err)
+			}
+		}
+	}
+}
+
+func TestTokenHostPolicyPatterns(t *testing.T) {
+	p := TokenHostPolicy{Allowed: []string{"*.okta.com", "auth.example.com", "10.1.2.3"}}
+	for host, want := range map[string]bool{
+		"acme.okta.com":      true,
+		"a.b.okta.com":       true,
+		"ACME.Okta.com.":     true,
+		"okta.com":           false,
+		"evilokta.com":       false,
+		"okta.com.evil.net":  false,
+		"auth.example.com":   true,
+		"x.auth.example.com": false,
+		"10.1.2.3":           true,
+		"10.1.2.4":           false,
+	} {
+		if got := p.matchHost(host); got != want {
+			t.Errorf("matchHost(%q) = %v, want %v", host, got, want)
+		}
+	}
+	if !(TokenHostPolicy{}).matchHost("anything.example") {
+		t.Error("an empty allow-list refused a host")
+	}
+	for _, bad := range []string{"", "*", "*.", "http://x.com", "x.com:443", "a.*.com", ".x.com"} {
+		if err := (TokenHostPolicy{Allowed: []string{bad}}).validate(); err == nil {
+			t.Errorf("pattern %q was accepted", bad)
+		}
+	}
+}
+
+func TestCheckEndpoint(t *testing.T) {
+	ctx := context.Background()
+	cases := []struct {
+		policy   TokenHostPolicy
+		endpoint string
+		ok       bool
+	}{
+		{TokenHostPolicy{}, "https://93.184.216.34/token", true},
+		{TokenHostPolicy{}, "http://127.0.0.1:8080/token", false},
+		{TokenHostPolicy{AllowLoopback: true}, "http://127.0.0.1:8080/token", true},
+		{TokenHostPolicy{}, "https://169.254.169.254/latest/meta-data", false},
+		{TokenHostPolicy{}, "https://[fe80::1]/token", false},
+		// A name is resolved: localhost resolves to loopback.
+		{TokenHostPolicy{}, "http://localhost:8080/token", false},
+		{TokenHostPolicy{AllowLoopback: true}, "http://localhost:8080/token", true},
+		{TokenHostPolicy{Allowed: []string{"*.okta.com"}, AllowLoopback: true}, "http://127.0.0.1:8080/token", false},
+		{TokenHostPolicy{}, "no host", false},
+	}
+	for _, c := range cases {
+		err := c.policy.CheckEndpoint(ctx, c.endpoint)
+		if (err == nil) != c.ok {
+			t.Errorf("%+v %s: err %v, want ok=%v", c.policy, c.endpoint, err, c.ok)
+		}
+		if err != nil && !errors.Is(err, ErrTokenHostRefused) {
+			t.Errorf("%s: error %v does not wrap ErrTokenHostRefused", c.endpoint, err)
+		}
+	}
+}
+
+// The address check runs on the address actually dialed: a name that
+// passes the pattern check is still refused when it resolves to loopback.
+func TestDialerChecksResolvedAddress(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx := context.Background()
+
+	dial := TokenHostPolicy{Allowed: []string{"localhost"}}.dialContext(log)
+	if c, err := dial(ctx, "tcp", net.JoinHostPort("localhost", port)); err == nil {
+		c.Close()
+		t.Fatal("dialing localhost (loopback) was allowed by a policy without AllowLoopback")
+	} else if !errors.Is(err, ErrTokenHostRefused) {
+		t.Fatalf("dial error %v does not wrap ErrTokenHostRefused", err)
+	}
+	if _, err := dial(ctx, "tcp", net.JoinHostPort("127.0.0.1", port)); !errors.Is(err, ErrTokenHostRefused) {
+		t.Fatalf("host outside the allow-list: err %v, want ErrTokenHostRefused", err)
+	}
+
+	dial = TokenHostPolicy{AllowLoopback: true}.dialContext(log)
+	c, err := dial(ctx, "tcp", net.JoinHostPort("localhost", port))
+	if err != nil {
+		t.Fatalf("loopback allowed, dial: %v", err)
+	}
+	c.Close()
+}
