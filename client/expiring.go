@@ -7,15 +7,6 @@ import (
 	"github.com/authbus/authbus/events"
 )
 
-// lead is how long before expiry a token is reported as expiring: 10 % of
-// its lifetime, clamped to 30s–10m, and never more than half of it. It is
-// the rule of DESIGN.md ("auth.expiring"), the same the refreshers'
-// scheduler uses (workers.lead); the client does not import workers.
-func lead(lifetime time.Duration) time.Duration {
-	l := min(max(lifetime/10, 30*time.Second), 10*time.Minute)
-	return min(l, lifetime/2)
-}
-
 // scheduleExpiringLocked arranges the auth.expiring report of the token just
 // installed, replacing the report of the previous one.
 func (s *Source) scheduleExpiringLocked() {
@@ -27,7 +18,7 @@ func (s *Source) scheduleExpiringLocked() {
 	}
 	fp, exp := s.tok.Fingerprint, s.tok.ExpiresAt
 	// A token received already expired has no lifetime left: report it now.
-	at := exp.Add(-lead(max(exp.Sub(s.receivedAt), 0)))
+	at := exp.Add(-events.Lead(max(exp.Sub(s.receivedAt), 0)))
 	s.expiring = time.AfterFunc(time.Until(at), func() { s.reportExpiring(fp, exp) })
 }
 

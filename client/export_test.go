@@ -10,8 +10,5 @@ func SetEventHook(s *Source, f func(from string, version int64, applied bool)) {
 	s.onEvent = f
 }
 
-// Lead is the lead rule of WithExpiring, for tests.
-var Lead = lead
-
 // CleanURL is what an auth.401 event carries as the URL, for tests.
 var CleanURL = cleanURL

@@ -306,7 +306,9 @@ func (s *Source) requestToken(ctx context.Context) error {
 		return err
 	}
 	ev := new(events.Rotated)
-	if err := json.Unmarshal(reply.Data, ev); err == nil {
+	// Not "if err := …": a shadowed err would drop the verdict and apply
+	// a malformed reply as the token.
+	if err = json.Unmarshal(reply.Data, ev); err == nil {
 		err = ev.Validate()
 	}
 	if err != nil {

@@ -330,22 +330,6 @@ func TestSourceReportsExpiring(t *testing.T) {
 	}
 }
 
-func TestLead(t *testing.T) {
-	for _, tc := range []struct{ lifetime, want time.Duration }{
-		{4 * time.Second, 2 * time.Second},   // half the lifetime
-		{90 * time.Second, 30 * time.Second}, // the 30s floor
-		{time.Hour, 6 * time.Minute},         // 10 %
-		{24 * time.Hour, 10 * time.Minute},   // the 10m cap
-		{50 * time.Second, 25 * time.Second}, // floor, but ≤ half
-		{10 * time.Minute, 60 * time.Second}, // 10 %
-		{0, 0},
-	} {
-		if got := client.Lead(tc.lifetime); got != tc.want {
-			t.Errorf("lead(%v) = %v, want %v", tc.lifetime, got, tc.want)
-		}
-	}
-}
-
 func TestCleanURL(t *testing.T) {
 	// The URL of an auth.401 event keeps no secret that URLs may carry.
 	for in, want := range map[string]string{

@@ -22,6 +22,8 @@ import (
 
 	"go.uber.org/goleak"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/authbus/authbus/internal/fleet"
 )
 
 func TestMain(m *testing.M) {
@@ -941,7 +943,7 @@ func TestRefresherHealthcheck(t *testing.T) {
 	ref := exec.Command(filepath.Join(bins, "refresher"), "--listen", net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t))),
 		"--data-dir", t.TempDir(), "--metrics-addr="+opsAddr)
 	ref.Env = cleanEnv()
-	var log syncBuf
+	var log fleet.LogBuffer
 	ref.Stdout, ref.Stderr = &log, &log
 	if err := ref.Start(); err != nil {
 		t.Fatal(err)
@@ -975,21 +977,4 @@ func cleanEnv() []string {
 		}
 	}
 	return env
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -1,11 +1,14 @@
 package events_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/authbus/authbus/events"
 )
@@ -116,12 +119,20 @@ func FuzzDecodeRegisterRequest(f *testing.F) {
 	f.Add([]byte(`{"token":{"access_token":"at","expires_in":1,"expires_at":"2030-01-02T03:04:05Z"},"client_id":"c"}`))
 	f.Add([]byte(`{"token":null,"Client_ID":"c","x":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		// Whatever the body, padded past the limit it is refused for its size.
+		if len(b) <= events.MaxRegisterSize {
+			big := append(bytes.Repeat([]byte(" "), events.MaxRegisterSize+1-len(b)), b...)
+			if _, err := events.DecodeRegisterRequest(big); err == nil || !strings.HasPrefix(err.Error(), "register request: size is ") {
+				t.Fatalf("a %d-byte body: %v, want a refusal naming the size", len(big), err)
+			}
+		}
 		r, err := events.DecodeRegisterRequest(b)
 		if err != nil {
 			if !errors.Is(err, events.ErrInvalidRequest) {
 				t.Fatalf("error %v does not wrap ErrInvalidRequest", err)
 			}
 			checkOneLine(t, err)
+			checkNamesField(t, b, err)
 			return
 		}
 		if err := r.Validate(); err != nil {
@@ -184,6 +195,26 @@ func FuzzSubjectsParse(f *testing.F) {
 			t.Fatalf("ParseEvent(%q) = %s, %+v, which builds %q", subject, typ, k2, s.Event(typ, k))
 		}
 	})
+}
+
+// registerField matches the start of a register refusal: the size, the body
+// as a whole, a field of the request by its JSON path, or an unknown member
+// by its quoted path.
+var registerField = regexp.MustCompile(`^register request: (size|body|token(\.(access_token|token_type|refresh_token|expires_in|expires_at))?|token_endpoint|issuer|client_id|client_secret|auth_style|grant|scopes(\[\d+\])?|resource|"(\\.|[^"\\])*"…?) `)
+
+// checkNamesField fails unless the refusal err of the register body b
+// starts by naming the field at fault, or the size; "body" is only for a
+// body that is not one JSON object in UTF-8, or one that repeats a field
+// (which the message then names).
+func checkNamesField(t *testing.T, b []byte, err error) {
+	t.Helper()
+	m := registerField.FindStringSubmatch(err.Error())
+	if m == nil {
+		t.Fatalf("refusal names no field: %q", err)
+	}
+	if m[1] == "body" && !strings.HasPrefix(err.Error(), "register request: body has the field ") && json.Valid(b) && utf8.Valid(b) && bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) {
+		t.Fatalf("refusal of a JSON object blames the whole body: %q", err)
+	}
 }
 
 // checkOneLine fails when err's message spans lines: messages become

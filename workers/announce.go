@@ -96,19 +96,56 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 		}
 		return
 	}
-	at := scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
-	data, err := events.Encode(c.Key, p.cfg.Source, events.Expiring{Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
+	msg, opts, err := p.scheduleMsg(c)
 	if err == nil {
-		msg := nats.NewMsg(p.subj.Schedule(c.Key))
-		msg.Data = data
-		_, err = p.js.PublishMsg(ctx, msg,
-			jetstream.WithScheduleAt(at),
-			jetstream.WithScheduleTarget(p.subj.Event(events.TypeExpiring, c.Key)))
+		_, err = p.js.PublishMsg(ctx, msg, opts...)
 	}
 	if err != nil {
 		p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
 			"key", c.Key.String(), "error", err)
 	}
+}
+
+// scheduleAsync is schedule for the refresh path: the publish ack is
+// checked in the background instead of costing the refresh a round trip.
+func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
+	if c.ExpiresAt.IsZero() {
+		p.schedule(ctx, c) // the rare purge stays synchronous
+		return
+	}
+	msg, opts, err := p.scheduleMsg(c)
+	var ack jetstream.PubAckFuture
+	if err == nil {
+		ack, err = p.js.PublishMsgAsync(msg, opts...)
+	}
+	if err != nil {
+		p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
+			"key", c.Key.String(), "error", err)
+		return
+	}
+	p.bg.Go(func() {
+		select {
+		case <-ack.Ok():
+		case err := <-ack.Err():
+			p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
+				"key", c.Key.String(), "error", err)
+		}
+	})
+}
+
+// scheduleMsg builds the schedule of c's proactive refresh.
+func (p *Pool) scheduleMsg(c *kv.Credential) (*nats.Msg, []jetstream.PublishOpt, error) {
+	at := scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
+	data, err := events.Encode(c.Key, p.cfg.Source, events.Expiring{Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
+	if err != nil {
+		return nil, nil, err
+	}
+	msg := nats.NewMsg(p.subj.Schedule(c.Key))
+	msg.Data = data
+	return msg, []jetstream.PublishOpt{
+		jetstream.WithScheduleAt(at),
+		jetstream.WithScheduleTarget(p.subj.Event(events.TypeExpiring, c.Key)),
+	}, nil
 }
 
 // scheduleAt is when the proactive refresh of c fires: at a point r ∈ [0,1)
@@ -132,12 +169,5 @@ func (p *Pool) lead(c *kv.Credential) time.Duration {
 	if p.cfg.RefreshLead > 0 {
 		return min(p.cfg.RefreshLead, lifetime/2)
 	}
-	return lead(lifetime)
-}
-
-// lead is the default rule of DESIGN.md: 10 % of the token's lifetime,
-// clamped to 30s–10m, and never more than half of it.
-func lead(lifetime time.Duration) time.Duration {
-	l := min(max(lifetime/10, 30*time.Second), 10*time.Minute)
-	return min(l, lifetime/2)
+	return events.Lead(lifetime)
 }

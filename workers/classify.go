@@ -3,6 +3,7 @@ package workers
 import (
 	"context"
 	"errors"
+	"math"
 	"net/http"
 	"strconv"
 	"time"
@@ -93,6 +94,11 @@ func retryAfter(v string, now time.Time) time.Duration {
 		if secs < 0 {
 			return 0
 		}
+		if secs > int(math.MaxInt64/int64(time.Second)) {
+			// Beyond what a Duration holds: the longest wait there is,
+			// never a wrapped-around negative one.
+			return math.MaxInt64
+		}
 		return time.Duration(secs) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
@@ -100,3 +106,8 @@ func retryAfter(v string, now time.Time) time.Duration {
 	}
 	return 0
 }
+
+// maxRetryAfter bounds how long a Retry-After holds an event back: a server
+// asking for days (or an overflowing header) must not park a credential
+// past the point where its token expires and a person notices.
+const maxRetryAfter = time.Hour

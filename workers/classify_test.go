@@ -91,16 +91,3 @@ func TestBreakerCountsOnlyTransientFailures(t *testing.T) {
 		t.Error("one endpoint's failures opened another endpoint's breaker")
 	}
 }
-
-func TestLead(t *testing.T) {
-	for _, tc := range []struct{ lifetime, want time.Duration }{
-		{time.Hour, 6 * time.Minute},
-		{24 * time.Hour, 10 * time.Minute},
-		{2 * time.Minute, 30 * time.Second},
-		{20 * time.Second, 10 * time.Second},
-	} {
-		if got := lead(tc.lifetime); got != tc.want {
-			t.Errorf("lead(%v) = %v, want %v", tc.lifetime, got, tc.want)
-		}
-	}
-}

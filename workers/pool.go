@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"time"
 
@@ -37,9 +38,13 @@ type Pool struct {
 	work     jetstream.Stream // AUTH_EVENTS: events and pending schedules
 	reauth   jetstream.Stream
 	breakers *breakers
-	log      *slog.Logger
-	tracer   trace.Tracer
-	metrics  *metrics
+	// bg holds the work a refresh leaves behind after its ack (lease
+	// release, the schedule's publish ack) so that it costs no round trip
+	// on the refresh path; Run waits for it before returning.
+	bg      sync.WaitGroup
+	log     *slog.Logger
+	tracer  trace.Tracer
+	metrics *metrics
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -53,7 +58,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("workers config: Prefix: %w", err)
 	}
-	js, err := jetstream.New(nc)
+	// Async publishes (the schedules) must resolve even when the
+	// connection dies, or Run would wait for their acks forever.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(10*time.Second))
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
@@ -148,6 +155,7 @@ func (p *Pool) Run(ctx context.Context) error {
 		})
 	}
 	_ = g.Wait()
+	p.bg.Wait()
 	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)
 	return nil
 }
@@ -322,11 +330,14 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	if err != nil {
 		return nak(outNATS, p.backoff(attempt), err.Error())
 	}
-	defer func() {
+	defer p.bg.Go(func() {
+		// After the ack, not before: the result is stored and announced,
+		// and the release is fenced by the lease's revision, so waiting for
+		// it would only add a round trip to every refresh.
 		if err := lease.Release(context.WithoutCancel(ctx)); err != nil && !errors.Is(err, kv.ErrLeaseLost) {
 			p.log.Warn("lease release failed; it expires by itself", "key", key.String(), "error", err)
 		}
-	}()
+	})
 	// A peer may have rotated and released between our read and our claim:
 	// decide again on what is stored now. This read's revision fences the
 	// store of step 6.
@@ -368,7 +379,7 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	case canceled:
 		return nak(outCanceled, 0, "refresh canceled by shutdown")
 	default:
-		delay := o.retryAfter
+		delay := min(o.retryAfter, maxRetryAfter)
 		if delay == 0 {
 			delay = p.backoff(attempt)
 		}
@@ -490,7 +501,7 @@ func (p *Pool) storeRotation(ctx context.Context, lease *kv.Lease, old *kv.Crede
 	if err := p.announceRotated(ctx, c); err != nil {
 		p.log.Warn("announcing a rotation failed; runtimes will get it from auth.token", "key", c.Key.String(), "error", err)
 	}
-	p.schedule(ctx, c)
+	p.scheduleAsync(ctx, c)
 	r := ack(outRotated)
 	r.version = c.Version
 	return r
@@ -499,20 +510,25 @@ func (p *Pool) storeRotation(ctx context.Context, lease *kv.Lease, old *kv.Crede
 // updateRetrying retries a CAS update through short NATS outages: the token
 // it carries was already redeemed and cannot be fetched again.
 func (p *Pool) updateRetrying(ctx context.Context, c *kv.Credential, rev uint64) (uint64, error) {
-	var err error
-	for i := range 5 {
-		var nrev uint64
-		nrev, err = p.store.Update(ctx, c, rev)
+	// Keep trying for as long as the lease lives: these are new tokens
+	// whose refresh token is already redeemed, and a KV leader election
+	// can take seconds. Giving up costs the user a login.
+	deadline := time.Now().Add(p.cfg.LeaseTTL)
+	for i := 0; ; i++ {
+		nrev, err := p.store.Update(ctx, c, rev)
 		if err == nil || errors.Is(err, kv.ErrConflict) {
 			return nrev, err
 		}
+		wait := min(time.Duration(100<<min(i, 4))*time.Millisecond, time.Second)
+		if time.Now().Add(wait).After(deadline) {
+			return 0, err
+		}
 		select {
-		case <-time.After(time.Duration(100<<i) * time.Millisecond):
+		case <-time.After(wait):
 		case <-ctx.Done():
 			return 0, err
 		}
 	}
-	return 0, err
 }
 
 // permanentFailure handles an OAuth error that no retry can fix — unless
@@ -548,7 +564,7 @@ func (p *Pool) lostRace(ctx context.Context, cur *kv.Credential) result {
 // the runtimes.
 func (p *Pool) needsReauth(ctx context.Context, old *kv.Credential, rev uint64, reason, description string) result {
 	c := old.Clone()
-	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, description
+	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, scrub(description, old)
 	c.UpdatedAt = time.Now().UTC()
 	if _, err := p.storeCredential(ctx, c, rev); err != nil {
 		if errors.Is(err, kv.ErrConflict) {
@@ -590,4 +606,16 @@ func jitter(d time.Duration) time.Duration {
 		return d
 	}
 	return d/2 + rand.N(d/2+1)
+}
+
+// scrub removes c's secrets from text an authorization server wrote: some
+// echo the refresh token in error_description, and the description is
+// stored, published and kept for 30 days.
+func scrub(text string, c *kv.Credential) string {
+	for _, secret := range []kv.Secret{c.RefreshToken, c.ClientSecret, c.AccessToken} {
+		if s := secret.Reveal(); len(s) >= 4 {
+			text = strings.ReplaceAll(text, s, "[redacted]")
+		}
+	}
+	return text
 }

@@ -4,13 +4,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
 )
 
 func TestScheduleAt(t *testing.T) {
 	now := time.Date(2026, 11, 30, 12, 0, 0, 300e6, time.UTC)
 	hour := &kv.Credential{ReceivedAt: now, ExpiresAt: now.Add(time.Hour)}
-	l := lead(time.Hour) // 6m
+	l := events.Lead(time.Hour) // 6m
 	for _, tc := range []struct {
 		name     string
 		c        *kv.Credential
@@ -22,7 +23,7 @@ func TestScheduleAt(t *testing.T) {
 		{"already expired", &kv.Credential{ReceivedAt: now.Add(-time.Hour), ExpiresAt: now.Add(-time.Minute)}, 0.5,
 			now.Add(time.Second).Truncate(time.Second), now.Add(time.Second).Truncate(time.Second)},
 	} {
-		at := scheduleAt(tc.c, lead(tc.c.ExpiresAt.Sub(tc.c.ReceivedAt)), now, tc.r)
+		at := scheduleAt(tc.c, events.Lead(tc.c.ExpiresAt.Sub(tc.c.ReceivedAt)), now, tc.r)
 		if at.Before(tc.from) || at.After(tc.to) {
 			t.Errorf("%s: at %s, want within [%s, %s]", tc.name, at.Format(time.TimeOnly), tc.from.Format(time.TimeOnly), tc.to.Format(time.TimeOnly))
 		}
@@ -30,7 +31,7 @@ func TestScheduleAt(t *testing.T) {
 			t.Errorf("%s: at %s is not a whole second", tc.name, at)
 		}
 		// Rounding up keeps the refresh due when it arrives.
-		if due := tc.c.ExpiresAt.Add(-lead(tc.c.ExpiresAt.Sub(tc.c.ReceivedAt))); at.Before(due) {
+		if due := tc.c.ExpiresAt.Add(-events.Lead(tc.c.ExpiresAt.Sub(tc.c.ReceivedAt))); at.Before(due) {
 			t.Errorf("%s: fires at %s, before it is due at %s", tc.name, at, due)
 		}
 	}

@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/fleet"
 )
@@ -45,32 +43,7 @@ func runStorm(b *testing.B, creds, publishers int) {
 
 	var mu sync.Mutex
 	first := make(map[string]time.Time, creds)
-	rotatedAt := make(map[string]time.Time, creds)
-	done := make(chan struct{})
-	sub, err := bd.NC.Subscribe(bd.Subj.Prefix()+".rotated.>", func(m *nats.Msg) {
-		now := time.Now()
-		_, key, err := bd.Subj.ParseEvent(m.Subject)
-		if err != nil {
-			return
-		}
-		ev, err := events.Decode(events.TypeRotated, key, m.Data)
-		if err != nil || ev.Rotated.Version != 2 {
-			return
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		if _, seen := rotatedAt[key.String()]; !seen {
-			rotatedAt[key.String()] = now
-			if len(rotatedAt) == creds {
-				close(done)
-			}
-		}
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	_ = bd.NC.Flush()
+	rotations := bd.WatchRotations(b, 2, creds)
 
 	b.StartTimer()
 	start := time.Now()
@@ -93,16 +66,16 @@ func runStorm(b *testing.B, creds, publishers int) {
 	wg.Wait()
 	published := time.Since(start)
 	select {
-	case <-done:
+	case <-rotations.Done:
 	case <-time.After(2 * time.Minute):
-		b.Fatalf("only %d of %d credentials rotated within 2m", len(rotatedAt), creds)
+		b.Fatalf("only %d of %d credentials rotated within 2m", rotations.Count(), creds)
 	}
 	total := time.Since(start)
 	b.StopTimer()
 
 	lat := make([]time.Duration, 0, creds)
 	mu.Lock()
-	for k, at := range rotatedAt {
+	for k, at := range rotations.At() {
 		lat = append(lat, at.Sub(first[k]))
 	}
 	mu.Unlock()

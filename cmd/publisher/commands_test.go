@@ -287,7 +287,7 @@ func TestWatchHidesTokens(t *testing.T) {
 	tok := b.AS.Issue(fleet.ClientID)
 
 	type watcher struct {
-		stdout, stderr syncBuf
+		stdout, stderr fleet.LogBuffer
 		done           chan int
 	}
 	start := func(args ...string) *watcher {
@@ -348,7 +348,7 @@ func TestWatchHidesTokens(t *testing.T) {
 
 	// Interrupted (its context ends): exit 0, nothing printed.
 	ctx, cancel := context.WithCancel(context.Background())
-	var o, e syncBuf
+	var o, e fleet.LogBuffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, []string{"watch", "--nats-url", b.url, "other"}, strings.NewReader(""), &o, &e)

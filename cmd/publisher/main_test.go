@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -61,7 +59,7 @@ func (b *bundle) publisher(t *testing.T, stdin string, args ...string) result {
 
 func runCmd(t *testing.T, ctx context.Context, stdin string, args ...string) result {
 	t.Helper()
-	var out, errOut syncBuf
+	var out, errOut fleet.LogBuffer
 	code := run(ctx, args, strings.NewReader(stdin), &out, &errOut)
 	return result{code: code, out: out.String(), errOut: errOut.String()}
 }
@@ -105,23 +103,6 @@ func mustNotContain(t *testing.T, what, s string, secrets ...string) {
 			t.Errorf("%s shows a secret (%.8s…):\n%s", what, secret, s)
 		}
 	}
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // ---------------------------------------------------------------- help

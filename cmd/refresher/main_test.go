@@ -9,12 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/fleet"
 )
 
 // TestREADMEQuickStart runs the README's commands with the real binaries: a
@@ -35,7 +35,7 @@ func TestREADMEQuickStart(t *testing.T) {
 	natsURL := "nats://" + addr
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr, "--metrics-addr", "")
 	refresher.Env = cleanEnv()
-	var refLog syncBuf
+	var refLog fleet.LogBuffer
 	refresher.Stderr = &refLog
 	if err := refresher.Start(); err != nil {
 		t.Fatal(err)
@@ -57,7 +57,7 @@ func TestREADMEQuickStart(t *testing.T) {
 		return cmd
 	}
 	watch := publisher("", "watch", "--count", "2", "--for", "30s", "acme.alice.github")
-	var watchOut, watchErr syncBuf
+	var watchOut, watchErr fleet.LogBuffer
 	watch.Stdout, watch.Stderr = &watchOut, &watchErr
 	if err := watch.Start(); err != nil {
 		t.Fatal(err)
@@ -160,7 +160,7 @@ func cleanEnv() []string {
 	return env
 }
 
-func waitForText(t *testing.T, b *syncBuf, text string, d time.Duration) {
+func waitForText(t *testing.T, b *fleet.LogBuffer, text string, d time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
@@ -173,23 +173,6 @@ func waitForText(t *testing.T, b *syncBuf, text string, d time.Duration) {
 			t.Fatalf("%q did not appear within %v:\n%s", text, d, b.String())
 		}
 	}
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestRedactURLs(t *testing.T) {

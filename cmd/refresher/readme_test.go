@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/internal/natstest"
 )
 
@@ -185,7 +186,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 
 	type background struct {
 		cmd    *exec.Cmd
-		out    *syncBuf
+		out    *fleet.LogBuffer
 		exited chan error
 	}
 	var daemons []*background
@@ -202,7 +203,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		cmd := exec.Command("bash", "-c", "exec "+c)
 		// Two refreshers on one machine need their own operations listener.
 		cmd.Dir, cmd.Env = work, append(env, "AUTHBUS_METRICS_ADDR="+freeAddr(t))
-		d := &background{cmd: cmd, out: &syncBuf{}, exited: make(chan error, 1)}
+		d := &background{cmd: cmd, out: &fleet.LogBuffer{}, exited: make(chan error, 1)}
 		cmd.Stdout, cmd.Stderr = d.out, d.out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

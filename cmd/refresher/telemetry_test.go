@@ -18,6 +18,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/fleet"
 )
 
 // Done-when 6: the built refresher prints its spans with
@@ -45,7 +46,7 @@ func TestBinaryTelemetry(t *testing.T) {
 			addr, metricsAddr := freeAddr(t), freeAddr(t)
 			cmd := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", t.TempDir(), "--listen", addr, "--metrics-addr", metricsAddr)
 			cmd.Env = append(envWithoutOTel(), tc.env...)
-			var stdout, stderr syncBuf
+			var stdout, stderr fleet.LogBuffer
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)

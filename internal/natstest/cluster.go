@@ -215,6 +215,17 @@ func (c *Cluster) WaitMetaLeader() {
 	c.t.Fatal("natstest: no JetStream meta leader within 20s")
 }
 
+// MetaLeader returns the index of the server that is the JetStream meta
+// leader, or -1 when none is right now.
+func (c *Cluster) MetaLeader() int {
+	for i, s := range c.Servers() {
+		if s != nil && s.JetStreamIsLeader() {
+			return i
+		}
+	}
+	return -1
+}
+
 // StreamLeader returns the index of the server that leads stream in the
 // global account, or -1 when none does right now.
 func (c *Cluster) StreamLeader(stream string) int {
