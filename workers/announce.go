@@ -113,6 +113,13 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 		p.schedule(ctx, c) // the rare purge stays synchronous
 		return
 	}
+	if p.nc.IsClosed() {
+		// nats.go starts its async-publish watcher on the first async
+		// publish; on a closed connection that goroutine never ends.
+		p.log.Warn("not scheduling the proactive refresh: the NATS connection is closed; the credential will be refreshed on its next 401",
+			"key", c.Key.String())
+		return
+	}
 	msg, opts, err := p.scheduleMsg(c)
 	var ack jetstream.PubAckFuture
 	if err == nil {
