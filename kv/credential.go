@@ -26,7 +26,7 @@ const (
 type Credential struct {
 	Key           events.Key
 	Version       int64     // 1 at first registration, +1 per rotation or re-registration
-	AccessToken   Secret    // stored in plain text in KV (it is served by auth.token), but redacted in logs
+	AccessToken   Secret    // sealed at rest (schema 2); served by auth.token
 	TokenType     string    // as the server gave it, e.g. "Bearer"
 	Fingerprint   string    // of AccessToken
 	ExpiresAt     time.Time // absolute; zero = no expiry
@@ -62,8 +62,10 @@ func (c *Credential) Clone() *Credential {
 }
 
 // recordSchema versions the stored form, so that a later change of layout
-// can be read next to records written by older refreshers.
-const recordSchema = 1
+// can be read next to records written by older refreshers. Schema 2 seals
+// the access token too (schema 1 stored it in plain text, and a store file
+// is then as good as the token); schema 1 records are still read.
+const recordSchema = 2
 
 // record is the stored JSON form of a Credential. The key is not stored: it
 // is the KV key, and it is the seal's additional data, so a record copied to
@@ -71,7 +73,8 @@ const recordSchema = 1
 type record struct {
 	Schema        int       `json:"schema"`
 	Version       int64     `json:"version"`
-	AccessToken   string    `json:"access_token,omitempty"`
+	AccessToken   string    `json:"access_token,omitempty"` // schema 1 only
+	SealedAccess  *Sealed   `json:"sealed_access_token,omitempty"`
 	TokenType     string    `json:"token_type,omitempty"`
 	Fingerprint   string    `json:"fingerprint,omitempty"`
 	ExpiresAt     time.Time `json:"expires_at,omitzero"`
@@ -90,8 +93,8 @@ type record struct {
 	UpdatedAt     time.Time `json:"updated_at,omitzero"`
 }
 
-// encodeCredential seals c's refresh token and client secret and returns
-// the bytes to store.
+// encodeCredential seals c's access token, refresh token and client secret
+// and returns the bytes to store.
 func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
 	aad := []byte(c.Key.String())
 	seal := func(s Secret) (*Sealed, error) {
@@ -100,6 +103,10 @@ func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
 		}
 		sealed, err := ring.Seal([]byte(s.Reveal()), aad)
 		return &sealed, err
+	}
+	at, err := seal(c.AccessToken)
+	if err != nil {
+		return nil, err
 	}
 	rt, err := seal(c.RefreshToken)
 	if err != nil {
@@ -112,7 +119,7 @@ func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
 	return json.Marshal(record{
 		Schema:        recordSchema,
 		Version:       c.Version,
-		AccessToken:   c.AccessToken.Reveal(),
+		SealedAccess:  at,
 		TokenType:     c.TokenType,
 		Fingerprint:   c.Fingerprint,
 		ExpiresAt:     c.ExpiresAt,
@@ -138,8 +145,8 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 	if err := json.Unmarshal(data, &r); err != nil {
 		return nil, fmt.Errorf("stored record is not valid JSON: %w", err)
 	}
-	if r.Schema != recordSchema {
-		return nil, fmt.Errorf("stored record has schema %d, this build reads schema %d; run a refresher version that knows it", r.Schema, recordSchema)
+	if r.Schema != 1 && r.Schema != recordSchema {
+		return nil, fmt.Errorf("stored record has schema %d, this build reads schemas 1 and %d; run a refresher version that knows it", r.Schema, recordSchema)
 	}
 	aad := []byte(k.String())
 	open := func(field string, s *Sealed) (Secret, error) {
@@ -152,6 +159,13 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 		}
 		return Secret(pt), nil
 	}
+	at := Secret(r.AccessToken) // schema 1
+	if r.SealedAccess != nil {
+		var err error
+		if at, err = open("access_token", r.SealedAccess); err != nil {
+			return nil, err
+		}
+	}
 	rt, err := open("refresh_token", r.RefreshToken)
 	if err != nil {
 		return nil, err
@@ -163,7 +177,7 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 	return &Credential{
 		Key:           k,
 		Version:       r.Version,
-		AccessToken:   Secret(r.AccessToken),
+		AccessToken:   at,
 		TokenType:     r.TokenType,
 		Fingerprint:   r.Fingerprint,
 		ExpiresAt:     r.ExpiresAt,

@@ -179,7 +179,7 @@ func sealedKeyIDs(data []byte) ([]string, error) {
 		return nil, fmt.Errorf("stored record is not valid JSON: %w", err)
 	}
 	var ids []string
-	for _, s := range []*Sealed{r.RefreshToken, r.ClientSecret} {
+	for _, s := range []*Sealed{r.SealedAccess, r.RefreshToken, r.ClientSecret} {
 		if s != nil && !slices.Contains(ids, s.KeyID) {
 			ids = append(ids, s.KeyID)
 		}

@@ -47,7 +47,7 @@ func (c StoreConfig) validate() error {
 }
 
 // Store is the credential store: one JSON record per credential key, with
-// the refresh token and client secret sealed. Every write is a
+// the access token, refresh token and client secret sealed. Every write is a
 // compare-and-set on the revision the writer read, so a late writer gets
 // ErrConflict instead of overwriting newer tokens. A Store is safe for
 // concurrent use; the Credentials it returns are the caller's own.
@@ -68,7 +68,7 @@ func NewStore(ctx context.Context, js jetstream.JetStream, cfg StoreConfig, ring
 	}
 	bucket, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 		Bucket:      cfg.Bucket,
-		Description: "authbus credentials (refresh tokens and client secrets sealed)",
+		Description: "authbus credentials (tokens and client secrets sealed)",
 		History:     uint8(cfg.History),
 		Replicas:    cfg.Replicas,
 	})

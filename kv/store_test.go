@@ -2,6 +2,7 @@ package kv
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"reflect"
 	"slices"
@@ -112,12 +113,12 @@ func TestStoreSealedAtRest(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw := entry.Value()
-	for _, secret := range []Secret{c.RefreshToken, c.ClientSecret} {
+	for _, secret := range []Secret{c.AccessToken, c.RefreshToken, c.ClientSecret} {
 		if bytes.Contains(raw, []byte(secret.Reveal())) {
 			t.Fatalf("stored bytes contain a plain secret:\n%s", raw)
 		}
 	}
-	for _, want := range []string{`"schema":1`, `"access_token":"at-acme.alice.github"`, `"refresh_token":{"kid":"test-1"`, `"client_secret":{"kid":"test-1"`} {
+	for _, want := range []string{`"schema":2`, `"sealed_access_token":{"kid":"test-1"`, `"refresh_token":{"kid":"test-1"`, `"client_secret":{"kid":"test-1"`} {
 		if !bytes.Contains(raw, []byte(want)) {
 			t.Fatalf("stored bytes lack %s:\n%s", want, raw)
 		}
@@ -311,5 +312,44 @@ func TestCredential(t *testing.T) {
 	cp.Scopes[0] = "changed"
 	if c.Scopes[0] != "openid" {
 		t.Fatal("Clone shares Scopes")
+	}
+}
+
+// Records written before the access token was sealed (schema 1) still read.
+func TestStoreReadsSchema1(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	c := testCredential(t, "acme.old.github")
+	if _, err := b.store.Create(b.ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	entry, err := b.store.Bucket().Get(b.ctx, c.Key.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec map[string]any
+	if err := json.Unmarshal(entry.Value(), &rec); err != nil {
+		t.Fatal(err)
+	}
+	delete(rec, "sealed_access_token")
+	rec["schema"], rec["access_token"] = 1, c.AccessToken.Reveal()
+	old, _ := json.Marshal(rec)
+	if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), old); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := b.store.Get(b.ctx, c.Key)
+	if err != nil {
+		t.Fatalf("Get of a schema 1 record: %v", err)
+	}
+	if got.AccessToken != c.AccessToken || got.RefreshToken != c.RefreshToken {
+		t.Error("a schema 1 record did not read back its tokens")
+	}
+	rec["schema"] = 3
+	future, _ := json.Marshal(rec)
+	if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), future); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.store.Get(b.ctx, c.Key); err == nil || !strings.Contains(err.Error(), "schema 3") {
+		t.Errorf("Get of a schema 3 record: %v, want an error naming the schema", err)
 	}
 }

@@ -5,10 +5,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"io/fs"
-	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,7 +17,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/authbus/authbus/events"
@@ -36,11 +33,9 @@ import (
 //
 // Refresh tokens and client secrets may appear only in auth.register
 // requests (the protocol carries them there). Access tokens may appear only
-// in auth.register requests, auth.rotated events and auth.token replies,
-// and in the credential record, which stores the access token in plain
-// text by design (it is served by auth.token): its KV traffic is allowed
-// and reported, and the disk is searched for refresh tokens and client
-// secrets only.
+// in auth.register requests, auth.rotated events and auth.token replies:
+// the credential record seals them like the other secrets, so neither its
+// KV traffic nor the store files may hold one.
 func TestCanaryEveryChannel(t *testing.T) {
 	o := setupObserved(t)
 	tap := newWiretap(t, o.Fleet)
@@ -207,7 +202,7 @@ func TestCanaryEveryChannel(t *testing.T) {
 	}
 
 	// The bus.
-	var kvRecords, tokenReplies, rotatedEvents int
+	var tokenReplies, rotatedEvents int
 	for _, m := range msgs {
 		if m.Header.Get(baitHeader) != "" {
 			continue // the careless runtime's own messages
@@ -226,15 +221,13 @@ func TestCanaryEveryChannel(t *testing.T) {
 				rotatedEvents++
 			case tap.isTokenReply(m.Subject):
 				tokenReplies++
-			case isCredentialRecord(m, o.Subj.BucketName("CREDENTIALS")):
-				kvRecords++
 			default:
 				t.Errorf("a message on %s (reply %s) holds an access token (%.6s…); only auth.rotated and auth.token replies may", m.Subject, m.Reply, s.value)
 			}
 		}
 	}
-	t.Logf("wiretap: %d messages; access tokens in %d auth.rotated events, %d auth.token replies, and %d credential-record messages (KV puts, gets, watch deliveries)",
-		len(msgs), rotatedEvents, tokenReplies, kvRecords)
+	t.Logf("wiretap: %d messages; access tokens in %d auth.rotated events and %d auth.token replies",
+		len(msgs), rotatedEvents, tokenReplies)
 	if rotatedEvents == 0 || tokenReplies == 0 {
 		t.Error("the wiretap saw no access token where one belongs: the search there proves nothing")
 	}
@@ -245,7 +238,6 @@ func TestCanaryEveryChannel(t *testing.T) {
 	o.Srv.WaitForShutdown()
 	var files, size int
 	var fingerprintSeen bool
-	accessOnDisk := map[string]bool{}
 	err = filepath.WalkDir(storeDir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err
@@ -262,10 +254,6 @@ func TestCanaryEveryChannel(t *testing.T) {
 			if s.kind == kindBait || !s.found(raw) {
 				continue
 			}
-			if s.kind == kindAccess {
-				accessOnDisk[rel] = true
-				continue
-			}
 			t.Errorf("store file %s holds a %s (%.6s…)", rel, s.kind, s.value)
 		}
 		return nil
@@ -278,9 +266,6 @@ func TestCanaryEveryChannel(t *testing.T) {
 	}
 	t.Logf("store: %d files, %d bytes searched; %d refresh tokens, %d client secrets, %d access tokens looked for (plain and base64)",
 		files, size, len(sec.refreshTokens), len(sec.clientSecrets), len(sec.accessTokens))
-	if len(accessOnDisk) > 0 {
-		t.Logf("finding: access tokens are stored in plain text, in %v (kv.Credential.AccessToken is not sealed)", slices.Sorted(maps.Keys(accessOnDisk)))
-	}
 }
 
 // baitHeader marks the messages the test publishes with a secret in them
@@ -450,25 +435,6 @@ func (w *wiretap) stop(t *testing.T) []tapped {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return slices.Clone(w.got)
-}
-
-// isCredentialRecord reports a message that carries a stored credential
-// record: a put to the bucket, a direct get's answer, or a watch delivery.
-func isCredentialRecord(m tapped, bucket string) bool {
-	kvSubject := "$KV." + bucket + "."
-	switch {
-	case strings.HasPrefix(m.Subject, kvSubject),
-		strings.HasPrefix(m.Header.Get(jetstream.SubjectHeader), kvSubject),
-		strings.HasPrefix(m.Reply, "$JS.ACK.KV_"+bucket+"."):
-		return true
-	}
-	// A stream message get ($JS.API.STREAM.MSG.GET) answers in JSON.
-	var r struct {
-		Message struct {
-			Subject string `json:"subject"`
-		} `json:"message"`
-	}
-	return json.Unmarshal(m.Data, &r) == nil && strings.HasPrefix(r.Message.Subject, kvSubject)
 }
 
 // spanTexts is every text a span carries: name, status, attributes, events

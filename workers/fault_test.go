@@ -1142,8 +1142,10 @@ func TestFaultClusterLeaderLoss(t *testing.T) {
 		}
 		select {
 		case <-firstCall:
-		case <-time.After(20 * time.Second):
-			t.Fatal("no token call within 20s")
+		case <-time.After(45 * time.Second):
+			// Generous: a loaded CI machine re-electing after the
+			// previous kill's restart; the pools re-pull within seconds.
+			t.Fatal("no token call within 45s")
 		}
 		i := victim()
 		if i < 0 {

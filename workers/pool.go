@@ -118,6 +118,13 @@ func (p *Pool) Run(ctx context.Context) error {
 		// A pull batch near the worker count: the default of 500 lets one
 		// process hoard a storm while the others idle.
 		jetstream.PullMaxMessages(p.cfg.Workers),
+		// Pull requests lost in a consumer leader change are noticed by
+		// missed heartbeats (twice the interval) and re-issued: with the
+		// defaults (30s expiry, 15s heartbeat) a failover stalls a pool
+		// for 30s; with these, for about 4s, at the cost of a small
+		// heartbeat message every 2s.
+		jetstream.PullExpiry(10*time.Second),
+		jetstream.PullHeartbeat(2*time.Second),
 	)
 	if err != nil {
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), consumerName, err)
