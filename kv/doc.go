@@ -3,11 +3,11 @@
 //
 // The credential store ([Store]) holds one record per credential key, updated
 // only by compare-and-set on the revision that was read, so a late writer
-// finds out ([ErrConflict]) instead of overwriting newer tokens. Refresh
-// tokens and client secrets are sealed at rest with AES-256-GCM under a
-// [KeyRing], bound to their credential key; the access token is stored in the
-// clear because the token service hands it out, but like every secret it is a
-// [Secret] in memory and never renders in logs.
+// finds out ([ErrConflict]) instead of overwriting newer tokens. Access
+// tokens, refresh tokens and client secrets are sealed at rest with
+// AES-256-GCM under a [KeyRing], bound to their credential key, so neither a
+// KV read nor a store file yields a usable token; in memory each is a
+// [Secret], which never renders in logs.
 //
 // Leases ([Leases], [Lease]) make sure that at most one refresher works on a
 // credential at a time. A lease is a value fenced by its revision: renewing
