@@ -353,3 +353,34 @@ func TestStoreReadsSchema1(t *testing.T) {
 		t.Errorf("Get of a schema 3 record: %v, want an error naming the schema", err)
 	}
 }
+
+func TestStoreReread(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	c := testCredential(t, "acme.again.github")
+	rev, err := b.store.Create(b.ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, grev, err := b.store.Reread(b.ctx, c, rev)
+	if err != nil || got != c || grev != rev {
+		t.Fatalf("Reread at the current revision = %p, %d, %v; want the same credential back", got, grev, err)
+	}
+	n := c.Clone()
+	n.Version++
+	n.AccessToken = "at-newer"
+	nrev, err := b.store.Update(b.ctx, n, rev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, grev, err = b.store.Reread(b.ctx, c, rev)
+	if err != nil || got == c || grev != nrev || got.Version != n.Version || got.AccessToken != "at-newer" {
+		t.Fatalf("Reread after an update = version %d rev %d (%v); want version %d rev %d decoded", got.Version, grev, err, n.Version, nrev)
+	}
+	if err := b.store.Delete(b.ctx, c.Key, nrev); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.store.Reread(b.ctx, c, nrev); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Reread of a deleted credential: %v, want ErrNotFound", err)
+	}
+}

@@ -348,7 +348,7 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	// A peer may have rotated and released between our read and our claim:
 	// decide again on what is stored now. This read's revision fences the
 	// store of step 6.
-	cred, rev, err = p.store.Get(ctx, key)
+	cred, rev, err = p.store.Reread(ctx, cred, rev)
 	if errors.Is(err, kv.ErrNotFound) {
 		return term(outUnknownCred, fmt.Sprintf("credential %s was deleted", key))
 	}
