@@ -744,17 +744,11 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 		t.Fatalf("the dashboard queries only %v", names)
 	}
 	var missing []string
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	fleet.Eventually(t, 10*time.Second, "/metrics serves every metric the dashboard queries", func() bool {
 		_, body = get("/metrics")
 		missing = slices.DeleteFunc(slices.Clone(names), func(n string) bool { return strings.Contains(body, "\n"+n+"{") })
-		if len(missing) == 0 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(20 * time.Millisecond) // polling interval, with a deadline
-	}
-	if len(missing) > 0 {
-		t.Errorf("the dashboard queries metrics /metrics does not serve: %v", missing)
-	}
+		return len(missing) == 0
+	})
 	for _, want := range []string{
 		`authbus_event_duration_seconds_bucket{`,
 		`authbus_token_endpoint_duration_seconds_count{endpoint="` + b.AS.TokenURL() + `"`,

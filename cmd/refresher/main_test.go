@@ -21,11 +21,7 @@ import (
 // refresher on the embedded default, then publisher register, 401 and watch,
 // then SIGTERM and a clean exit.
 func TestREADMEQuickStart(t *testing.T) {
-	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin, "github.com/authbus/authbus/cmd/refresher", "github.com/authbus/authbus/cmd/publisher")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := binaries(t)
 	as := authtest.New(t)
 	as.AddClient("demo", "demo-secret")
 	tok := as.Issue("demo")

@@ -156,11 +156,7 @@ func TestREADMEBlocksAreExercised(t *testing.T) {
 // (AUTHBUS_LISTEN) and the publisher finds it there (NATS_URL); each
 // refresher's operations listener gets a free port (AUTHBUS_METRICS_ADDR).
 func TestREADMEWalkthrough(t *testing.T) {
-	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin, "github.com/authbus/authbus/cmd/refresher", "github.com/authbus/authbus/cmd/publisher")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := binaries(t)
 	as := authtest.New(t)
 	const secret = "readme-client-secret"
 	as.AddClient("my-client", secret)

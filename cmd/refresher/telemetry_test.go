@@ -26,11 +26,7 @@ import (
 // variable set; either way its operations listener serves /metrics with
 // the refresh it made, /readyz and /healthz, and stops with the process.
 func TestBinaryTelemetry(t *testing.T) {
-	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin, "github.com/authbus/authbus/cmd/refresher")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := binaries(t)
 	as := authtest.New(t)
 	as.AddClient("demo", "demo-secret")
 
@@ -81,16 +77,10 @@ func TestBinaryTelemetry(t *testing.T) {
 				return resp.StatusCode, string(b)
 			}
 			// auth.rotated goes out before the event is settled and counted.
-			for deadline := time.Now().Add(10 * time.Second); ; {
+			fleet.Eventually(t, 10*time.Second, "/metrics counts the rotation", func() bool {
 				code, body := get("/metrics")
-				if code == 200 && strings.Contains(body, `authbus_events_processed_total{`) && strings.Contains(body, `outcome="rotated"`) {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("/metrics = %d, without the rotation after 10s:\n%.2000s", code, body)
-				}
-				time.Sleep(20 * time.Millisecond) // polling interval, with a deadline
-			}
+				return code == 200 && strings.Contains(body, `authbus_events_processed_total{`) && strings.Contains(body, `outcome="rotated"`)
+			})
 			if code, body := get("/readyz"); code != 200 {
 				t.Errorf("/readyz = %d %q", code, body)
 			}
