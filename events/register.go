@@ -247,7 +247,7 @@ func checkServerURL(ps []problem, field, s string, issuer bool) []problem {
 		return append(ps, problem{field, "has a query; an issuer has none (RFC 8414)"})
 	case u.Scheme == "https":
 	case u.Scheme == "http":
-		if !isLoopback(u.Hostname()) {
+		if !IsLoopbackHost(u.Hostname()) {
 			return append(ps, problem{field, "uses http; use https (http is allowed only for localhost, 127.0.0.0/8 and ::1)"})
 		}
 	default:
@@ -256,7 +256,10 @@ func checkServerURL(ps []problem, field, s string, issuer bool) []problem {
 	return ps
 }
 
-func isLoopback(host string) bool {
+// IsLoopbackHost reports whether host (a URL's Hostname) is localhost or a
+// loopback address: the only hosts a token endpoint may reach over plain
+// http.
+func IsLoopbackHost(host string) bool {
 	if strings.EqualFold(host, "localhost") {
 		return true
 	}

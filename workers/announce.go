@@ -101,8 +101,7 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 		_, err = p.js.PublishMsg(ctx, msg, opts...)
 	}
 	if err != nil {
-		p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
-			"key", c.Key.String(), "error", err)
+		p.scheduleFailed(c, err)
 	}
 }
 
@@ -126,18 +125,22 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 		ack, err = p.js.PublishMsgAsync(msg, opts...)
 	}
 	if err != nil {
-		p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
-			"key", c.Key.String(), "error", err)
+		p.scheduleFailed(c, err)
 		return
 	}
 	p.bg.Go(func() {
 		select {
 		case <-ack.Ok():
 		case err := <-ack.Err():
-			p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
-				"key", c.Key.String(), "error", err)
+			p.scheduleFailed(c, err)
 		}
 	})
+}
+
+// scheduleFailed logs a schedule that did not make it into the stream.
+func (p *Pool) scheduleFailed(c *kv.Credential, err error) {
+	p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
+		"key", c.Key.String(), "error", err)
 }
 
 // scheduleMsg builds the schedule of c's proactive refresh.

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"slices"
 	"strings"
@@ -329,18 +328,10 @@ func tokenEndpointProblem(s string) string {
 		return "has a fragment"
 	case u.Scheme == "https":
 		return ""
-	case u.Scheme == "http" && isLoopbackHost(u.Hostname()):
+	case u.Scheme == "http" && events.IsLoopbackHost(u.Hostname()):
 		return ""
 	}
 	return "is not https (plain http is allowed only on localhost, 127.0.0.0/8 and ::1)"
-}
-
-func isLoopbackHost(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	addr, err := netip.ParseAddr(host)
-	return err == nil && addr.Unmap().IsLoopback()
 }
 
 // unwrapURLError drops the "Get \"url\":" prefix of a *url.Error: the URL is
