@@ -99,7 +99,7 @@ Flags (each also read from the environment variable shown):
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	env.Bind("log-level", "AUTHBUS_LOG_LEVEL")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "127.0.0.1:9464", `listener of /metrics (Prometheus), /healthz and /readyz; "" disables it. Traces and OTLP metrics follow the OTEL_* variables (OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, …); with none set nothing is exported`)
-	env.Bind("metrics-addr", "AUTHBUS_METRICS_ADDR")
+	env.BindEmpty("metrics-addr", "AUTHBUS_METRICS_ADDR")
 	if err := env.Parse(args); err != nil {
 		return o, err
 	}

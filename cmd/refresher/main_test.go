@@ -29,8 +29,9 @@ func TestREADMEQuickStart(t *testing.T) {
 	dataDir := t.TempDir()
 	addr := freeAddr(t)
 	natsURL := "nats://" + addr
-	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr, "--metrics-addr", "")
-	refresher.Env = cleanEnv()
+	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr)
+	// Set but empty turns the operations listener off, as --metrics-addr="" does.
+	refresher.Env = append(cleanEnv(), "AUTHBUS_METRICS_ADDR=")
 	var refLog fleet.LogBuffer
 	refresher.Stderr = &refLog
 	if err := refresher.Start(); err != nil {
@@ -45,6 +46,9 @@ func TestREADMEQuickStart(t *testing.T) {
 		}
 	})
 	waitForText(t, &refLog, "refresher ready", 30*time.Second)
+	if strings.Contains(refLog.String(), "metrics and health listener running") {
+		t.Errorf("AUTHBUS_METRICS_ADDR= left the operations listener on:\n%s", refLog.String())
+	}
 
 	publisher := func(stdin string, args ...string) *exec.Cmd {
 		cmd := exec.Command(filepath.Join(bin, "publisher"), args...)

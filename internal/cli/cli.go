@@ -14,32 +14,47 @@ import (
 // both. Bound flags say their variable in --help.
 type EnvFlags struct {
 	fs   *flag.FlagSet
-	envs map[string]string // flag name → variable
+	envs map[string]binding // by flag name
+}
+
+type binding struct {
+	env   string
+	empty bool // a variable set to "" sets the flag to ""
 }
 
 // NewEnvFlags returns an EnvFlags for fs.
 func NewEnvFlags(fs *flag.FlagSet) *EnvFlags {
-	return &EnvFlags{fs: fs, envs: map[string]string{}}
+	return &EnvFlags{fs: fs, envs: map[string]binding{}}
 }
 
 // Bind ties the already defined flag name to the environment variable env.
-func (e *EnvFlags) Bind(name, env string) {
+// A variable set to the empty string counts as unset, as compose files and
+// shells pass unset variables along as empty ones.
+func (e *EnvFlags) Bind(name, env string) { e.bind(name, binding{env: env}) }
+
+// BindEmpty is Bind for a flag whose empty value means something ("off"):
+// a variable set to the empty string sets the flag to "".
+func (e *EnvFlags) BindEmpty(name, env string) { e.bind(name, binding{env: env, empty: true}) }
+
+func (e *EnvFlags) bind(name string, b binding) {
 	f := e.fs.Lookup(name)
 	if f == nil {
 		panic("cli: Bind of undefined flag " + name)
 	}
-	f.Usage += " (env " + env + ")"
-	e.envs[name] = env
+	f.Usage += " (env " + b.env + ")"
+	e.envs[name] = b
 }
 
 // Parse applies the environment, then parses args. A malformed variable is
 // an error naming it.
 func (e *EnvFlags) Parse(args []string) error {
-	for name, env := range e.envs {
-		if v, ok := os.LookupEnv(env); ok && v != "" {
-			if err := e.fs.Set(name, v); err != nil {
-				return fmt.Errorf("environment %s=%q: %w", env, v, err)
-			}
+	for name, b := range e.envs {
+		v, ok := os.LookupEnv(b.env)
+		if !ok || (v == "" && !b.empty) {
+			continue
+		}
+		if err := e.fs.Set(name, v); err != nil {
+			return fmt.Errorf("environment %s=%q: %w", b.env, v, err)
 		}
 	}
 	return e.fs.Parse(args)
