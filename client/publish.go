@@ -53,10 +53,17 @@ func (s *Source) publish(ctx context.Context, p events.Payload, fp string) error
 	msg := nats.NewMsg(subject)
 	msg.Data = data
 	msg.Header = telemetry.Inject(ctx, msg.Header)
-	if _, err := s.js.PublishMsg(ctx, msg, jetstream.WithMsgID(events.MsgID(t, s.key, fp))); err != nil {
+	ack, err := s.js.PublishMsg(ctx, msg, jetstream.WithMsgID(events.MsgID(t, s.key, fp)))
+	if err != nil {
 		err = s.publishError(subject, err)
 		failSpan(span, err)
 		return err
+	}
+	if ack.Duplicate {
+		// Someone reported the same token first; the refresh that report
+		// asked for answers this one too. No worker sees this message, so
+		// no refresh trace can link to it: the span says why.
+		span.SetAttributes(attribute.Bool("authbus.duplicate", true))
 	}
 	return nil
 }

@@ -421,3 +421,13 @@ func TestSourceRequestTraced(t *testing.T) {
 		t.Errorf("kind = %v", span.SpanKind())
 	}
 }
+
+// attrOf returns the value of attribute k of s, or "".
+func attrOf(s sdktrace.ReadOnlySpan, k attribute.Key) string {
+	for _, kv := range s.Attributes() {
+		if kv.Key == k {
+			return kv.Value.Emit()
+		}
+	}
+	return ""
+}

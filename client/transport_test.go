@@ -163,6 +163,21 @@ func TestTransport401StormTenConnections(t *testing.T) {
 	if n := b.f.AS.Reuses(); n != 0 {
 		t.Errorf("refresh-token reuses = %d, want 0", n)
 	}
+	// One report reached the stream; the others' spans say they were dropped.
+	fp := events.Fingerprint(b.tok.AccessToken)
+	var sent, dropped int
+	for _, s := range spans.Ended() {
+		if s.Name() != "send auth.401" || attrOf(s, "authbus.fingerprint") != fp {
+			continue
+		}
+		sent++
+		if attrOf(s, "authbus.duplicate") == "true" {
+			dropped++
+		}
+	}
+	if sent == 0 || sent-dropped != 1 {
+		t.Errorf("auth.401 publish spans: %d, %d of them marked authbus.duplicate; want all but one marked", sent, dropped)
+	}
 }
 
 // Done-when 3: a revoked credential surfaces as *NeedsReauthError, with no

@@ -96,8 +96,9 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 		}
 		return
 	}
-	msg, opts, err := p.scheduleMsg(c)
+	msg, opts, span, err := p.scheduleMsg(ctx, c)
 	if err == nil {
+		defer span.End()
 		_, err = p.js.PublishMsg(ctx, msg, opts...)
 	}
 	if err != nil {
@@ -119,16 +120,19 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 			"key", c.Key.String())
 		return
 	}
-	msg, opts, err := p.scheduleMsg(c)
-	var ack jetstream.PubAckFuture
-	if err == nil {
-		ack, err = p.js.PublishMsgAsync(msg, opts...)
-	}
+	msg, opts, span, err := p.scheduleMsg(ctx, c)
 	if err != nil {
 		p.scheduleFailed(c, err)
 		return
 	}
+	ack, err := p.js.PublishMsgAsync(msg, opts...)
+	if err != nil {
+		span.End()
+		p.scheduleFailed(c, err)
+		return
+	}
 	p.bg.Go(func() {
+		defer span.End()
 		select {
 		case <-ack.Ok():
 		case err := <-ack.Err():
@@ -143,19 +147,35 @@ func (p *Pool) scheduleFailed(c *kv.Credential, err error) {
 		"key", c.Key.String(), "error", err)
 }
 
-// scheduleMsg builds the schedule of c's proactive refresh.
-func (p *Pool) scheduleMsg(c *kv.Credential) (*nats.Msg, []jetstream.PublishOpt, error) {
+// scheduleMsg builds the schedule of c's proactive refresh, with the trace
+// context of a new producer span in its headers; the server copies them
+// into the auth.expiring it fires, whose process span links to this one.
+// The caller ends the span.
+func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential) (*nats.Msg, []jetstream.PublishOpt, trace.Span, error) {
 	at := scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
 	data, err := events.Encode(c.Key, p.cfg.Source, events.Expiring{Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	msg := nats.NewMsg(p.subj.Schedule(c.Key))
+	subject, target := p.subj.Schedule(c.Key), p.subj.Event(events.TypeExpiring, c.Key)
+	ctx, span := p.tracer.Start(ctx, "send "+p.subj.ScheduleWildcard(), trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(
+			semconv.MessagingSystemKey.String("nats"),
+			semconv.MessagingOperationTypeSend,
+			semconv.MessagingOperationName("send"),
+			semconv.MessagingDestinationName(subject),
+			semconv.MessagingDestinationTemplate(p.subj.ScheduleWildcard()),
+			semconv.MessagingMessageBodySize(len(data)),
+			attrKey.String(c.Key.String()),
+			attrScheduleAt.String(at.UTC().Format(time.RFC3339)),
+		))
+	msg := nats.NewMsg(subject)
 	msg.Data = data
+	telemetry.Inject(ctx, msg.Header)
 	return msg, []jetstream.PublishOpt{
 		jetstream.WithScheduleAt(at),
-		jetstream.WithScheduleTarget(p.subj.Event(events.TypeExpiring, c.Key)),
-	}, nil
+		jetstream.WithScheduleTarget(target),
+	}, span, nil
 }
 
 // scheduleAt is when the proactive refresh of c fires: at a point r ∈ [0,1)

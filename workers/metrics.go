@@ -38,6 +38,7 @@ const (
 	attrLeaseHeld     = attribute.Key("authbus.lease.held")
 	attrLeaseRevision = attribute.Key("authbus.lease.revision")
 	attrConflict      = attribute.Key("authbus.store.conflict")
+	attrScheduleAt    = attribute.Key("authbus.schedule.at")
 )
 
 // consumerInfoTTL is how long the consumer's pending counts are reused: each

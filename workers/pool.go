@@ -41,10 +41,13 @@ type Pool struct {
 	// bg holds the work a refresh leaves behind after its ack (lease
 	// release, the schedule's publish ack) so that it costs no round trip
 	// on the refresh path; Run waits for it before returning.
-	bg      sync.WaitGroup
-	log     *slog.Logger
-	tracer  trace.Tracer
-	metrics *metrics
+	bg sync.WaitGroup
+	// flights are the refreshes this pool runs now, by credential.
+	flightsMu sync.Mutex
+	flights   map[events.Key]*flight
+	log       *slog.Logger
+	tracer    trace.Tracer
+	metrics   *metrics
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -65,12 +68,13 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	p := &Pool{
-		cfg:    cfg,
-		nc:     nc,
-		js:     js,
-		subj:   subj,
-		log:    cfg.Logger,
-		tracer: cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
+		cfg:     cfg,
+		nc:      nc,
+		js:      js,
+		subj:    subj,
+		flights: make(map[events.Key]*flight),
+		log:     cfg.Logger,
+		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
 	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
@@ -216,11 +220,22 @@ func term(outcome, detail string) result {
 // terminate with a reason.
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	start := time.Now()
+	if p.join(msg, start) {
+		return // the flight it joined settles it
+	}
 	ctx = telemetry.Extract(ctx, msg.Headers())
 	// One process span per delivery, a child of the span that published
 	// the event (see telemetry.Extract); process renames it once the
 	// subject is parsed.
-	ctx, span := p.tracer.Start(ctx, "process", trace.WithSpanKind(trace.SpanKindConsumer),
+	opts := []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindConsumer)}
+	if msg.Headers().Get(jetstream.SchedulerHeader) != "" {
+		// A proactive refresh fires long after the refresh that scheduled
+		// it: a trace of its own linked to the schedule, rather than one
+		// trace for the whole life of a credential.
+		opts = append(opts, trace.WithNewRoot(),
+			trace.WithLinks(trace.Link{SpanContext: trace.SpanContextFromContext(ctx)}))
+	}
+	ctx, span := p.tracer.Start(ctx, "process", append(opts,
 		trace.WithAttributes(
 			semconv.MessagingSystemKey.String("nats"),
 			semconv.MessagingOperationTypeProcess,
@@ -228,7 +243,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 			semconv.MessagingDestinationName(msg.Subject()),
 			semconv.MessagingConsumerGroupName(consumerName),
 			semconv.MessagingMessageBodySize(len(msg.Data())),
-		))
+		))...)
 	defer span.End()
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		span.SetAttributes(semconv.MessagingMessageID(id))
@@ -238,7 +253,10 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	if md, err := msg.Metadata(); err == nil {
 		attempt = md.NumDelivered
 	}
-	r := p.process(ctx, msg, attempt)
+	f := &flight{span: span, msg: msg}
+	r := p.process(ctx, msg, attempt, f)
+	joined := p.land(f)
+	defer p.settleJoined(ctx, joined, r)
 	gaveUp := false
 	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
 		// A work-queue stream keeps a message that reached MaxDeliver
@@ -294,7 +312,8 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 }
 
 // process runs steps 1–7 of the refresh for one event (see DESIGN.md).
-func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) result {
+// Once it holds the lease, f is the flight of the credential.
+func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64, f *flight) result {
 	// 1. Decode and validate; the subject is authoritative for the key.
 	typ, key, err := p.subj.ParseEvent(msg.Subject())
 	if err != nil {
@@ -337,6 +356,7 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 	if err != nil {
 		return nak(outNATS, p.backoff(attempt), err.Error())
 	}
+	p.takeoff(f, key, cred.Fingerprint)
 	defer p.bg.Go(func() {
 		// After the ack, not before: the result is stored and announced,
 		// and the release is fenced by the lease's revision, so waiting for
@@ -365,7 +385,7 @@ func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64) r
 
 	// 4. Call the token endpoint, keeping the lease until the result is
 	// stored (the deferred stop runs before the deferred release).
-	defer p.keepAlive(ctx, msg, lease, key)()
+	defer p.keepAlive(ctx, f, lease, key)()
 	tok, err := p.exchange(ctx, cred)
 
 	// 5. Classify.
@@ -437,7 +457,7 @@ func (p *Pool) due(c *kv.Credential, now time.Time) bool {
 // until stop is called, so that neither a slow token endpoint nor a slow
 // store (a KV leader election) costs the redelivery or the lease: another
 // worker claiming it would present the refresh token just redeemed.
-func (p *Pool) keepAlive(ctx context.Context, msg jetstream.Msg, lease *kv.Lease, key events.Key) (stop func()) {
+func (p *Pool) keepAlive(ctx context.Context, f *flight, lease *kv.Lease, key events.Key) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	every := min(p.cfg.AckWait, p.leases.TTL()) / 3
@@ -449,7 +469,7 @@ func (p *Pool) keepAlive(ctx context.Context, msg jetstream.Msg, lease *kv.Lease
 			case <-done:
 				return
 			case <-t.C:
-				_ = msg.InProgress()
+				f.inProgress()
 				if err := lease.Renew(ctx); err != nil {
 					p.log.Warn("lease renewal failed during a refresh", "key", key.String(), "error", err)
 					if errors.Is(err, kv.ErrLeaseLost) {

@@ -11,6 +11,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/codes"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
@@ -39,8 +42,8 @@ func (p *Pool) startService() (micro.Service, error) {
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"register", p.subj.RegisterWildcard(), p.handleRegister},
-		{"token", p.subj.TokenWildcard(), p.handleToken},
+		{"register", p.subj.RegisterWildcard(), p.traced(p.subj.RegisterWildcard(), p.handleRegister)},
+		{"token", p.subj.TokenWildcard(), p.traced(p.subj.TokenWildcard(), p.handleToken)},
 	} {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
 			_ = svc.Stop()
@@ -50,8 +53,43 @@ func (p *Pool) startService() (micro.Service, error) {
 	return svc, nil
 }
 
+// traced serves a request inside a server span, the child of the
+// requester's span when its headers carry one. The span records the error
+// code of an error reply; the body, which may hold tokens, only by size.
+func (p *Pool) traced(template string, h func(context.Context, micro.Request)) micro.HandlerFunc {
+	return func(req micro.Request) {
+		ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
+		ctx, span := p.tracer.Start(ctx, "process "+template, trace.WithSpanKind(trace.SpanKindServer),
+			trace.WithAttributes(
+				semconv.MessagingSystemKey.String("nats"),
+				semconv.MessagingOperationTypeProcess,
+				semconv.MessagingOperationName("process"),
+				semconv.MessagingDestinationName(req.Subject()),
+				semconv.MessagingDestinationTemplate(template),
+				semconv.MessagingMessageBodySize(len(req.Data())),
+			))
+		defer span.End()
+		h(ctx, tracedRequest{Request: req, span: span})
+	}
+}
+
+// tracedRequest is a request served inside span.
+type tracedRequest struct {
+	micro.Request
+	span trace.Span
+}
+
+// fail marks the span of an error reply with the reply's code.
+func (r tracedRequest) fail(code string) {
+	r.span.SetStatus(codes.Error, code)
+	r.span.SetAttributes(semconv.ErrorTypeKey.String(code))
+}
+
 // replyError answers with the micro error headers and the same as a JSON body.
 func (p *Pool) replyError(req micro.Request, code, description, reason string) {
+	if tr, ok := req.(tracedRequest); ok {
+		tr.fail(code)
+	}
 	body, _ := json.Marshal(events.ErrorReply{Error: code, ErrorDescription: description, Reason: reason})
 	// Header values must stay on one line.
 	desc := strings.ReplaceAll(description, "\n", " ")
@@ -68,24 +106,25 @@ func (p *Pool) replyJSON(req micro.Request, v any) {
 
 // requestKey takes the credential key from the request subject: the subject
 // is what NATS permissions check, so it is authoritative for the tenant.
-func (p *Pool) requestKey(req micro.Request, word string) (events.Key, bool) {
+func (p *Pool) requestKey(ctx context.Context, req micro.Request, word string) (events.Key, bool) {
 	w, k, err := p.subj.Parse(req.Subject())
 	if err != nil || w != word {
 		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("subject %q: %v; send to %s.%s.<tenant>.<user>.<server>", req.Subject(), err, p.subj.Prefix(), word), "")
 		return events.Key{}, false
 	}
+	trace.SpanFromContext(ctx).SetAttributes(attrKey.String(k.String()))
 	return k, true
 }
 
 // handleRegister stores fresh tokens for a credential, first registration or
 // repair after a new login, and announces them. It never calls the token
 // endpoint.
-func (p *Pool) handleRegister(req micro.Request) {
-	key, ok := p.requestKey(req, "register")
+func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
+	key, ok := p.requestKey(ctx, req, "register")
 	if !ok {
 		return
 	}
-	ctx, cancel := context.WithTimeout(telemetry.Extract(context.Background(), nats.Header(req.Headers())), requestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	rr, err := events.DecodeRegisterRequest(req.Data())
 	if err != nil {
@@ -169,12 +208,12 @@ func (p *Pool) handleRegister(req micro.Request) {
 }
 
 // handleToken answers with the current access token of a credential.
-func (p *Pool) handleToken(req micro.Request) {
-	key, ok := p.requestKey(req, "token")
+func (p *Pool) handleToken(ctx context.Context, req micro.Request) {
+	key, ok := p.requestKey(ctx, req, "token")
 	if !ok {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	c, _, err := p.store.Get(ctx, key)
 	switch {

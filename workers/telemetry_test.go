@@ -315,12 +315,299 @@ func TestTraceOfOneRefresh(t *testing.T) {
 	}
 }
 
-// Done-when 2: 50 runtimes report the same 401, half with the protocol's
-// Nats-Msg-Id and half without (an older client). The stream drops the
-// duplicates of the first half; every publish it kept is delivered and
-// traced as a child of its own publish. Exactly one of them refreshes (one
-// trace has the token-endpoint call); the others end stale.
+// A proactive refresh is a trace of its own: the registration's server span
+// holds the send span of the schedule, and the refresh the schedule fires,
+// a new root, links to that send span instead of growing the registration's
+// trace; the refresh schedules the next generation inside its own trace.
+func TestTraceOfScheduledRefresh(t *testing.T) {
+	o := setupObserved(t)
+	o.AS.SetExpiresIn(3600) // the next generation is not due in this test
+	o.start(t, 1, nil)
+	key := fleet.MustKey(t, "acme.scheduled.github")
+	w := o.Watch(t, key)
+	o.Register(t, key, o.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 2 })
+	w.WaitFor(t, "the proactive rotation", fleet.RotatedVersion(2))
+
+	var proc sdktrace.ReadOnlySpan
+	fleet.Eventually(t, 10*time.Second, "the scheduled refresh's process span", func() bool {
+		for _, s := range o.ended(isProcess) {
+			if s.Name() == "process auth.expiring.*.*.*" && attrOf(s, "authbus.outcome") == "rotated" {
+				proc = s
+				return true
+			}
+		}
+		return false
+	})
+	byName := func(name string) []sdktrace.ReadOnlySpan {
+		return o.ended(func(s sdktrace.ReadOnlySpan) bool { return s.Name() == name })
+	}
+	regs := byName("process auth.register.*.*.*")
+	if len(regs) != 1 || regs[0].SpanKind() != trace.SpanKindServer || attrOf(regs[0], "authbus.credential.key") != key.String() {
+		t.Fatalf("register server spans: %d, want 1 of kind server with the key", len(regs))
+	}
+	reg := regs[0]
+	var first, next sdktrace.ReadOnlySpan
+	fleet.Eventually(t, 10*time.Second, "both schedules' send spans ended", func() bool {
+		first, next = nil, nil
+		for _, s := range byName("send auth.schedule.*.*.*") {
+			switch s.Parent().SpanID() {
+			case reg.SpanContext().SpanID():
+				first = s
+			case proc.SpanContext().SpanID():
+				next = s
+			}
+		}
+		return first != nil && next != nil
+	})
+	if first.SpanKind() != trace.SpanKindProducer || first.SpanContext().TraceID() != reg.SpanContext().TraceID() {
+		t.Errorf("first schedule's send span: kind %v trace %s, want a producer in the registration's trace", first.SpanKind(), first.SpanContext().TraceID())
+	}
+	if proc.Parent().IsValid() {
+		t.Errorf("scheduled refresh's process span has parent %v, want a new root", proc.Parent())
+	}
+	if l := proc.Links(); len(l) != 1 || l[0].SpanContext.SpanID() != first.SpanContext().SpanID() || l[0].SpanContext.TraceID() != first.SpanContext().TraceID() {
+		t.Errorf("scheduled refresh's links = %v, want exactly the schedule's send span %v", l, first.SpanContext())
+	}
+	if next.SpanContext().TraceID() != proc.SpanContext().TraceID() {
+		t.Errorf("the next schedule's send span is in trace %s, want the refresh's %s", next.SpanContext().TraceID(), proc.SpanContext().TraceID())
+	}
+}
+
+// Requests to the token service are server spans, children of the caller's
+// span; an error reply marks the span failed with its code.
+func TestTraceOfTokenRequest(t *testing.T) {
+	o := setupObserved(t)
+	o.start(t, 1, nil)
+	key := fleet.MustKey(t, "acme.nobody.github")
+	ctx, caller := o.tp.Tracer("test-runtime").Start(context.Background(), "get token", trace.WithSpanKind(trace.SpanKindClient))
+	msg := nats.NewMsg(o.Subj.Token(key))
+	msg.Header = telemetry.Inject(ctx, msg.Header)
+	reply, err := o.NC.RequestMsg(msg, 5*time.Second)
+	caller.End()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := reply.Header.Get("Nats-Service-Error-Code"); code != "404" {
+		t.Fatalf("reply error code %q, want 404 for an unregistered credential", code)
+	}
+	var srv sdktrace.ReadOnlySpan
+	// The pools' start-up probes ask for tokens too: take the one under ours.
+	fleet.Eventually(t, 5*time.Second, "the token request's server span under the caller's", func() bool {
+		s := o.ended(func(s sdktrace.ReadOnlySpan) bool {
+			return s.Name() == "process auth.token.*.*.*" && s.Parent().SpanID() == caller.SpanContext().SpanID()
+		})
+		if len(s) == 1 {
+			srv = s[0]
+		}
+		return srv != nil
+	})
+	if srv.SpanKind() != trace.SpanKindServer || srv.SpanContext().TraceID() != caller.SpanContext().TraceID() {
+		t.Errorf("server span kind %v trace %s, want server in the caller's trace %s", srv.SpanKind(), srv.SpanContext().TraceID(), caller.SpanContext().TraceID())
+	}
+	if srv.Status().Code != codes.Error || attrOf(srv, "error.type") != "not_found" {
+		t.Errorf("server span status %v error.type %q, want Error not_found", srv.Status(), attrOf(srv, "error.type"))
+	}
+	if got := attrOf(srv, "authbus.credential.key"); got != key.String() {
+		t.Errorf("server span key %q, want %q", got, key)
+	}
+}
+
+// stormPublish publishes n 401s for the same generation of key from
+// runtimes first..first+n-1, every other one with the protocol's
+// Nats-Msg-Id (the even ones) and the rest without (an older client). It
+// returns the producer span contexts of the publishes the stream kept and
+// how many it dropped as duplicates.
+func (o *observed) stormPublish(t *testing.T, key events.Key, fp string, first, n int) (kept []trace.SpanContext, dups int) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for i := first; i < first+n; i++ {
+		wg.Go(func() {
+			sc, ack := o.publish401(t, key, fp, fmt.Sprintf("runtime-%d", i), i%2 == 0)
+			mu.Lock()
+			defer mu.Unlock()
+			if ack.Duplicate {
+				dups++
+				return
+			}
+			kept = append(kept, sc)
+		})
+	}
+	wg.Wait()
+	return kept, dups
+}
+
+// Done-when 2: 50 runtimes report the same 401 while its refresh is in
+// flight, half with the protocol's Nats-Msg-Id and half without (an older
+// client). The stream drops the duplicates of the first half; the other 25
+// reach the pool, join the refresh in flight and are answered by it. One
+// trace: one process span, the child of the first publish, with one link to
+// each publish it answered; one token-endpoint call.
 func TestStormTraces(t *testing.T) {
+	o := setupObserved(t)
+	o.start(t, 1, nil)
+	key := fleet.MustKey(t, "acme.storm.github")
+	tok := o.AS.Issue(fleet.ClientID)
+	o.Register(t, key, tok, nil)
+	fp := events.Fingerprint(tok.AccessToken)
+
+	// Hold the refresh in the token endpoint until the storm has arrived.
+	release := make(chan struct{})
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	arrived := make(chan struct{}, 1)
+	o.AS.OnToken(func(*http.Request) {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		<-release
+	})
+
+	first, ack := o.publish401(t, key, fp, "runtime-0", true)
+	if ack.Duplicate {
+		t.Fatal("the first publish was dropped as a duplicate")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	select {
+	case <-arrived:
+	case <-ctx.Done():
+		t.Fatal("the refresh never reached the token endpoint")
+	}
+	const publishers = 50
+	kept, dups := o.stormPublish(t, key, fp, 1, publishers-1)
+	if dups != publishers/2-1 {
+		t.Errorf("duplicates = %d, want %d (all but one of the publishes with a Nats-Msg-Id)", dups, publishers/2-1)
+	}
+	cons, err := o.JS.Consumer(ctx, o.Subj.EventsStream(), "refreshers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Delivered is not enough: a delivered event may still wait in the
+	// client's buffer. Wait until each one has joined.
+	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
+		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
+	})
+	if ci, err := cons.Info(ctx); err != nil || ci.NumPending != 0 || ci.NumAckPending != len(kept)+1 {
+		t.Fatalf("consumer before the refresh ends: %+v, %v; want 0 pending and %d unacknowledged", ci, err, len(kept)+1)
+	}
+	open()
+	o.Settled(t)
+
+	fleet.Eventually(t, 10*time.Second, "the process span ended", func() bool { return len(o.ended(isProcess)) > 0 })
+	procs := o.ended(isProcess)
+	if len(procs) != 1 {
+		for _, p := range procs {
+			t.Logf("process span %s outcome %s attempt %s", p.Name(), attrOf(p, "authbus.outcome"), attrOf(p, "authbus.attempt"))
+		}
+		t.Fatalf("process spans = %d, want 1 (the joined events are links, not spans of their own)", len(procs))
+	}
+	proc := procs[0]
+	if got := attrOf(proc, "authbus.outcome"); got != "rotated" {
+		t.Errorf("process span outcome = %q, want rotated", got)
+	}
+	if proc.SpanContext().TraceID() != first.TraceID() || proc.Parent().SpanID() != first.SpanID() {
+		t.Errorf("process span is in trace %s under %s, want the first publish's trace %s under %s",
+			proc.SpanContext().TraceID(), proc.Parent().SpanID(), first.TraceID(), first.SpanID())
+	}
+	want := map[[2]string]bool{}
+	for _, sc := range kept {
+		want[[2]string{sc.TraceID().String(), sc.SpanID().String()}] = true
+	}
+	got := map[[2]string]bool{}
+	for _, l := range proc.Links() {
+		got[[2]string{l.SpanContext.TraceID().String(), l.SpanContext.SpanID().String()}] = true
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("process span links to %d publishes (%d distinct), want the %d other kept publishes", len(proc.Links()), len(got), len(want))
+	}
+	calls := o.ended(func(s sdktrace.ReadOnlySpan) bool { return s.SpanKind() == trace.SpanKindClient })
+	if len(calls) != 1 || calls[0].SpanContext().TraceID() != first.TraceID() {
+		t.Errorf("token-endpoint client spans = %d, want 1 in the first publish's trace", len(calls))
+	}
+	if got := o.AS.Calls(); got != 1 {
+		t.Errorf("token-endpoint calls = %d, want 1", got)
+	}
+
+	rm := collect(t, o.reader)
+	if got := counter(rm, "authbus.events.processed", outcome("rotated")); got != 1 {
+		t.Errorf("rotated counted %d, want 1", got)
+	}
+	if got := counter(rm, "authbus.events.processed", outcome("stale")); got != int64(len(kept)) {
+		t.Errorf("stale counted %d, want %d (one per joined event)", got, len(kept))
+	}
+	if dups+1+len(kept) != publishers {
+		t.Errorf("duplicates %d + rotated 1 + joined %d = %d, want %d publishes accounted for", dups, len(kept), dups+1+len(kept), publishers)
+	}
+	if got := counter(rm, "authbus.lease.contention"); got != 0 {
+		t.Errorf("lease contention counted %d, want 0: the storm joined the refresh instead", got)
+	}
+	recs := o.Logs.Records(map[string]string{"msg": "event processed", "outcome": "stale"})
+	for _, r := range recs {
+		if r["trace_id"] != first.TraceID().String() {
+			t.Errorf("a joined event was logged under trace %v, want the refresh's %s", r["trace_id"], first.TraceID())
+			break
+		}
+	}
+}
+
+// Events that joined a refresh which failed (here: the token endpoint did
+// not answer within TokenTimeout) are not answered by it: they go back to
+// the stream and are decided on their own, and the next attempt refreshes
+// the credential with one more call, without a reuse.
+func TestStormJoinsFailedRefresh(t *testing.T) {
+	o := setupObserved(t)
+	o.start(t, 1, func(c *workers.Config) { c.TokenTimeout = 2 * time.Second })
+	key := fleet.MustKey(t, "acme.storm.github")
+	tok := o.AS.Issue(fleet.ClientID)
+	o.Register(t, key, tok, nil)
+	fp := events.Fingerprint(tok.AccessToken)
+	w := o.Watch(t, key)
+
+	// The first call hangs until the test ends: the server never redeems
+	// the refresh token it carries.
+	hang := make(chan struct{})
+	t.Cleanup(func() { close(hang) })
+	arrived := make(chan struct{}, 1)
+	var calls atomic.Int32
+	o.AS.OnToken(func(*http.Request) {
+		if calls.Add(1) == 1 {
+			arrived <- struct{}{}
+			<-hang
+		}
+	})
+	o.publish401(t, key, fp, "runtime-0", true)
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refresh never reached the token endpoint")
+	}
+	kept, _ := o.stormPublish(t, key, fp, 1, 9)
+	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
+		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
+	})
+	w.WaitFor(t, "the rotation after the failed call", fleet.RotatedVersion(2))
+	o.Settled(t)
+	if got := o.AS.Calls(); got != 2 {
+		t.Errorf("token-endpoint calls = %d, want 2 (the one that hung, then the refresh)", got)
+	}
+	if got := o.AS.Reuses(); got != 0 {
+		t.Errorf("refresh-token reuses = %d, want 0", got)
+	}
+	backs := o.Logs.Records(map[string]string{"msg": "event processed", "detail": "the refresh it joined ended transient"})
+	if len(backs) != len(kept) {
+		t.Errorf("joined events sent back after the failed call = %d, want %d", len(backs), len(kept))
+	}
+}
+
+// The same storm across three pools and without holding the token endpoint:
+// events reach pools before, during and after the refresh. Whatever each
+// one meets (a refresh in flight in its own pool, a lease held by another,
+// a rotated credential), every kept publish is answered exactly once and
+// traced: the process span of its own trace settles it, or the refresh it
+// joined links to it. Exactly one token-endpoint call.
+func TestStormTracesAcrossPools(t *testing.T) {
 	o := setupObserved(t)
 	o.start(t, 3, nil)
 	key := fleet.MustKey(t, "acme.storm.github")
@@ -329,43 +616,39 @@ func TestStormTraces(t *testing.T) {
 	fp := events.Fingerprint(tok.AccessToken)
 
 	const publishers = 50
-	var mu sync.Mutex
-	kept := map[trace.TraceID]bool{}
-	var dups atomic.Int64
-	var wg sync.WaitGroup
-	for i := range publishers {
-		wg.Go(func() {
-			sc, ack := o.publish401(t, key, fp, fmt.Sprintf("runtime-%d", i), i%2 == 0)
-			if ack.Duplicate {
-				dups.Add(1)
-				return
-			}
-			mu.Lock()
-			kept[sc.TraceID()] = true
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	if got := dups.Load(); got != publishers/2-1 {
-		t.Errorf("duplicates = %d, want %d (all but one of the publishes with a Nats-Msg-Id)", got, publishers/2-1)
+	kept, dups := o.stormPublish(t, key, fp, 0, publishers)
+	if dups != publishers/2-1 {
+		t.Errorf("duplicates = %d, want %d (all but one of the publishes with a Nats-Msg-Id)", dups, publishers/2-1)
 	}
 	o.Settled(t)
 
+	keptTrace := map[trace.TraceID]bool{}
+	for _, sc := range kept {
+		keptTrace[sc.TraceID()] = true
+	}
 	// Settling acks before the process span ends: wait for the last ones.
 	final := map[trace.TraceID]string{} // trace → the outcome that settled it
-	fleet.Eventually(t, 10*time.Second, "a settling process span per kept publish", func() bool {
+	linked := map[trace.TraceID]bool{}  // traces the refresh answered by a link
+	fleet.Eventually(t, 10*time.Second, "every kept publish settled by a span or a link", func() bool {
 		clear(final)
+		clear(linked)
 		for _, s := range o.ended(isProcess) {
 			if out := attrOf(s, "authbus.outcome"); out != "lease_held" {
 				final[s.SpanContext().TraceID()] = out
 			}
+			for _, l := range s.Links() {
+				linked[l.SpanContext.TraceID()] = true
+			}
 		}
-		return len(final) == len(kept)
+		return len(final)+len(linked) == len(kept)
 	})
 	rotatedTraces := 0
 	for id, out := range final {
-		if !kept[id] {
+		if !keptTrace[id] {
 			t.Errorf("a process span in trace %s, which is no kept publish", id)
+		}
+		if linked[id] {
+			t.Errorf("trace %s was settled by its own process span (%s) and joined a refresh too", id, out)
 		}
 		switch out {
 		case "rotated":
@@ -373,6 +656,11 @@ func TestStormTraces(t *testing.T) {
 		case "stale":
 		default:
 			t.Errorf("trace %s settled as %s, want rotated or stale", id, out)
+		}
+	}
+	for id := range linked {
+		if !keptTrace[id] {
+			t.Errorf("a link to trace %s, which is no kept publish", id)
 		}
 	}
 	if rotatedTraces != 1 {
@@ -391,9 +679,9 @@ func TestStormTraces(t *testing.T) {
 	if got := counter(rm, "authbus.events.processed", outcome("rotated")); got != 1 {
 		t.Errorf("rotated counted %d, want 1", got)
 	}
-	if int(dups.Load())+1+int(stale) != publishers {
+	if dups+1+int(stale) != publishers {
 		t.Errorf("duplicates %d + rotated 1 + stale %d = %d, want %d publishes accounted for",
-			dups.Load(), stale, int(dups.Load())+1+int(stale), publishers)
+			dups, stale, dups+1+int(stale), publishers)
 	}
 	held := len(o.ended(func(s sdktrace.ReadOnlySpan) bool {
 		return isProcess(s) && attrOf(s, "authbus.outcome") == "lease_held"
@@ -480,6 +768,63 @@ func TestOutcomeMetrics(t *testing.T) {
 				e.o.AS.OnToken(func(*http.Request) {
 					if once.CompareAndSwap(false, true) {
 						e.o.Register(t, e.key, relogin, nil)
+					}
+				})
+				e.o.publish401(t, e.key, e.fp, "rt", true)
+			}},
+		{name: "lease_lost", want: "lease_lost", tokenResult: "permanent",
+			trigger: func(t *testing.T, e env) {
+				// The refresh stalls in the token call long enough for another
+				// refresher to take the lease; then the server refuses.
+				arrived, release := make(chan struct{}), make(chan struct{})
+				var once atomic.Bool
+				e.o.AS.OnToken(func(*http.Request) {
+					if once.CompareAndSwap(false, true) {
+						close(arrived)
+						<-release
+					}
+				})
+				var closeRelease sync.Once
+				t.Cleanup(func() { closeRelease.Do(func() { close(release) }) })
+				e.o.publish401(t, e.key, e.fp, "rt", true)
+				<-arrived
+				ctx := context.Background()
+				leases, err := e.o.JS.KeyValue(ctx, e.o.Subj.BucketName("LEASES"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := leases.Delete(ctx, e.key.String()); err != nil {
+					t.Fatal(err)
+				}
+				other, err := e.o.Pools[0].Pool.Leases().Claim(ctx, e.key, "another-refresher")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = other.Release(context.Background()) })
+				fleet.Eventually(t, 10*time.Second, "the pool noticed its lease is gone", func() bool {
+					return strings.Contains(e.o.Logs.String(), "lease renewal failed during a refresh")
+				})
+				e.o.AS.Revoke(e.tok.RefreshToken)
+				closeRelease.Do(func() { close(release) })
+			}},
+		{name: "nats_unavailable", want: "nats_unavailable",
+			trigger: func(t *testing.T, e env) {
+				// The credential bucket is gone (an operator deleted it): reads fail.
+				if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.BucketName("CREDENTIALS")); err != nil {
+					t.Fatal(err)
+				}
+				e.o.publish401(t, e.key, e.fp, "rt", true)
+			}},
+		{name: "store_failed", want: "store_failed", tokenResult: "success",
+			trigger: func(t *testing.T, e env) {
+				// The bucket disappears while the token endpoint answers: the
+				// new tokens cannot be stored (retried for the lease's TTL).
+				var once atomic.Bool
+				e.o.AS.OnToken(func(*http.Request) {
+					if once.CompareAndSwap(false, true) {
+						if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.BucketName("CREDENTIALS")); err != nil {
+							t.Error(err)
+						}
 					}
 				})
 				e.o.publish401(t, e.key, e.fp, "rt", true)

@@ -1,0 +1,168 @@
+package workers
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/telemetry"
+)
+
+// A flight is a refresh this pool is running under a lease. Events for the
+// same credential that reach the pool meanwhile (a storm of runtimes without
+// Nats-Msg-Id, or a 401 racing a scheduled refresh) join it: they cost no
+// KV read, no lease attempt and no redelivery, they are settled with the
+// flight's answer, and the flight's process span links to each of their
+// publishes, so one trace shows the refresh and every event it answered.
+type flight struct {
+	key         events.Key
+	fingerprint string // of the generation being refreshed
+	span        trace.Span
+	msg         jetstream.Msg
+
+	mu     sync.Mutex
+	landed bool
+	joined []joiner
+}
+
+// joiner is an event waiting for a flight's answer.
+type joiner struct {
+	msg     jetstream.Msg
+	attempt uint64
+	start   time.Time
+}
+
+// takeoff makes f the flight of its key, so that later events about the
+// generation with this fingerprint join it. The caller holds the key's lease.
+func (p *Pool) takeoff(f *flight, key events.Key, fingerprint string) {
+	f.key, f.fingerprint = key, fingerprint
+	p.flightsMu.Lock()
+	p.flights[key] = f
+	p.flightsMu.Unlock()
+}
+
+// land ends f: no event joins it any more. It returns the events that did.
+func (p *Pool) land(f *flight) []joiner {
+	p.flightsMu.Lock()
+	if p.flights[f.key] == f {
+		delete(p.flights, f.key)
+	}
+	p.flightsMu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.landed = true
+	return f.joined
+}
+
+// join hands msg to the refresh in flight for its credential, if there is
+// one and the event is about the generation being refreshed. It reports
+// false, and leaves msg alone, otherwise; process then handles it as usual
+// (an event about an older token is answered from the store at once).
+func (p *Pool) join(msg jetstream.Msg, start time.Time) bool {
+	typ, key, err := p.subj.ParseEvent(msg.Subject())
+	if err != nil || (typ != events.Type401 && typ != events.TypeExpiring) {
+		return false
+	}
+	p.flightsMu.Lock()
+	f := p.flights[key]
+	p.flightsMu.Unlock()
+	if f == nil {
+		return false
+	}
+	// Bad input is terminated by process, never answered by a flight.
+	ev, err := events.Decode(typ, key, msg.Data())
+	if err != nil || ev.Fingerprint() != f.fingerprint {
+		return false
+	}
+	var attempt uint64 = 1
+	if md, err := msg.Metadata(); err == nil {
+		attempt = md.NumDelivered
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.landed {
+		return false
+	}
+	f.joined = append(f.joined, joiner{msg: msg, attempt: attempt, start: start})
+	link := trace.Link{SpanContext: trace.SpanContextFromContext(telemetry.Extract(context.Background(), msg.Headers()))}
+	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
+		link.Attributes = append(link.Attributes, semconv.MessagingMessageID(id))
+	}
+	f.span.AddLink(link)
+	p.log.LogAttrs(trace.ContextWithSpan(context.Background(), f.span), slog.LevelDebug, "event joined the refresh in flight",
+		slog.String("subject", msg.Subject()), slog.Uint64("attempt", attempt))
+	return true
+}
+
+// inProgress tells JetStream that f's own event and every event that joined
+// it are still being worked on.
+func (f *flight) inProgress() {
+	f.mu.Lock()
+	msgs := make([]jetstream.Msg, 0, len(f.joined)+1)
+	msgs = append(msgs, f.msg)
+	for _, j := range f.joined {
+		msgs = append(msgs, j.msg)
+	}
+	f.mu.Unlock()
+	for _, m := range msgs {
+		_ = m.InProgress()
+	}
+}
+
+// settleJoined settles the events that joined a flight which came to r.
+// A rotation (or a peer's, found on the re-read) and a needs_reauth were
+// announced by the flight and answer every event of the credential; after
+// anything else each event goes back to the stream to be decided on its own.
+func (p *Pool) settleJoined(ctx context.Context, joined []joiner, r result) {
+	var jr result
+	switch r.outcome {
+	case outRotated, outStale:
+		jr = ack(outStale)
+		jr.detail = "answered by the refresh it joined"
+	case outNeedsReauth:
+		jr = ack(outNeedsReauth)
+		jr.detail = "answered by the refresh it joined"
+	default:
+		jr = nak(outLeaseHeld, jitter(p.cfg.LeaseWait), fmt.Sprintf("the refresh it joined ended %s", r.outcome))
+	}
+	jr.version = r.version
+	for _, j := range joined {
+		var err error
+		gaveUp := false
+		switch {
+		case jr.action == actionAck:
+			err = j.msg.Ack()
+		case j.attempt >= uint64(p.cfg.MaxDeliver):
+			gaveUp = true
+			err = j.msg.TermWithReason(fmt.Sprintf("gave up after %d deliveries: %s %s", j.attempt, jr.outcome, jr.detail))
+		default:
+			err = j.msg.NakWithDelay(jr.delay)
+		}
+		if gaveUp {
+			p.metrics.settled(ctx, term(jr.outcome, ""), true, time.Since(j.start))
+		} else {
+			p.metrics.settled(ctx, jr, false, time.Since(j.start))
+		}
+		level := slog.LevelDebug
+		attrs := []slog.Attr{
+			slog.String("subject", j.msg.Subject()), slog.String("outcome", jr.outcome),
+			slog.Uint64("attempt", j.attempt), slog.Duration("took", time.Since(j.start)),
+			slog.String("detail", jr.detail),
+		}
+		if jr.version != 0 {
+			attrs = append(attrs, slog.Int64("version", jr.version))
+		}
+		if err != nil {
+			level = slog.LevelWarn
+			attrs = append(attrs, slog.String("settle_error", err.Error()))
+		}
+		p.log.LogAttrs(ctx, level, "event processed", attrs...)
+	}
+}
