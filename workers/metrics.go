@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
@@ -105,6 +106,18 @@ func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
 		return nil, fmt.Errorf("pool metrics callback: %w", err)
 	}
 	return ms, nil
+}
+
+// processAttrs are the OTel messaging attributes of a span that processes a
+// message of size bytes received on subject.
+func processAttrs(subject string, size int, more ...attribute.KeyValue) []attribute.KeyValue {
+	return append([]attribute.KeyValue{
+		semconv.MessagingSystemKey.String("nats"),
+		semconv.MessagingOperationTypeProcess,
+		semconv.MessagingOperationName("process"),
+		semconv.MessagingDestinationName(subject),
+		semconv.MessagingMessageBodySize(size),
+	}, more...)
 }
 
 // settled records one processed event.

@@ -236,14 +236,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 			trace.WithLinks(trace.Link{SpanContext: trace.SpanContextFromContext(ctx)}))
 	}
 	ctx, span := p.tracer.Start(ctx, "process", append(opts,
-		trace.WithAttributes(
-			semconv.MessagingSystemKey.String("nats"),
-			semconv.MessagingOperationTypeProcess,
-			semconv.MessagingOperationName("process"),
-			semconv.MessagingDestinationName(msg.Subject()),
-			semconv.MessagingConsumerGroupName(consumerName),
-			semconv.MessagingMessageBodySize(len(msg.Data())),
-		))...)
+		trace.WithAttributes(processAttrs(msg.Subject(), len(msg.Data()), semconv.MessagingConsumerGroupName(consumerName))...))...)
 	defer span.End()
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		span.SetAttributes(semconv.MessagingMessageID(id))

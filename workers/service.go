@@ -60,14 +60,7 @@ func (p *Pool) traced(template string, h func(context.Context, micro.Request)) m
 	return func(req micro.Request) {
 		ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
 		ctx, span := p.tracer.Start(ctx, "process "+template, trace.WithSpanKind(trace.SpanKindServer),
-			trace.WithAttributes(
-				semconv.MessagingSystemKey.String("nats"),
-				semconv.MessagingOperationTypeProcess,
-				semconv.MessagingOperationName("process"),
-				semconv.MessagingDestinationName(req.Subject()),
-				semconv.MessagingDestinationTemplate(template),
-				semconv.MessagingMessageBodySize(len(req.Data())),
-			))
+			trace.WithAttributes(processAttrs(req.Subject(), len(req.Data()), semconv.MessagingDestinationTemplate(template))...))
 		defer span.End()
 		h(ctx, tracedRequest{Request: req, span: span})
 	}

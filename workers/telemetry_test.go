@@ -73,6 +73,16 @@ func (o *observed) start(t testing.TB, n int, tune func(*workers.Config)) {
 	})
 }
 
+// registerOne registers a fresh credential under key and returns the key
+// and its access token's fingerprint.
+func (o *observed) registerOne(t testing.TB, key string) (events.Key, string) {
+	t.Helper()
+	k := fleet.MustKey(t, key)
+	tok := o.AS.Issue(fleet.ClientID)
+	o.Register(t, k, tok, nil)
+	return k, events.Fingerprint(tok.AccessToken)
+}
+
 // publish401 publishes a 401 as an instrumented runtime does: inside a
 // producer span whose context travels in the message headers.
 func (o *observed) publish401(t testing.TB, key events.Key, fp, runtime string, withMsgID bool) (trace.SpanContext, *jetstream.PubAck) {
@@ -445,10 +455,7 @@ func (o *observed) stormPublish(t *testing.T, key events.Key, fp string, first, 
 func TestStormTraces(t *testing.T) {
 	o := setupObserved(t)
 	o.start(t, 1, nil)
-	key := fleet.MustKey(t, "acme.storm.github")
-	tok := o.AS.Issue(fleet.ClientID)
-	o.Register(t, key, tok, nil)
-	fp := events.Fingerprint(tok.AccessToken)
+	key, fp := o.registerOne(t, "acme.storm.github")
 
 	// Hold the refresh in the token endpoint until the storm has arrived.
 	release := make(chan struct{})
@@ -559,10 +566,7 @@ func TestStormTraces(t *testing.T) {
 func TestStormJoinsFailedRefresh(t *testing.T) {
 	o := setupObserved(t)
 	o.start(t, 1, func(c *workers.Config) { c.TokenTimeout = 2 * time.Second })
-	key := fleet.MustKey(t, "acme.storm.github")
-	tok := o.AS.Issue(fleet.ClientID)
-	o.Register(t, key, tok, nil)
-	fp := events.Fingerprint(tok.AccessToken)
+	key, fp := o.registerOne(t, "acme.storm.github")
 	w := o.Watch(t, key)
 
 	// The first call hangs until the test ends: the server never redeems
@@ -610,10 +614,7 @@ func TestStormJoinsFailedRefresh(t *testing.T) {
 func TestStormTracesAcrossPools(t *testing.T) {
 	o := setupObserved(t)
 	o.start(t, 3, nil)
-	key := fleet.MustKey(t, "acme.storm.github")
-	tok := o.AS.Issue(fleet.ClientID)
-	o.Register(t, key, tok, nil)
-	fp := events.Fingerprint(tok.AccessToken)
+	key, fp := o.registerOne(t, "acme.storm.github")
 
 	const publishers = 50
 	kept, dups := o.stormPublish(t, key, fp, 0, publishers)
