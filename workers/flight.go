@@ -85,17 +85,19 @@ func (p *Pool) join(msg jetstream.Msg, start time.Time) bool {
 	if md, err := msg.Metadata(); err == nil {
 		attempt = md.NumDelivered
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.landed {
-		return false
-	}
-	f.joined = append(f.joined, joiner{msg: msg, attempt: attempt, start: start})
 	link := trace.Link{SpanContext: trace.SpanContextFromContext(telemetry.Extract(context.Background(), msg.Headers()))}
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		link.Attributes = append(link.Attributes, semconv.MessagingMessageID(id))
 	}
+	f.mu.Lock()
+	if f.landed {
+		f.mu.Unlock()
+		return false
+	}
+	f.joined = append(f.joined, joiner{msg: msg, attempt: attempt, start: start})
+	// Under the lock: the span must not have ended (land runs first).
 	f.span.AddLink(link)
+	f.mu.Unlock()
 	p.log.LogAttrs(trace.ContextWithSpan(context.Background(), f.span), slog.LevelDebug, "event joined the refresh in flight",
 		slog.String("subject", msg.Subject()), slog.Uint64("attempt", attempt))
 	return true
