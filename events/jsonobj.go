@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -43,19 +44,22 @@ type member struct {
 
 // objectMembers splits b, which must be exactly one JSON object, into its
 // members. The values are sub-slices of b.
-func objectMembers(b []byte) ([]member, error) {
-	// encoding/json silently replaces invalid UTF-8 with U+FFFD; another
-	// language's decoder may refuse it or keep the bytes, so refuse it here.
-	if !utf8.Valid(b) {
-		return nil, errors.New("is not valid UTF-8; JSON must be UTF-8 (RFC 8259)")
-	}
-	// Validate everything once (this also yields encoding/json's syntax
-	// error text), then walk the known-good object by hand: json.Decoder
-	// would cost three times as much, building and dropping an error for
-	// every scalar member.
-	var whole json.RawMessage
-	if err := json.Unmarshal(b, &whole); err != nil {
-		return nil, jsonErr(err)
+// A trusted b is part of an input that was checked already.
+func objectMembers(b []byte, trusted bool) ([]member, error) {
+	if !trusted {
+		// encoding/json silently replaces invalid UTF-8 with U+FFFD; another
+		// language's decoder may refuse it or keep the bytes, so refuse it here.
+		if !utf8.Valid(b) {
+			return nil, errors.New("is not valid UTF-8; JSON must be UTF-8 (RFC 8259)")
+		}
+		// Validate everything once, then walk the known-good object by
+		// hand: json.Decoder would cost three times as much, building and
+		// dropping an error for every scalar member. Only invalid input
+		// pays for json.Unmarshal, for encoding/json's syntax error text.
+		if !json.Valid(b) {
+			var whole json.RawMessage
+			return nil, jsonErr(json.Unmarshal(b, &whole))
+		}
 	}
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' {
@@ -223,7 +227,11 @@ func structInfoOf(t reflect.Type) *structInfo {
 // members whose name differs from a known one only in case are always
 // refused. A JSON null leaves its field at the zero value.
 func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
-	ms, err := objectMembers(b)
+	return decodeMembers(path, b, v, allowUnknown, false)
+}
+
+func decodeMembers(path string, b []byte, v any, allowUnknown, trusted bool) []problem {
+	ms, err := objectMembers(b, trusted)
 	if err != nil {
 		return []problem{{field: path, msg: err.Error()}}
 	}
@@ -234,9 +242,9 @@ func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
 		if len(ps) > maxProblems {
 			break // joinProblems shows no more; do not spend work on them
 		}
-		fpath := joinPath(path, m.name)
 		f := si.field(m.name)
 		if f == nil {
+			fpath := joinPath(path, m.name)
 			if known := si.foldMatch(m.name); known != "" {
 				ps = append(ps, problem{field: quote(fpath), msg: fmt.Sprintf("is not a field (names are case-sensitive); use %q", known)})
 			} else if !allowUnknown {
@@ -247,15 +255,75 @@ func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
 		fv := rv.Field(f.index).Addr().Interface()
 		if f.nested {
 			if !isNull(m.raw) {
-				ps = append(ps, decodeObject(fpath, m.raw, fv, allowUnknown)...)
+				ps = append(ps, decodeMembers(joinPath(path, m.name), m.raw, fv, allowUnknown, true)...)
 			}
 			continue
 		}
+		if assignFast(fv, m.raw) {
+			continue
+		}
 		if err := json.Unmarshal(m.raw, fv); err != nil {
-			ps = append(ps, problem{field: fpath, msg: typeMismatch(err, f.typ, m.raw)})
+			ps = append(ps, problem{field: joinPath(path, m.name), msg: typeMismatch(err, f.typ, m.raw)})
 		}
 	}
 	return ps
+}
+
+// assignFast stores the valid JSON value raw into v, as json.Unmarshal
+// would, for the common kinds of an event's fields, and reports whether it
+// did; otherwise json.Unmarshal does it (and explains a mismatch). It keeps
+// decoding an event from paying for reflection and a validation pass per
+// field.
+func assignFast(v any, raw []byte) bool {
+	switch p := v.(type) {
+	case *string:
+		// Valid JSON without escapes: the bytes between the quotes are the
+		// string (control characters cannot occur; UTF-8 was checked).
+		if len(raw) >= 2 && raw[0] == '"' && raw[len(raw)-1] == '"' && bytes.IndexByte(raw, '\\') < 0 {
+			*p = string(raw[1 : len(raw)-1])
+			return true
+		}
+	case *time.Time:
+		// What json.Unmarshal calls for a time; on error it runs again
+		// through json.Unmarshal for the same error.
+		return p.UnmarshalJSON(raw) == nil
+	case *int:
+		if n, ok := plainInt(raw); ok && (strconv.IntSize == 64 || int64(int32(n)) == int64(n)) {
+			*p = n
+			return true
+		}
+	case *int64:
+		if n, ok := plainInt(raw); ok {
+			*p = int64(n)
+			return true
+		}
+	}
+	return false
+}
+
+// plainInt parses a JSON number written as a plain integer of at most 18
+// digits (so that it cannot overflow); anything else is left to
+// json.Unmarshal.
+func plainInt(raw []byte) (int, bool) {
+	neg := len(raw) > 0 && raw[0] == '-'
+	digits := raw
+	if neg {
+		digits = raw[1:]
+	}
+	if len(digits) == 0 || len(digits) > 18 {
+		return 0, false
+	}
+	n := 0
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	if neg {
+		n = -n
+	}
+	return n, true
 }
 
 func (si *structInfo) foldMatch(name string) string {
