@@ -3,6 +3,7 @@ package workers_test
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -602,6 +603,72 @@ func TestStormJoinsFailedRefresh(t *testing.T) {
 	backs := o.Logs.Records(map[string]string{"msg": "event processed", "detail": "the refresh it joined ended transient"})
 	if len(backs) != len(kept) {
 		t.Errorf("joined events sent back after the failed call = %d, want %d", len(backs), len(kept))
+	}
+}
+
+// A pool told to stop while events wait on its refresh finishes the
+// refresh and settles every joined event before Run returns: none is left
+// unacknowledged for a redelivery after AckWait.
+func TestShutdownSettlesJoinedEvents(t *testing.T) {
+	o := setupObserved(t)
+	o.start(t, 1, nil)
+	key, fp := o.registerOne(t, "acme.storm.github")
+	release := make(chan struct{})
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	arrived := make(chan struct{}, 1)
+	o.AS.OnToken(func(*http.Request) {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		<-release
+	})
+	o.publish401(t, key, fp, "runtime-0", true)
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refresh never reached the token endpoint")
+	}
+	kept, _ := o.stormPublish(t, key, fp, 1, 9)
+	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
+		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
+	})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		o.Pools[0].Stop(t)
+	}()
+	// Stopping begins with the token service; then Stop waits for the
+	// refresh in flight: let it finish.
+	fleet.Eventually(t, 5*time.Second, "the pool's token service stopped", func() bool {
+		_, err := o.NC.Request(o.Subj.Token(key), nil, 200*time.Millisecond)
+		return errors.Is(err, nats.ErrNoResponders)
+	})
+	open()
+	select {
+	case <-stopped:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the pool did not stop")
+	}
+	cons, err := o.JS.Consumer(context.Background(), o.Subj.EventsStream(), "refreshers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := cons.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ci.NumPending != 0 || ci.NumAckPending != 0 || ci.NumRedelivered != 0 {
+		t.Errorf("after the stop: %d pending, %d unacknowledged, %d redelivered; want 0, 0, 0", ci.NumPending, ci.NumAckPending, ci.NumRedelivered)
+	}
+	rm := collect(t, o.reader)
+	if got := counter(rm, "authbus.events.processed", outcome("stale")); got != int64(len(kept)) {
+		t.Errorf("joined events answered = %d, want %d", got, len(kept))
+	}
+	if got := counter(rm, "authbus.events.processed", outcome("rotated")); got != 1 {
+		t.Errorf("rotated = %d, want 1", got)
 	}
 }
 
