@@ -447,6 +447,43 @@ func (o *observed) stormPublish(t *testing.T, key events.Key, fp string, first, 
 	return kept, dups
 }
 
+// heldStorm starts a refresh of key whose token call waits in the server
+// until release is called (at the latest when the test ends; later calls
+// pass), then publishes n more 401s for the same token as stormPublish does
+// and waits until every one the stream kept has joined the refresh. It
+// returns the first publish's span context.
+func (o *observed) heldStorm(t *testing.T, key events.Key, fp string, n int) (first trace.SpanContext, kept []trace.SpanContext, dups int, release func()) {
+	t.Helper()
+	held := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(held) }) }
+	t.Cleanup(release) // the server cannot close while a call waits
+	arrived := make(chan struct{}, 1)
+	var calls atomic.Int32
+	o.AS.OnToken(func(*http.Request) {
+		if calls.Add(1) == 1 {
+			arrived <- struct{}{}
+			<-held
+		}
+	})
+	first, ack := o.publish401(t, key, fp, "runtime-0", true)
+	if ack.Duplicate {
+		t.Fatal("the first publish was dropped as a duplicate")
+	}
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refresh never reached the token endpoint")
+	}
+	kept, dups = o.stormPublish(t, key, fp, 1, n)
+	// Delivered is not enough: a delivered event may still wait in the
+	// client's buffer. Wait until each one has joined.
+	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
+		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
+	})
+	return first, kept, dups, release
+}
+
 // Done-when 2: 50 runtimes report the same 401 while its refresh is in
 // flight, half with the protocol's Nats-Msg-Id and half without (an older
 // client). The stream drops the duplicates of the first half; the other 25
@@ -458,49 +495,20 @@ func TestStormTraces(t *testing.T) {
 	o.start(t, 1, nil)
 	key, fp := o.registerOne(t, "acme.storm.github")
 
-	// Hold the refresh in the token endpoint until the storm has arrived.
-	release := make(chan struct{})
-	var once sync.Once
-	open := func() { once.Do(func() { close(release) }) }
-	t.Cleanup(open)
-	arrived := make(chan struct{}, 1)
-	o.AS.OnToken(func(*http.Request) {
-		select {
-		case arrived <- struct{}{}:
-		default:
-		}
-		<-release
-	})
-
-	first, ack := o.publish401(t, key, fp, "runtime-0", true)
-	if ack.Duplicate {
-		t.Fatal("the first publish was dropped as a duplicate")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	select {
-	case <-arrived:
-	case <-ctx.Done():
-		t.Fatal("the refresh never reached the token endpoint")
-	}
 	const publishers = 50
-	kept, dups := o.stormPublish(t, key, fp, 1, publishers-1)
+	first, kept, dups, release := o.heldStorm(t, key, fp, publishers-1)
 	if dups != publishers/2-1 {
 		t.Errorf("duplicates = %d, want %d (all but one of the publishes with a Nats-Msg-Id)", dups, publishers/2-1)
 	}
+	ctx := context.Background()
 	cons, err := o.JS.Consumer(ctx, o.Subj.EventsStream(), "refreshers")
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Delivered is not enough: a delivered event may still wait in the
-	// client's buffer. Wait until each one has joined.
-	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
-		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
-	})
 	if ci, err := cons.Info(ctx); err != nil || ci.NumPending != 0 || ci.NumAckPending != len(kept)+1 {
 		t.Fatalf("consumer before the refresh ends: %+v, %v; want 0 pending and %d unacknowledged", ci, err, len(kept)+1)
 	}
-	open()
+	release()
 	o.Settled(t)
 
 	fleet.Eventually(t, 10*time.Second, "the process span ended", func() bool { return len(o.ended(isProcess)) > 0 })
@@ -572,26 +580,7 @@ func TestStormJoinsFailedRefresh(t *testing.T) {
 
 	// The first call hangs until the test ends: the server never redeems
 	// the refresh token it carries.
-	hang := make(chan struct{})
-	t.Cleanup(func() { close(hang) })
-	arrived := make(chan struct{}, 1)
-	var calls atomic.Int32
-	o.AS.OnToken(func(*http.Request) {
-		if calls.Add(1) == 1 {
-			arrived <- struct{}{}
-			<-hang
-		}
-	})
-	o.publish401(t, key, fp, "runtime-0", true)
-	select {
-	case <-arrived:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the refresh never reached the token endpoint")
-	}
-	kept, _ := o.stormPublish(t, key, fp, 1, 9)
-	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
-		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
-	})
+	_, kept, _, _ := o.heldStorm(t, key, fp, 9)
 	w.WaitFor(t, "the rotation after the failed call", fleet.RotatedVersion(2))
 	o.Settled(t)
 	if got := o.AS.Calls(); got != 2 {
@@ -613,28 +602,7 @@ func TestShutdownSettlesJoinedEvents(t *testing.T) {
 	o := setupObserved(t)
 	o.start(t, 1, nil)
 	key, fp := o.registerOne(t, "acme.storm.github")
-	release := make(chan struct{})
-	var once sync.Once
-	open := func() { once.Do(func() { close(release) }) }
-	t.Cleanup(open)
-	arrived := make(chan struct{}, 1)
-	o.AS.OnToken(func(*http.Request) {
-		select {
-		case arrived <- struct{}{}:
-		default:
-		}
-		<-release
-	})
-	o.publish401(t, key, fp, "runtime-0", true)
-	select {
-	case <-arrived:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the refresh never reached the token endpoint")
-	}
-	kept, _ := o.stormPublish(t, key, fp, 1, 9)
-	fleet.Eventually(t, 10*time.Second, "every kept publish joined the refresh", func() bool {
-		return len(o.Logs.Records(map[string]string{"msg": "event joined the refresh in flight"})) == len(kept)
-	})
+	_, kept, _, release := o.heldStorm(t, key, fp, 9)
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
@@ -646,7 +614,7 @@ func TestShutdownSettlesJoinedEvents(t *testing.T) {
 		_, err := o.NC.Request(o.Subj.Token(key), nil, 200*time.Millisecond)
 		return errors.Is(err, nats.ErrNoResponders)
 	})
-	open()
+	release()
 	select {
 	case <-stopped:
 	case <-time.After(20 * time.Second):
