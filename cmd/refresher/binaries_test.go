@@ -6,6 +6,9 @@ import (
 	"os/exec"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/authbus/authbus/internal/fleet"
 )
 
 // The refresher and publisher binaries, built once for every test of this
@@ -41,4 +44,26 @@ func binaries(t *testing.T) string {
 		t.Fatal(binErr)
 	}
 	return binDir
+}
+
+// startRefresher starts cmd, a refresher, with its output captured, and
+// waits until it is ready. exited yields Wait's result once; the process
+// is killed when the test ends if it still runs.
+func startRefresher(t *testing.T, cmd *exec.Cmd) (stdout, stderr *fleet.LogBuffer, exited <-chan error) {
+	t.Helper()
+	stdout, stderr = &fleet.LogBuffer{}, &fleet.LogBuffer{}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	})
+	waitForText(t, stderr, "refresher ready", 30*time.Second)
+	return stdout, stderr, done
 }

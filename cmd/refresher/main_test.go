@@ -32,20 +32,7 @@ func TestREADMEQuickStart(t *testing.T) {
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr)
 	// Set but empty turns the operations listener off, as --metrics-addr="" does.
 	refresher.Env = append(cleanEnv(), "AUTHBUS_METRICS_ADDR=")
-	var refLog fleet.LogBuffer
-	refresher.Stderr = &refLog
-	if err := refresher.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- refresher.Wait() }()
-	t.Cleanup(func() {
-		if refresher.ProcessState == nil {
-			_ = refresher.Process.Kill()
-			<-exited
-		}
-	})
-	waitForText(t, &refLog, "refresher ready", 30*time.Second)
+	_, refLog, exited := startRefresher(t, refresher)
 	if strings.Contains(refLog.String(), "metrics and health listener running") {
 		t.Errorf("AUTHBUS_METRICS_ADDR= left the operations listener on:\n%s", refLog.String())
 	}

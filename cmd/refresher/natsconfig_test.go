@@ -47,20 +47,7 @@ func TestRefresherWithNATSConfig(t *testing.T) {
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr,
 		"--nats-config", confPath, "--metrics-addr", "")
 	refresher.Env = append(append(cleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
-	var refLog fleet.LogBuffer
-	refresher.Stderr = &refLog
-	if err := refresher.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- refresher.Wait() }()
-	t.Cleanup(func() {
-		if refresher.ProcessState == nil {
-			_ = refresher.Process.Kill()
-			<-exited
-		}
-	})
-	waitForText(t, &refLog, "refresher ready", 30*time.Second)
+	_, refLog, exited := startRefresher(t, refresher)
 
 	if nc, err := nats.Connect("nats://" + addr); err == nil {
 		nc.Close()

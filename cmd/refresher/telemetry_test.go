@@ -42,21 +42,8 @@ func TestBinaryTelemetry(t *testing.T) {
 			addr, metricsAddr := freeAddr(t), freeAddr(t)
 			cmd := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", t.TempDir(), "--listen", addr, "--metrics-addr", metricsAddr)
 			cmd.Env = append(envWithoutOTel(), tc.env...)
-			var stdout, stderr fleet.LogBuffer
-			cmd.Stdout, cmd.Stderr = &stdout, &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			exited := make(chan error, 1)
-			go func() { exited <- cmd.Wait() }()
-			t.Cleanup(func() {
-				if cmd.ProcessState == nil {
-					_ = cmd.Process.Kill()
-					<-exited
-				}
-			})
-			waitForText(t, &stderr, "refresher ready", 30*time.Second)
-			waitForText(t, &stderr, "metrics and health listener running", 5*time.Second)
+			stdout, stderr, exited := startRefresher(t, cmd)
+			waitForText(t, stderr, "metrics and health listener running", 5*time.Second)
 
 			tok := as.Issue("demo")
 			rotatedVersion := refreshOnce(t, "nats://"+addr, as, tok)
