@@ -64,26 +64,17 @@ func (p *Pool) land(f *flight) []joiner {
 // join hands msg to the refresh in flight for its credential, if there is
 // one and the event is about the generation being refreshed. It reports
 // false, and leaves msg alone, otherwise; process then handles it as usual
-// (an event about an older token is answered from the store at once).
-func (p *Pool) join(msg jetstream.Msg, start time.Time) bool {
-	typ, key, err := p.subj.ParseEvent(msg.Subject())
-	if err != nil || (typ != events.Type401 && typ != events.TypeExpiring) {
+// (an event about an older token is answered from the store at once, bad
+// input is terminated).
+func (p *Pool) join(msg jetstream.Msg, in inbound, attempt uint64, start time.Time) bool {
+	if in.ev == nil {
 		return false
 	}
 	p.flightsMu.Lock()
-	f := p.flights[key]
+	f := p.flights[in.key]
 	p.flightsMu.Unlock()
-	if f == nil {
+	if f == nil || in.ev.Fingerprint() != f.fingerprint {
 		return false
-	}
-	// Bad input is terminated by process, never answered by a flight.
-	ev, err := events.Decode(typ, key, msg.Data())
-	if err != nil || ev.Fingerprint() != f.fingerprint {
-		return false
-	}
-	var attempt uint64 = 1
-	if md, err := msg.Metadata(); err == nil {
-		attempt = md.NumDelivered
 	}
 	link := trace.Link{SpanContext: trace.SpanContextFromContext(telemetry.Extract(context.Background(), msg.Headers()))}
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
@@ -99,7 +90,7 @@ func (p *Pool) join(msg jetstream.Msg, start time.Time) bool {
 	f.span.AddLink(link)
 	f.mu.Unlock()
 	p.log.LogAttrs(trace.ContextWithSpan(context.Background(), f.span), slog.LevelDebug, "event joined the refresh in flight",
-		slog.String("subject", msg.Subject()), slog.Uint64("attempt", attempt))
+		slog.String("subject", in.subject), slog.Uint64("attempt", attempt))
 	return true
 }
 
@@ -136,35 +127,6 @@ func (p *Pool) settleJoined(ctx context.Context, joined []joiner, r result) {
 	}
 	jr.version = r.version
 	for _, j := range joined {
-		var err error
-		gaveUp := false
-		switch {
-		case jr.action == actionAck:
-			err = j.msg.Ack()
-		case j.attempt >= uint64(p.cfg.MaxDeliver):
-			gaveUp = true
-			err = j.msg.TermWithReason(fmt.Sprintf("gave up after %d deliveries: %s %s", j.attempt, jr.outcome, jr.detail))
-		default:
-			err = j.msg.NakWithDelay(jr.delay)
-		}
-		if gaveUp {
-			p.metrics.settled(ctx, term(jr.outcome, ""), true, time.Since(j.start))
-		} else {
-			p.metrics.settled(ctx, jr, false, time.Since(j.start))
-		}
-		level := slog.LevelDebug
-		attrs := []slog.Attr{
-			slog.String("subject", j.msg.Subject()), slog.String("outcome", jr.outcome),
-			slog.Uint64("attempt", j.attempt), slog.Duration("took", time.Since(j.start)),
-			slog.String("detail", jr.detail),
-		}
-		if jr.version != 0 {
-			attrs = append(attrs, slog.Int64("version", jr.version))
-		}
-		if err != nil {
-			level = slog.LevelWarn
-			attrs = append(attrs, slog.String("settle_error", err.Error()))
-		}
-		p.log.LogAttrs(ctx, level, "event processed", attrs...)
+		p.settle(ctx, j.msg, jr, j.attempt, j.start)
 	}
 }

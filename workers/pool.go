@@ -220,7 +220,12 @@ func term(outcome, detail string) result {
 // terminate with a reason.
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	start := time.Now()
-	if p.join(msg, start) {
+	var attempt uint64 = 1
+	if md, err := msg.Metadata(); err == nil {
+		attempt = md.NumDelivered
+	}
+	in := p.receive(msg)
+	if p.join(msg, in, attempt, start) {
 		return // the flight it joined settles it
 	}
 	ctx = telemetry.Extract(ctx, msg.Headers())
@@ -242,14 +247,26 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 		span.SetAttributes(semconv.MessagingMessageID(id))
 	}
 
-	var attempt uint64 = 1
-	if md, err := msg.Metadata(); err == nil {
-		attempt = md.NumDelivered
-	}
 	f := &flight{span: span, msg: msg}
-	r := p.process(ctx, msg, attempt, f)
+	r := p.process(ctx, in, attempt, f)
 	joined := p.land(f)
-	defer p.settleJoined(ctx, joined, r)
+	r = p.settle(ctx, msg, r, attempt, start)
+	span.SetAttributes(attrOutcome.String(r.outcome), attrAttempt.Int64(int64(attempt)))
+	if r.outcome == outLeaseHeld {
+		span.SetAttributes(attrLeaseWait.Float64(r.delay.Seconds()))
+	}
+	if r.action == actionTerm || r.outcome == outStoreFailed || r.outcome == outTransient || r.outcome == outNATS {
+		// Transient and NATS failures are retried later, but this attempt failed.
+		span.SetStatus(codes.Error, r.outcome)
+		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
+	}
+	p.settleJoined(ctx, joined, r)
+}
+
+// settle applies r to msg (ack, nak with a delay, or terminate with a
+// reason), counts and logs it, and returns what it applied: a nak at the
+// last delivery becomes a termination.
+func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt uint64, start time.Time) result {
 	gaveUp := false
 	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
 		// A work-queue stream keeps a message that reached MaxDeliver
@@ -267,20 +284,10 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 		err = msg.TermWithReason(r.detail)
 	}
 	p.metrics.settled(ctx, r, gaveUp, time.Since(start))
-	span.SetAttributes(attrOutcome.String(r.outcome), attrAttempt.Int64(int64(attempt)))
-	if r.outcome == outLeaseHeld {
-		span.SetAttributes(attrLeaseWait.Float64(r.delay.Seconds()))
-	}
 	level := slog.LevelInfo
 	switch {
-	case r.action == actionTerm || r.outcome == outStoreFailed:
+	case r.action == actionTerm || r.outcome == outStoreFailed || err != nil:
 		level = slog.LevelWarn
-		span.SetStatus(codes.Error, r.outcome)
-		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
-	case r.outcome == outTransient || r.outcome == outNATS:
-		// Retried later, but this attempt failed.
-		span.SetStatus(codes.Error, r.outcome)
-		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
 	case r.outcome == outLeaseHeld || r.outcome == outNotDue || r.outcome == outStale:
 		level = slog.LevelDebug
 	}
@@ -298,30 +305,56 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 		attrs = append(attrs, slog.Duration("retry_in", r.delay))
 	}
 	if err != nil {
-		level = slog.LevelWarn
 		attrs = append(attrs, slog.String("settle_error", err.Error()))
 	}
 	p.log.LogAttrs(ctx, level, "event processed", attrs...)
+	return r
+}
+
+// inbound is an event as received: its subject parsed and its body decoded
+// once, for join and process alike.
+type inbound struct {
+	subject string
+	typ     events.Type
+	key     events.Key
+	named   bool          // the subject parsed: typ and key hold
+	ev      *events.Event // nil when refused
+	refused string        // why the event is refused, when it is
+}
+
+// receive parses msg's subject (authoritative for the key) and decodes and
+// validates its body (step 1).
+func (p *Pool) receive(msg jetstream.Msg) inbound {
+	in := inbound{subject: msg.Subject()}
+	typ, key, err := p.subj.ParseEvent(in.subject)
+	if err != nil {
+		in.refused = err.Error()
+		return in
+	}
+	in.typ, in.key, in.named = typ, key, true
+	if typ != events.Type401 && typ != events.TypeExpiring {
+		in.refused = fmt.Sprintf("event type %s is not consumed by refreshers", typ)
+		return in
+	}
+	if in.ev, err = events.Decode(typ, key, msg.Data()); err != nil {
+		in.refused = err.Error()
+	}
+	return in
 }
 
 // process runs steps 1–7 of the refresh for one event (see DESIGN.md).
 // Once it holds the lease, f is the flight of the credential.
-func (p *Pool) process(ctx context.Context, msg jetstream.Msg, attempt uint64, f *flight) result {
-	// 1. Decode and validate; the subject is authoritative for the key.
-	typ, key, err := p.subj.ParseEvent(msg.Subject())
-	if err != nil {
-		return term(outBadInput, err.Error())
-	}
-	if typ != events.Type401 && typ != events.TypeExpiring {
-		return term(outBadInput, fmt.Sprintf("event type %s is not consumed by refreshers", typ))
-	}
+func (p *Pool) process(ctx context.Context, in inbound, attempt uint64, f *flight) result {
+	// 1. Decoded and validated by receive.
 	span := trace.SpanFromContext(ctx)
-	span.SetName("process " + p.subj.EventWildcard(typ))
-	span.SetAttributes(semconv.MessagingDestinationTemplate(p.subj.EventWildcard(typ)), attrKey.String(key.String()))
-	ev, err := events.Decode(typ, key, msg.Data())
-	if err != nil {
-		return term(outBadInput, err.Error())
+	if in.named {
+		span.SetName("process " + p.subj.EventWildcard(in.typ))
+		span.SetAttributes(semconv.MessagingDestinationTemplate(p.subj.EventWildcard(in.typ)), attrKey.String(in.key.String()))
 	}
+	if in.ev == nil {
+		return term(outBadInput, in.refused)
+	}
+	ev, key := in.ev, in.key
 	span.SetAttributes(attrFingerprint.String(ev.Fingerprint()),
 		semconv.CloudEventsEventID(ev.ID), semconv.CloudEventsEventSource(ev.Source),
 		semconv.CloudEventsEventType(string(ev.Type)), semconv.CloudEventsEventSpecVersion(ev.SpecVersion))
