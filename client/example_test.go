@@ -129,15 +129,22 @@ func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
 	})
 	subj, _ := events.NewSubjects("")
 	key, _ := events.ParseKey("acme.alice.api")
-	// The pool starts its service in the background: poll until it answers.
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	// The pool starts its service in the background: poll until it answers,
+	// for at most 10s.
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	deadline := time.After(10 * time.Second)
+	for {
 		reply, err := nc.Request(subj.Register(key), body, 5*time.Second)
-		if errors.Is(err, nats.ErrNoResponders) && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-			continue
+		if errors.Is(err, nats.ErrNoResponders) {
+			select {
+			case <-poll.C:
+				continue
+			case <-deadline:
+			}
 		}
 		if err != nil || reply.Header.Get("Nats-Service-Error-Code") != "" {
-			log.Fatalf("register: %v %s", err, reply.Data)
+			log.Fatalf("register: %v %v", err, reply)
 		}
 		break
 	}

@@ -294,12 +294,12 @@ func compact(b []byte) string {
 }
 
 // TestGenerateProtocolExamples runs a real installation through the flow
-// the document walks through, captures every message on the bus, and
-// rewrites the marked blocks of protocol.md with what it saw.
+// the document walks through and captures every message on the bus: the
+// installation must still produce every example the document shows. With
+// -update it rewrites the marked blocks of protocol.md with what it saw
+// (message ids, times and tokens differ on every run, so without -update
+// the bodies are not compared; TestProtocolExamples checks them).
 func TestGenerateProtocolExamples(t *testing.T) {
-	if !*update {
-		t.Skip("run with -update to regenerate the examples of protocol.md")
-	}
 	gen := generate(t)
 	raw, err := os.ReadFile(docPath)
 	if err != nil {
@@ -335,7 +335,7 @@ func TestGenerateProtocolExamples(t *testing.T) {
 	for _, m := range unused {
 		t.Logf("generated but not in the document: %s", m)
 	}
-	if t.Failed() {
+	if t.Failed() || !*update {
 		return
 	}
 	if err := os.WriteFile(docPath, []byte(out.String()), 0o644); err != nil {

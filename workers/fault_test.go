@@ -979,9 +979,6 @@ func watchVersionsAgain(t *testing.T, b *fleet.Fleet, before *versionLog) *versi
 // middle of a storm.
 
 func TestFaultClusterLeaderLoss(t *testing.T) {
-	if testing.Short() {
-		t.Skip("a 3-node cluster with failovers takes a while")
-	}
 	c := natstest.RunCluster(t, 3)
 	as := authtest.New(t)
 	as.AddClient(fleet.ClientID, fleet.ClientSecret)
