@@ -14,6 +14,10 @@
 // and releasing succeed only while that revision is still the current one, so
 // a holder that lost its lease learns so ([ErrLeaseLost]) instead of deleting
 // someone else's. A crashed holder's lease expires by itself (per-key TTL).
+// A released lease leaves a short-lived marker that states the credential
+// revision its holder left behind, so the next claim can tell whether a
+// record read before it is still current ([Lease.Covers]) and spare the
+// read under the lease.
 //
 // The package knows buckets, revisions, sealing and leases; it knows nothing
 // of OAuth flows, events or workers.

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/authbus/authbus/events"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -59,18 +61,30 @@ func (c LeaseConfig) validate() error {
 type Leases struct {
 	js        jetstream.JetStream
 	kv        jetstream.KeyValue
+	stream    jetstream.Stream // the bucket's stream, to read a key's last message with its headers
 	ttl       time.Duration
-	putPrefix string // subject prefix of the bucket's keys, for the raw renew publish
+	putPrefix string // subject prefix of the bucket's keys, for raw publishes to them
+	subPrefix string // the same without an API prefix: the keys' subjects in the stream
 }
 
 // leaseMarkerTTL is how long a lease key's marker lives: the one the server
-// writes when a lease expires by itself, and the one Release writes. Nothing
-// depends on markers (a renew or release at an old revision fails with or
-// without one), and while one exists the next Claim of that key costs three
-// round trips instead of one, so keep them as short as the server allows. A
-// constant also keeps refreshers configured with different lease TTLs from
-// rewriting the bucket's config back and forth.
+// writes when a lease expires by itself, and the one Release writes. Fencing
+// does not depend on markers (a renew or release at an old revision fails
+// with or without one); Lease.Covers relies on a marker living at least this
+// long. While one exists the next Claim of that key costs three round trips
+// instead of one, so keep them as short as the server allows. A constant
+// also keeps refreshers configured with different lease TTLs from rewriting
+// the bucket's config back and forth.
 const leaseMarkerTTL = time.Second
+
+// Headers of lease markers: KV's operation header and the server's marker
+// reason (nats.go keeps both unexported), and ours, the credential record
+// revision a released lease's holder left behind.
+const (
+	kvOperationHeader  = "KV-Operation"
+	markerReasonHeader = "Nats-Marker-Reason"
+	leftRevisionHeader = "Authbus-Credential-Revision"
+)
 
 // NewLeases creates the lease bucket, or updates it to cfg when it exists:
 // any number of refreshers may call it for the same bucket.
@@ -91,19 +105,23 @@ func NewLeases(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*L
 	if err != nil {
 		return nil, fmt.Errorf("kv: create or update lease bucket %s: %w", cfg.Bucket, err)
 	}
-	// The raw renew publish must go where kv.Put would: nats.go prefixes
-	// KV writes with the API prefix when js uses a domain or custom prefix.
-	api := apiPrefix(js.Options())
-	putPrefix := "$KV." + cfg.Bucket + "."
-	if api != jetstream.DefaultAPIPrefix {
+	return bindLeases(ctx, js, bucket, cfg)
+}
+
+// bindLeases completes a Leases on its bucket.
+func bindLeases(ctx context.Context, js jetstream.JetStream, bucket jetstream.KeyValue, cfg LeaseConfig) (*Leases, error) {
+	stream, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if err != nil {
+		return nil, fmt.Errorf("kv: lease bucket %s: its stream: %w", cfg.Bucket, err)
+	}
+	// Raw publishes must go where kv.Put would: nats.go prefixes KV writes
+	// with the API prefix when js uses a domain or custom prefix.
+	subPrefix := "$KV." + cfg.Bucket + "."
+	putPrefix := subPrefix
+	if api := apiPrefix(js.Options()); api != jetstream.DefaultAPIPrefix {
 		putPrefix = api + putPrefix
 	}
-	return &Leases{
-		js:        js,
-		kv:        bucket,
-		ttl:       cfg.TTL,
-		putPrefix: putPrefix,
-	}, nil
+	return &Leases{js: js, kv: bucket, stream: stream, ttl: cfg.TTL, putPrefix: putPrefix, subPrefix: subPrefix}, nil
 }
 
 func apiPrefix(o jetstream.JetStreamOptions) string {
@@ -126,6 +144,12 @@ func (l *Leases) TTL() time.Duration { return l.ttl }
 // host). It succeeds only if nobody holds it; otherwise the error wraps
 // ErrLeaseHeld and names the holder. The lease expires by itself after TTL
 // unless renewed.
+//
+// Claim does what kv.Create does (create the key, or claim over the marker
+// a lease that ended left on it) by hand, because it must learn what
+// kv.Create does not say: whether the key had no message at all, or which
+// marker it claimed over (see Lease.Covers). On a held key it names the
+// holder from the same read.
 func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease, error) {
 	if err := k.Validate(); err != nil {
 		return nil, err
@@ -133,35 +157,57 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 	if holder == "" {
 		return nil, fmt.Errorf("claim lease %s: holder is empty; name the process that claims it", k)
 	}
+	lease := &Lease{leases: l, key: k, holder: []byte(holder)}
+	var last uint64 // the key's last message, as far as we know; 0: none
 	for attempt := 1; ; attempt++ {
 		// Taken before the request: the server starts the TTL when it
 		// stores the key, which is later, so trust measured from here ends
 		// earlier.
 		start := time.Now()
-		rev, err := l.kv.Create(ctx, k.String(), []byte(holder), jetstream.KeyTTL(l.ttl))
+		ack, err := l.js.Publish(ctx, l.putPrefix+k.String(), lease.holder,
+			jetstream.WithExpectLastSequencePerSubject(last),
+			jetstream.WithMsgTTL(l.ttl),
+		)
 		if err == nil {
-			return &Lease{leases: l, key: k, holder: []byte(holder), rev: rev, start: start}, nil
+			lease.rev, lease.start = ack.Sequence, start
+			if last == 0 {
+				lease.quietAt = time.Now()
+			}
+			return lease, nil
 		}
-		if err = mapErr(leases, opCreate, err); !errors.Is(err, ErrLeaseHeld) {
+		if !wrongLastSequence(err) {
 			return nil, fmt.Errorf("claim lease %s: %w", k, err)
 		}
-		// kv.Create also reports "exists" when the key's marker expired
-		// between its two requests (its create fails on the marker, then
-		// its read of the marker finds nothing). Read once more to tell a
-		// holder from a vanished marker, and to name the holder.
-		current, held, herr := l.Holder(ctx, k)
-		switch {
-		case herr != nil:
-			return nil, fmt.Errorf("claim lease %s: %w", k, err)
-		case held:
-			return nil, fmt.Errorf("claim lease %s: held by %q: %w", k, current, ErrLeaseHeld)
-		case attempt == 2:
-			// Still no holder after a second failed create: the key is
-			// changing under us (others claiming and releasing it); let
-			// the caller come back later.
+		if attempt == 3 {
+			// The key keeps changing under us (others claiming and
+			// releasing it): let the caller come back later.
 			return nil, fmt.Errorf("claim lease %s: %w", k, ErrLeaseHeld)
 		}
+		// The key has a message: a holder's lease, or a marker.
+		msg, err := l.stream.GetLastMsgForSubject(ctx, l.subPrefix+k.String())
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+			last, lease.after = 0, 0 // the marker expired meanwhile
+			continue
+		case err != nil:
+			return nil, fmt.Errorf("claim lease %s: read its key: %w", k, mapErr(leases, opRead, err))
+		case !isMarker(msg.Header):
+			return nil, fmt.Errorf("claim lease %s: held by %q: %w", k, msg.Data, ErrLeaseHeld)
+		}
+		last = msg.Sequence
+		lease.after, _ = strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64)
 	}
+}
+
+// isMarker reports whether a lease key's message ends a lease: a release's
+// purge (or a delete) marker, or the marker the server writes when a lease
+// expires.
+func isMarker(h nats.Header) bool {
+	switch h.Get(kvOperationHeader) {
+	case "PURGE", "DEL":
+		return true
+	}
+	return h.Get(markerReasonHeader) != ""
 }
 
 // Holder reports who holds the lease of k, if anyone.
@@ -195,6 +241,11 @@ type Lease struct {
 	leases *Leases
 	key    events.Key
 	holder []byte
+	// Set once, by the claim: when a claim that found the key without any
+	// message was answered (zero otherwise), and the record revision the
+	// marker it claimed over states (0: none).
+	quietAt time.Time
+	after   uint64
 
 	opMu sync.Mutex // held across Renew and Release: each must start from the revision the last one left
 
@@ -202,6 +253,46 @@ type Lease struct {
 	rev   uint64
 	start time.Time // when the last successful claim or renew request was sent
 	state leaseState
+	left  uint64 // the record revision the holder leaves behind (see Leaves); 0: unknown
+}
+
+// Covers reports whether a read of the credential record that returned
+// revision rev, sent at t, before the claim, still sees every write made
+// under a lease of the key: then the holder need not read the record again
+// after claiming. That read again is the fence that keeps a refresher
+// from presenting a refresh token a peer redeemed between its read and its
+// claim; Covers proves it unneeded in two ways.
+//
+// The claim found the key without any message: a lease that ends leaves a
+// marker the server removes no earlier than the marker TTL (one second)
+// later, so the last lease to end ended at least that long before the
+// claim was answered. Covers demands that t be less than half of it before
+// the answer, which leaves half a second for clock steps and rate
+// differences; holders store before they release.
+//
+// Or the claim took over the marker of a release that stated the revision
+// its holder left behind (see Leaves), and rev is at least that: that
+// holder's view already covered every earlier holder's writes, and its own.
+//
+// Neither covers a holder that stores after its lease expired (it lost
+// NATS for a whole TTL): its store may land after any read.
+func (l *Lease) Covers(rev uint64, t time.Time) bool {
+	if !l.quietAt.IsZero() {
+		return l.quietAt.Sub(t) < leaseMarkerTTL/2
+	}
+	return l.after != 0 && l.after <= rev
+}
+
+// Leaves records the revision of the credential record that the holder
+// leaves behind: the one it stored, or, if it stored nothing, the one it
+// acted on. Release states it in the lease's marker for the next claimer
+// (see Covers). Before a write whose outcome it cannot know yet, the
+// holder calls Leaves(0): a write that timed out may still land, and a
+// marker must never state a revision older than what is stored.
+func (l *Lease) Leaves(rev uint64) {
+	l.mu.Lock()
+	l.left = rev
+	l.mu.Unlock()
 }
 
 // Key returns the credential key the lease is for.
@@ -295,7 +386,7 @@ func (l *Lease) Release(ctx context.Context) error {
 	l.opMu.Lock()
 	defer l.opMu.Unlock()
 	l.mu.Lock()
-	rev, state := l.rev, l.state
+	rev, state, left := l.rev, l.state, l.left
 	l.mu.Unlock()
 	if state == leaseReleased {
 		return nil
@@ -313,7 +404,16 @@ func (l *Lease) Release(ctx context.Context) error {
 	// trip. LastRevision makes the server write the marker only if rev is
 	// still the key's last revision: a newer holder's lease is never
 	// touched.
-	err := l.leases.kv.Purge(ctx, l.key.String(), jetstream.LastRevision(rev), jetstream.PurgeTTL(leaseMarkerTTL))
+	//
+	// By hand rather than kv.Purge, to state the revision the holder
+	// leaves behind (see Covers).
+	m := nats.NewMsg(l.leases.putPrefix + l.key.String())
+	m.Header.Set(kvOperationHeader, "PURGE")
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	if left != 0 {
+		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))
+	}
+	_, err := l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(leaseMarkerTTL))
 	if err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {

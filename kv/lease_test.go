@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/events"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -321,5 +322,114 @@ func TestAPIPrefix(t *testing.T) {
 		if got := apiPrefix(tc.opts); got != tc.want {
 			t.Errorf("apiPrefix(%+v) = %q, want %q", tc.opts, got, tc.want)
 		}
+	}
+}
+
+// TestLeaseCovers checks what a claim proves about a read of the record
+// made before it (Lease.Covers), for every state the key can be in.
+func TestLeaseCovers(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	subject := b.leases.subPrefix + leaseKey.String()
+	mark := func(t *testing.T, h nats.Header) {
+		t.Helper()
+		// A marker without a TTL, so that it is still there when the
+		// claim comes however slow the machine.
+		m := nats.NewMsg(subject)
+		m.Header = h
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+		if _, err := b.js.PublishMsg(b.ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	claimed := func(t *testing.T) *Lease {
+		t.Helper()
+		l := b.claim(t, "w2")
+		t.Cleanup(func() { _ = l.Release(b.ctx) })
+		return l
+	}
+
+	t.Run("key without messages", func(t *testing.T) {
+		before := time.Now()
+		l := claimed(t)
+		if !l.Covers(1, before) {
+			t.Error("a claim that found the key empty does not cover a read made just before it")
+		}
+		if l.Covers(1, before.Add(-leaseMarkerTTL)) {
+			t.Error("it covers a read made a marker TTL earlier: a lease may have ended after that read")
+		}
+	})
+	t.Run("release stating a revision", func(t *testing.T) {
+		h := nats.Header{}
+		h.Set(kvOperationHeader, "PURGE")
+		h.Set(leftRevisionHeader, "7")
+		mark(t, h)
+		old := time.Now().Add(-time.Hour) // no time argument is involved
+		l := claimed(t)
+		if !l.Covers(7, old) || !l.Covers(8, old) {
+			t.Error("a read at or after the stated revision 7 is not covered")
+		}
+		if l.Covers(6, old) {
+			t.Error("a read older than the stated revision 7 is covered")
+		}
+	})
+	for _, tc := range []struct {
+		name, header, value string
+	}{
+		{"release stating nothing", kvOperationHeader, "PURGE"},
+		{"delete marker", kvOperationHeader, "DEL"},
+		{"expiry marker", markerReasonHeader, "MaxAge"},
+		{"unparsable revision", leftRevisionHeader, "seven"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := nats.Header{}
+			h.Set(kvOperationHeader, "PURGE")
+			h.Set(tc.header, tc.value)
+			mark(t, h)
+			if l := claimed(t); l.Covers(1<<60, time.Now()) {
+				t.Errorf("a claim over a %s covers reads", tc.name)
+			}
+		})
+	}
+}
+
+// TestReleaseStatesWhatItLeaves checks the marker Release writes: the
+// revision Leaves recorded, none after Leaves(0) or without Leaves.
+func TestReleaseStatesWhatItLeaves(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	// The marker lives a second; a subscription sees it however late the
+	// test looks.
+	sub, err := b.nc.SubscribeSync(b.leases.subPrefix + leaseKey.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := func(t *testing.T, leaves ...uint64) nats.Header {
+		t.Helper()
+		l := b.claim(t, "w1")
+		for _, rev := range leaves {
+			l.Leaves(rev)
+		}
+		if err := l.Release(b.ctx); err != nil {
+			t.Fatalf("Release: %v", err)
+		}
+		for {
+			m, err := sub.NextMsg(5 * time.Second)
+			if err != nil {
+				t.Fatalf("no marker seen: %v", err)
+			}
+			if isMarker(m.Header) {
+				return m.Header
+			}
+		}
+	}
+	if h := released(t, 42); h.Get(leftRevisionHeader) != "42" || h.Get(kvOperationHeader) != "PURGE" {
+		t.Errorf("marker after Leaves(42): %v, want PURGE stating 42", h)
+	}
+	if h := released(t, 42, 0); h.Get(leftRevisionHeader) != "" {
+		t.Errorf("marker after Leaves(0): %v, want no revision", h)
+	}
+	if h := released(t); h.Get(leftRevisionHeader) != "" {
+		t.Errorf("marker without Leaves: %v, want no revision", h)
 	}
 }

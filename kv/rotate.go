@@ -164,11 +164,7 @@ func OpenLeases(ctx context.Context, js jetstream.JetStream, bucket string, ttl 
 	if err != nil {
 		return nil, fmt.Errorf("kv: open lease bucket %s: %w; start a refresher once to create it, and check --prefix", bucket, err)
 	}
-	putPrefix := "$KV." + bucket + "."
-	if api := apiPrefix(js.Options()); api != jetstream.DefaultAPIPrefix {
-		putPrefix = api + putPrefix
-	}
-	return &Leases{js: js, kv: kv, ttl: cfg.TTL, putPrefix: putPrefix}, nil
+	return bindLeases(ctx, js, kv, cfg)
 }
 
 // sealedKeyIDs returns the key ids the stored record's secrets are sealed

@@ -263,11 +263,15 @@ func (p *Pool) claimLease(ctx context.Context, key events.Key) (*kv.Lease, error
 
 // storeCredential is the compare-and-set write of steps 5–6 in a span of
 // its own.
-func (p *Pool) storeCredential(ctx context.Context, c *kv.Credential, rev uint64) (uint64, error) {
+func (p *Pool) storeCredential(ctx context.Context, lease *kv.Lease, c *kv.Credential, rev uint64) (uint64, error) {
 	ctx, span := p.tracer.Start(ctx, "store credential", trace.WithAttributes(
 		attrKey.String(c.Key.String()), attrVersion.Int64(c.Version), attrState.String(string(c.State))))
 	defer span.End()
+	lease.Leaves(0) // until the write answers: one that timed out may still land
 	nrev, err := p.updateRetrying(ctx, c, rev)
+	if err == nil {
+		lease.Leaves(nrev)
+	}
 	switch {
 	case errors.Is(err, kv.ErrConflict):
 		// Someone newer wrote first; the caller discards or re-reads.

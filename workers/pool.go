@@ -360,6 +360,7 @@ func (p *Pool) process(ctx context.Context, in inbound, attempt uint64, f *fligh
 		semconv.CloudEventsEventType(string(ev.Type)), semconv.CloudEventsEventSpecVersion(ev.SpecVersion))
 
 	// 2. Load and decide without a lease: most events of a storm end here.
+	readAt := time.Now()
 	cred, rev, err := p.store.Get(ctx, key)
 	if errors.Is(err, kv.ErrNotFound) {
 		return term(outUnknownCred, fmt.Sprintf("credential %s is not registered; register it first", key))
@@ -391,21 +392,28 @@ func (p *Pool) process(ctx context.Context, in inbound, attempt uint64, f *fligh
 			p.log.Warn("lease release failed; it expires by itself", "key", key.String(), "error", err)
 		}
 	})
-	// A peer may have rotated and released between our read and our claim:
-	// decide again on what is stored now. This read's revision fences the
-	// store of step 6.
-	cred, rev, err = p.store.Reread(ctx, cred, rev)
-	if errors.Is(err, kv.ErrNotFound) {
-		return term(outUnknownCred, fmt.Sprintf("credential %s was deleted", key))
-	}
-	if err != nil {
-		return nak(outNATS, p.backoff(attempt), err.Error())
-	}
-	if r, done := p.decide(ctx, ev, cred); done {
-		return r
+	if !lease.Covers(rev, readAt) {
+		// A peer may have rotated and released between our read and our
+		// claim: decide again on what is stored now, or we would present
+		// a refresh token it already redeemed. When the claim proves our
+		// read saw every write made under a lease (see kv.Lease.Covers),
+		// the read stands: one round trip less on most refreshes.
+		cred, rev, err = p.store.Reread(ctx, cred, rev)
+		if errors.Is(err, kv.ErrNotFound) {
+			return term(outUnknownCred, fmt.Sprintf("credential %s was deleted", key))
+		}
+		if err != nil {
+			return nak(outNATS, p.backoff(attempt), err.Error())
+		}
+		lease.Leaves(rev)
+		if r, done := p.decide(ctx, ev, cred); done {
+			return r
+		}
+	} else {
+		lease.Leaves(rev)
 	}
 	if cred.Grant != events.GrantClientCredentials && cred.RefreshToken.IsZero() {
-		return p.needsReauth(ctx, cred, rev, "no_refresh_token",
+		return p.needsReauth(ctx, lease, cred, rev, "no_refresh_token",
 			"the credential was registered without a refresh token; log in again and register the new tokens")
 	}
 
@@ -426,7 +434,7 @@ func (p *Pool) process(ctx context.Context, in inbound, attempt uint64, f *fligh
 			// and make it discard that token. Decide again later.
 			return nak(outLeaseLost, jitter(p.cfg.LeaseWait), "lease lost during the token-endpoint call")
 		}
-		return p.permanentFailure(ctx, cred, rev, o)
+		return p.permanentFailure(ctx, lease, cred, rev, o)
 	case breakerOpen:
 		return nak(outBreakerOpen, p.breakerWait(), "token endpoint breaker open")
 	case canceled:
@@ -540,7 +548,7 @@ func (p *Pool) storeRotation(ctx context.Context, lease *kv.Lease, old *kv.Crede
 	c.State, c.Reason, c.Description = kv.StateActive, "", ""
 	c.UpdatedAt = now
 
-	_, err := p.storeCredential(ctx, c, rev)
+	_, err := p.storeCredential(ctx, lease, c, rev)
 	if errors.Is(err, kv.ErrConflict) {
 		// Someone newer wrote first (a re-registration): a late completion
 		// must never overwrite newer tokens. Nothing is published.
@@ -586,15 +594,16 @@ func (p *Pool) updateRetrying(ctx context.Context, c *kv.Credential, rev uint64)
 
 // permanentFailure handles an OAuth error that no retry can fix — unless
 // another refresher won the race and spent the refresh token we sent.
-func (p *Pool) permanentFailure(ctx context.Context, sent *kv.Credential, rev uint64, o outcome) result {
-	cur, _, err := p.store.Get(ctx, sent.Key)
+func (p *Pool) permanentFailure(ctx context.Context, lease *kv.Lease, sent *kv.Credential, rev uint64, o outcome) result {
+	cur, crev, err := p.store.Get(ctx, sent.Key)
 	if err != nil {
 		return nak(outNATS, p.cfg.RetryBase, err.Error())
 	}
 	if cur.Version != sent.Version || cur.RefreshToken != sent.RefreshToken {
+		lease.Leaves(crev)
 		return p.lostRace(ctx, cur)
 	}
-	return p.needsReauth(ctx, sent, rev, o.reason, o.description)
+	return p.needsReauth(ctx, lease, sent, rev, o.reason, o.description)
 }
 
 // lostRace answers an event whose refresh another refresher completed first.
@@ -615,11 +624,11 @@ func (p *Pool) lostRace(ctx context.Context, cur *kv.Credential) result {
 
 // needsReauth records that only a person can fix the credential and tells
 // the runtimes.
-func (p *Pool) needsReauth(ctx context.Context, old *kv.Credential, rev uint64, reason, description string) result {
+func (p *Pool) needsReauth(ctx context.Context, lease *kv.Lease, old *kv.Credential, rev uint64, reason, description string) result {
 	c := old.Clone()
 	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, scrub(description, old)
 	c.UpdatedAt = time.Now().UTC()
-	if _, err := p.storeCredential(ctx, c, rev); err != nil {
+	if _, err := p.storeCredential(ctx, lease, c, rev); err != nil {
 		if errors.Is(err, kv.ErrConflict) {
 			if cur, _, gerr := p.store.Get(ctx, old.Key); gerr == nil {
 				return p.lostRace(ctx, cur)
