@@ -92,7 +92,8 @@ type Config struct {
 	Publishers int
 	// Probes is the number of one-at-a-time refreshes after the waves that
 	// measure the latency authbus adds to the token-endpoint call when
-	// nothing else is going on; 0 means 50, negative means none.
+	// nothing else is going on; 0 means 200 (enough for the p99 not to be
+	// the largest probe), negative means none.
 	Probes int
 
 	// NATSURL joins an external deployment (its refreshers do the authbus
@@ -157,7 +158,7 @@ func (c Config) withDefaults() Config {
 		c.Publishers = 16
 	}
 	if c.Probes == 0 {
-		c.Probes = 50
+		c.Probes = 200
 	}
 	if c.Prefix == "" {
 		c.Prefix = "auth"
