@@ -122,14 +122,18 @@ func BenchmarkScale(b *testing.B) {
 	b.ReportMetric(float64(b.N*creds)/stormed.Seconds(), "rotations/s")
 	b.ReportMetric(float64(bd.AS.Reuses()), "reuses")
 	b.ReportMetric(kvPerCred, "kv-bytes/cred")
-	b.ReportMetric(rss, "rss-MiB")
+	if rss > 0 {
+		b.ReportMetric(rss, "rss-MiB")
+	}
 }
 
-// rssBytes reads the resident set size of this process from /proc.
+// rssBytes reads the resident set size of this process from /proc; 0 when
+// it cannot (not Linux), and the benchmark then reports no rss-MiB.
 func rssBytes(b *testing.B) int64 {
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
-		b.Skipf("no /proc/self/status: %v", err)
+		b.Logf("no resident memory figure: %v", err)
+		return 0
 	}
 	for _, line := range bytes.Split(data, []byte("\n")) {
 		if f := bytes.Fields(line); len(f) >= 2 && string(f[0]) == "VmRSS:" {
