@@ -84,6 +84,8 @@ const (
 	kvOperationHeader  = "KV-Operation"
 	markerReasonHeader = "Nats-Marker-Reason"
 	leftRevisionHeader = "Authbus-Credential-Revision"
+
+	kvPurge, kvDelete = "PURGE", "DEL" // values of kvOperationHeader
 )
 
 // NewLeases creates the lease bucket, or updates it to cfg when it exists:
@@ -190,7 +192,7 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 			last, lease.after = 0, 0 // the marker expired meanwhile
 			continue
 		case err != nil:
-			return nil, fmt.Errorf("claim lease %s: read its key: %w", k, mapErr(leases, opRead, err))
+			return nil, fmt.Errorf("claim lease %s: read its key: %w", k, err)
 		case !isMarker(msg.Header):
 			return nil, fmt.Errorf("claim lease %s: held by %q: %w", k, msg.Data, ErrLeaseHeld)
 		}
@@ -204,7 +206,7 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 // expires.
 func isMarker(h nats.Header) bool {
 	switch h.Get(kvOperationHeader) {
-	case "PURGE", "DEL":
+	case kvPurge, kvDelete:
 		return true
 	}
 	return h.Get(markerReasonHeader) != ""
@@ -408,7 +410,7 @@ func (l *Lease) Release(ctx context.Context) error {
 	// By hand rather than kv.Purge, to state the revision the holder
 	// leaves behind (see Covers).
 	m := nats.NewMsg(l.leases.putPrefix + l.key.String())
-	m.Header.Set(kvOperationHeader, "PURGE")
+	m.Header.Set(kvOperationHeader, kvPurge)
 	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
 	if left != 0 {
 		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))

@@ -38,11 +38,11 @@ func BenchmarkScale(b *testing.B) {
 	// one, never refreshed.
 	const creds, publishers = 1000, 20
 	key := func(i int) events.Key { return fleet.MustKey(b, fmt.Sprintf("scale.user%d.api", i)) }
-	// register registers credentials from..to-1 with 64 requesters; the
+	// register registers the first n credentials with 64 requesters; the
 	// storm's get tokens of their own, whose fingerprints and version it
 	// returns.
-	register := func(from, to int) (fps []string, version int64) {
-		fps = make([]string, min(to, creds))
+	register := func(n int) (fps []string, version int64) {
+		fps = make([]string, min(n, creds))
 		shared := bd.AS.Issue(fleet.ClientID)
 		var mu sync.Mutex
 		var wg sync.WaitGroup
@@ -67,7 +67,7 @@ func BenchmarkScale(b *testing.B) {
 				}
 			})
 		}
-		for i := from; i < to; i++ {
+		for i := range n {
 			work <- i
 		}
 		close(work)
@@ -76,7 +76,7 @@ func BenchmarkScale(b *testing.B) {
 	}
 
 	start := time.Now()
-	fps, version := register(0, n)
+	fps, version := register(n)
 	b.Logf("registered %d credentials in %v", n, time.Since(start).Round(time.Millisecond))
 	runtime.GC()
 	kvs, err := bd.JS.KeyValue(b.Context(), bd.Subj.BucketName("CREDENTIALS"))
@@ -95,7 +95,7 @@ func BenchmarkScale(b *testing.B) {
 	for i := 0; b.Loop(); i++ {
 		if i > 0 {
 			b.StopTimer()
-			fps, version = register(0, creds)
+			fps, version = register(creds)
 			b.StartTimer()
 		}
 		// A storm among the first 1 000 keys, 20 runtimes each.
