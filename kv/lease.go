@@ -59,12 +59,13 @@ func (c LeaseConfig) validate() error {
 // by itself (per-key TTL) when its holder stops renewing it. Leases is safe
 // for concurrent use.
 type Leases struct {
-	js        jetstream.JetStream
-	kv        jetstream.KeyValue
-	stream    jetstream.Stream // the bucket's stream, to read a key's last message with its headers
-	ttl       time.Duration
-	putPrefix string // subject prefix of the bucket's keys, for raw publishes to them
-	subPrefix string // the same without an API prefix: the keys' subjects in the stream
+	js         jetstream.JetStream
+	kv         jetstream.KeyValue
+	stream     jetstream.Stream // the bucket's stream, to read a key's last message with its headers
+	ttl        time.Duration
+	putPrefix  string // subject prefix of the bucket's keys, for raw publishes to them
+	subPrefix  string // the same without an API prefix: the keys' subjects in the stream
+	replicated bool   // more than one replica: reads may come from a lagging follower
 }
 
 // leaseMarkerTTL is how long a lease key's marker lives: the one the server
@@ -123,7 +124,8 @@ func bindLeases(ctx context.Context, js jetstream.JetStream, bucket jetstream.Ke
 	if api := apiPrefix(js.Options()); api != jetstream.DefaultAPIPrefix {
 		putPrefix = api + putPrefix
 	}
-	return &Leases{js: js, kv: bucket, stream: stream, ttl: cfg.TTL, putPrefix: putPrefix, subPrefix: subPrefix}, nil
+	return &Leases{js: js, kv: bucket, stream: stream, ttl: cfg.TTL, putPrefix: putPrefix, subPrefix: subPrefix,
+		replicated: stream.CachedInfo().Config.Replicas > 1}, nil
 }
 
 func apiPrefix(o jetstream.JetStreamOptions) string {
@@ -276,11 +278,17 @@ type Lease struct {
 // its holder left behind (see Leaves), and rev is at least that: that
 // holder's view already covered every earlier holder's writes, and its own.
 //
+// The first proof needs the read to see every write committed before it.
+// On a replicated bucket (and the credential bucket has the lease bucket's
+// replicas) KV reads are direct gets that a lagging follower may answer,
+// so there only the second counts: a stale read returns a revision below
+// the stated one and is read again.
+//
 // Neither covers a holder that stores after its lease expired (it lost
 // NATS for a whole TTL): its store may land after any read.
 func (l *Lease) Covers(rev uint64, t time.Time) bool {
 	if !l.quietAt.IsZero() {
-		return l.quietAt.Sub(t) < leaseMarkerTTL/2
+		return !l.leases.replicated && l.quietAt.Sub(t) < leaseMarkerTTL/2
 	}
 	return l.after != 0 && l.after <= rev
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/natstest"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -431,5 +432,49 @@ func TestReleaseStatesWhatItLeaves(t *testing.T) {
 	}
 	if h := released(t); h.Get(leftRevisionHeader) != "" {
 		t.Errorf("marker without Leaves: %v, want no revision", h)
+	}
+}
+
+// TestLeaseCoversReplicated checks that on a replicated lease bucket a
+// claim of an empty key covers nothing: reads there are direct gets a
+// lagging follower may answer, so the time argument does not hold, while a
+// stated revision still does.
+func TestLeaseCoversReplicated(t *testing.T) {
+	t.Parallel()
+	c := natstest.RunCluster(t, 3)
+	c.WaitMetaLeader()
+	js, err := jetstream.New(c.Connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	leases, err := NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + bucketName(t), TTL: testLeaseTTL, Replicas: 3})
+	if err != nil {
+		t.Fatalf("NewLeases: %v", err)
+	}
+	before := time.Now()
+	l, err := leases.Claim(ctx, leaseKey, "w1")
+	if err != nil {
+		t.Fatalf("Claim: %v", err)
+	}
+	if l.Covers(1, before) {
+		t.Error("a claim of an empty key on a replicated bucket covers a read")
+	}
+	// A release marker stating 7, without a TTL so that it is still there
+	// however slow the machine.
+	other := events.Key{Tenant: "acme", User: "bob", Server: "github"}
+	m := nats.NewMsg(leases.subPrefix + other.String())
+	m.Header.Set(kvOperationHeader, "PURGE")
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	m.Header.Set(leftRevisionHeader, "7")
+	if _, err := js.PublishMsg(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := leases.Claim(ctx, other, "w2")
+	if err != nil {
+		t.Fatalf("Claim over the marker: %v", err)
+	}
+	if !l2.Covers(7, time.Time{}) || l2.Covers(6, time.Time{}) {
+		t.Error("a claim over a marker stating 7 on a replicated bucket does not cover exactly reads at 7 or later")
 	}
 }
