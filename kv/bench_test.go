@@ -43,7 +43,7 @@ func BenchmarkClaimRelease(b *testing.B) {
 			b.Run(m.name+"/"+pattern, func(b *testing.B) {
 				tb := setup(b)
 				cycle := func(k events.Key) {
-					l, err := tb.leases.Claim(tb.ctx, k, "bench")
+					l, err := tb.leases.Claim(tb.ctx, k, "bench", Read{})
 					if err != nil {
 						b.Fatal(err)
 					}

@@ -18,35 +18,63 @@ import (
 
 func ExampleLeases() {
 	ctx := context.Background()
-	js, _, stop := exampleJetStream()
+	js, dir, stop := exampleJetStream()
 	defer stop()
 
+	ring, _, err := kv.LoadOrCreateKeyRing(filepath.Join(dir, "seal.json"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	store, err := kv.NewStore(ctx, js, kv.StoreConfig{Bucket: "example_credentials"}, ring)
+	if err != nil {
+		log.Fatal(err)
+	}
 	leases, err := kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: "example_leases", TTL: 30 * time.Second})
 	if err != nil {
 		log.Fatal(err)
 	}
 	key, _ := events.ParseKey("acme.alice.github")
+	if _, err := store.Create(ctx, &kv.Credential{Key: key, Version: 1, RefreshToken: "rt-1", State: kv.StateActive}); err != nil {
+		log.Fatal(err)
+	}
 
-	lease, err := leases.Claim(ctx, key, "refresher-1")
+	// A refresh: read, claim (the claim is told what was read), fence.
+	c, read, err := store.Load(ctx, key)
 	if err != nil {
 		log.Fatal(err)
 	}
-	// Release deletes the key only if the lease is still ours.
+	lease, err := leases.Claim(ctx, key, "refresher-1", read)
+	if err != nil {
+		log.Fatal(err)
+	}
+	// The lease renews itself until released; Release purges its key only
+	// if the lease is still ours, stating what the holder left behind.
 	defer lease.Release(context.WithoutCancel(ctx))
 
-	_, err = leases.Claim(ctx, key, "refresher-2")
+	_, err = leases.Claim(ctx, key, "refresher-2", kv.Read{})
 	fmt.Println("second claim held:", errors.Is(err, kv.ErrLeaseHeld))
 
+	// Fence returns the record to act on: the one read, if the claim
+	// proved it current, else the latest from the stream leader.
+	c, rev, err := store.Fence(ctx, lease, c)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("acting on version", c.Version, "changed since the read:", rev != read.Revision)
+
 	// Bound the token-endpoint call by the time the lease is trusted, and
-	// check again just before storing its result.
+	// store its result under the lease.
 	callCtx, cancel := context.WithDeadline(ctx, lease.TrustedUntil())
 	defer cancel()
 	fmt.Println("may call:", callCtx.Err() == nil)
-	fmt.Println("may store:", lease.Trusted(time.Now()))
+	c.Version, c.RefreshToken = 2, "rt-2"
+	_, err = store.UpdateUnder(ctx, lease, c, rev)
+	fmt.Println("stored:", err)
 	// Output:
 	// second claim held: true
+	// acting on version 1 changed since the read: false
 	// may call: true
-	// may store: true
+	// stored: <nil>
 }
 
 func ExampleStore() {

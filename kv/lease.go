@@ -59,19 +59,20 @@ func (c LeaseConfig) validate() error {
 // by itself (per-key TTL) when its holder stops renewing it. Leases is safe
 // for concurrent use.
 type Leases struct {
-	js         jetstream.JetStream
-	kv         jetstream.KeyValue
-	stream     jetstream.Stream // the bucket's stream, to read a key's last message with its headers
-	ttl        time.Duration
-	putPrefix  string // subject prefix of the bucket's keys, for raw publishes to them
-	subPrefix  string // the same without an API prefix: the keys' subjects in the stream
-	replicated bool   // more than one replica: reads may come from a lagging follower
+	js        jetstream.JetStream
+	kv        jetstream.KeyValue
+	stream    jetstream.Stream // the bucket's stream, to read a key's last message with its headers
+	ttl       time.Duration
+	putPrefix string // subject prefix of the bucket's keys, for raw publishes to them
+	subPrefix string // the same without an API prefix: the keys' subjects in the stream
+	host      string // the standalone server that holds the bucket; "" in a cluster
+	replicas  int
 }
 
 // leaseMarkerTTL is how long a lease key's marker lives: the one the server
 // writes when a lease expires by itself, and the one Release writes. Fencing
 // does not depend on markers (a renew or release at an old revision fails
-// with or without one); Lease.Covers relies on a marker living at least this
+// with or without one); claimProves relies on a marker living at least this
 // long. While one exists the next Claim of that key costs three round trips
 // instead of one, so keep them as short as the server allows. A constant
 // also keeps refreshers configured with different lease TTLs from rewriting
@@ -90,13 +91,14 @@ const (
 )
 
 // NewLeases creates the lease bucket, or updates it to cfg when it exists:
-// any number of refreshers may call it for the same bucket.
+// any number of refreshers may call it for the same bucket. An existing
+// bucket keeps its replica count (see Replicas).
 func NewLeases(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*Leases, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	bucket, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	bucket, err := provisionBucket(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      cfg.Bucket,
 		Description: "authbus refresh leases (one key per credential being refreshed)",
 		// A lease has no history worth keeping; with 1, a renew or a
@@ -106,7 +108,7 @@ func NewLeases(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*L
 		LimitMarkerTTL: leaseMarkerTTL, // also what enables per-key TTLs
 	})
 	if err != nil {
-		return nil, fmt.Errorf("kv: create or update lease bucket %s: %w", cfg.Bucket, err)
+		return nil, err
 	}
 	return bindLeases(ctx, js, bucket, cfg)
 }
@@ -125,7 +127,7 @@ func bindLeases(ctx context.Context, js jetstream.JetStream, bucket jetstream.Ke
 		putPrefix = api + putPrefix
 	}
 	return &Leases{js: js, kv: bucket, stream: stream, ttl: cfg.TTL, putPrefix: putPrefix, subPrefix: subPrefix,
-		replicated: stream.CachedInfo().Config.Replicas > 1}, nil
+		host: standaloneHost(js, stream), replicas: stream.CachedInfo().Config.Replicas}, nil
 }
 
 func apiPrefix(o jetstream.JetStreamOptions) string {
@@ -141,42 +143,58 @@ func apiPrefix(o jetstream.JetStreamOptions) string {
 	return jetstream.DefaultAPIPrefix
 }
 
+// Replicas returns the bucket's replica count as deployed when the Leases
+// was made: cfg.Replicas applies only to a bucket NewLeases creates.
+func (l *Leases) Replicas() int { return l.replicas }
+
 // TTL returns the lease TTL, rounded up to whole seconds.
 func (l *Leases) TTL() time.Duration { return l.ttl }
 
 // Claim takes the lease of k for holder (a name for operators: process,
 // host). It succeeds only if nobody holds it; otherwise the error wraps
-// ErrLeaseHeld and names the holder. The lease expires by itself after TTL
-// unless renewed.
+// ErrLeaseHeld and names the holder. read is what the caller read of the
+// credential before claiming (Store.Load), or the zero Read; the claim
+// works out whether that read is still current, which Store.Fence uses.
+//
+// The lease keeps itself alive: it renews every third of its TTL until it
+// is released (or for at most four TTLs), and closes Done when it is lost
+// or released. The caller must Release it.
 //
 // Claim does what kv.Create does (create the key, or claim over the marker
 // a lease that ended left on it) by hand, because it must learn what
 // kv.Create does not say: whether the key had no message at all, or which
-// marker it claimed over (see Lease.Covers). On a held key it names the
+// marker it claimed over (see claimProves). On a held key it names the
 // holder from the same read.
-func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease, error) {
+func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Read) (*Lease, error) {
 	if err := k.Validate(); err != nil {
 		return nil, err
 	}
 	if holder == "" {
 		return nil, fmt.Errorf("claim lease %s: holder is empty; name the process that claims it", k)
 	}
-	lease := &Lease{leases: l, key: k, holder: []byte(holder)}
-	var last uint64 // the key's last message, as far as we know; 0: none
+	var (
+		last  uint64 // the key's last message, as far as we know; 0: none
+		after uint64 // the revision the marker at last states; 0: none
+	)
 	for attempt := 1; ; attempt++ {
 		// Taken before the request: the server starts the TTL when it
 		// stores the key, which is later, so trust measured from here ends
 		// earlier.
 		start := time.Now()
-		ack, err := l.js.Publish(ctx, l.putPrefix+k.String(), lease.holder,
+		ack, err := l.js.Publish(ctx, l.putPrefix+k.String(), []byte(holder),
 			jetstream.WithExpectLastSequencePerSubject(last),
 			jetstream.WithMsgTTL(l.ttl),
 		)
 		if err == nil {
-			lease.rev, lease.start = ack.Sequence, start
+			var quietAt time.Time
 			if last == 0 {
-				lease.quietAt = time.Now()
+				quietAt = time.Now()
 			}
+			lease := &Lease{leases: l, key: k, holder: []byte(holder), read: read,
+				current: l.claimProves(read, quietAt, after),
+				rev:     ack.Sequence, start: start,
+				done: make(chan struct{}), stop: make(chan struct{})}
+			lease.kept.Go(lease.keepAlive)
 			return lease, nil
 		}
 		if !wrongLastSequence(err) {
@@ -187,11 +205,14 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 			// releasing it): let the caller come back later.
 			return nil, fmt.Errorf("claim lease %s: %w", k, ErrLeaseHeld)
 		}
-		// The key has a message: a holder's lease, or a marker.
-		msg, err := l.stream.GetLastMsgForSubject(ctx, l.subPrefix+k.String())
+		// The key has a message: a holder's lease, or a marker. Read from
+		// the stream leader: a lagging follower's direct get would show a
+		// lease already released as held, and the claim at a stale
+		// sequence would only fail again.
+		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), "KV_"+l.kv.Bucket(), l.subPrefix+k.String(), true)
 		switch {
-		case errors.Is(err, jetstream.ErrMsgNotFound):
-			last, lease.after = 0, 0 // the marker expired meanwhile
+		case errors.Is(err, ErrNotFound):
+			last, after = 0, 0 // the marker expired meanwhile
 			continue
 		case err != nil:
 			return nil, fmt.Errorf("claim lease %s: read its key: %w", k, err)
@@ -199,8 +220,54 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string) (*Lease
 			return nil, fmt.Errorf("claim lease %s: held by %q: %w", k, msg.Data, ErrLeaseHeld)
 		}
 		last = msg.Sequence
-		lease.after, _ = strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64)
+		after, _ = strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64)
 	}
+}
+
+// claimProves reports whether a claim proves read current: whether read,
+// made before the claim, still sees every write made under a lease of the
+// key, so that the holder need not read the record again (Store.Fence).
+// quietAt is when a claim that found the key without any message was
+// answered (zero otherwise); after is the revision the marker it claimed
+// over states (0: none). There are two proofs.
+//
+// The claim took over the marker of a release that stated the revision
+// its holder left behind, and read is at least that: that holder's view
+// already covered every earlier holder's writes, and its own. This holds
+// on any deployment: the marker is the key's last message (the claim at
+// its sequence would have failed otherwise), and a read below the stated
+// revision (a lagging follower's) proves nothing and is read again.
+//
+// Or the claim found the key without any message: a lease that ends
+// leaves a marker the server removes no earlier than the marker TTL (one
+// second) later, so the last lease to end ended at least that long before
+// the claim was answered, and holders store before they release. The read
+// must then have been sent less than half of that before the answer (half
+// a second is left for clock steps and rate differences), and must see
+// every write acknowledged before it. Both hold only on one standalone
+// server holding both buckets: in a cluster a read may come from a lagging
+// follower, and a marker written under one leader may be expired by the
+// next on another clock.
+//
+// Neither covers a holder that stores after its lease expired (it lost
+// NATS for a whole TTL): its store may land after any read.
+func (l *Leases) claimProves(read Read, quietAt time.Time, after uint64) bool {
+	switch {
+	case read.Revision == 0:
+		return false
+	case after != 0:
+		return after <= read.Revision
+	case !quietAt.IsZero():
+		return read.single && l.standalone() && quietAt.Sub(read.at) < leaseMarkerTTL/2
+	}
+	return false
+}
+
+// standalone reports whether the connection is to the standalone server
+// that holds the lease bucket.
+func (l *Leases) standalone() bool {
+	nc := l.js.Conn()
+	return l.host != "" && nc.ConnectedClusterName() == "" && nc.ConnectedServerName() == l.host
 }
 
 // isMarker reports whether a lease key's message ends a lease: a release's
@@ -237,69 +304,43 @@ const (
 	leaseReleased
 )
 
-// Lease is a held claim on one credential, fenced by its revision: Renew and
-// Release act only while that revision is still the key's current one. It is
-// safe for concurrent use: Renew may run in a goroutine while the owner
-// checks Trusted; Renew and Release are serialised.
+// Lease is a held claim on one credential, fenced by its revision: its
+// renewals and its release act only while that revision is still the key's
+// current one, so a holder that lost it finds out instead of touching a
+// newer holder's lease. Like an etcd concurrency.Session, it keeps itself
+// alive until released and reports its end on Done. Writes made under it
+// go through the Store (Fence, UpdateUnder), which records the revision
+// the holder leaves behind; Release states that revision in the marker it
+// leaves for the next claimer. It is safe for concurrent use.
 type Lease struct {
-	leases *Leases
-	key    events.Key
-	holder []byte
-	// Set once, by the claim: when a claim that found the key without any
-	// message was answered (zero otherwise), and the record revision the
-	// marker it claimed over states (0: none).
-	quietAt time.Time
-	after   uint64
+	leases  *Leases
+	key     events.Key
+	holder  []byte
+	read    Read // what the claimer read before claiming
+	current bool // the claim proved read current (claimProves)
 
-	opMu sync.Mutex // held across Renew and Release: each must start from the revision the last one left
+	done     chan struct{} // closed when the lease is lost or released
+	doneOnce sync.Once
+	stop     chan struct{} // closed by Release: ends keepAlive
+	stopOnce sync.Once
+	kept     sync.WaitGroup // keepAlive
+
+	opMu sync.Mutex // held across renew and Release: each must start from the revision the last one left
 
 	mu    sync.Mutex // guards the fields below; never held across I/O, so Trusted does not wait on the network
 	rev   uint64
 	start time.Time // when the last successful claim or renew request was sent
 	state leaseState
-	left  uint64 // the record revision the holder leaves behind (see Leaves); 0: unknown
+	left  uint64 // the record revision the holder leaves behind (see leaves); 0: unknown
 }
 
-// Covers reports whether a read of the credential record that returned
-// revision rev, sent at t, before the claim, still sees every write made
-// under a lease of the key: then the holder need not read the record again
-// after claiming. That read again is the fence that keeps a refresher
-// from presenting a refresh token a peer redeemed between its read and its
-// claim; Covers proves it unneeded in two ways.
-//
-// The claim found the key without any message: a lease that ends leaves a
-// marker the server removes no earlier than the marker TTL (one second)
-// later, so the last lease to end ended at least that long before the
-// claim was answered. Covers demands that t be less than half of it before
-// the answer, which leaves half a second for clock steps and rate
-// differences; holders store before they release.
-//
-// Or the claim took over the marker of a release that stated the revision
-// its holder left behind (see Leaves), and rev is at least that: that
-// holder's view already covered every earlier holder's writes, and its own.
-//
-// The first proof needs the read to see every write committed before it.
-// On a replicated bucket (and the credential bucket has the lease bucket's
-// replicas) KV reads are direct gets that a lagging follower may answer,
-// so there only the second counts: a stale read returns a revision below
-// the stated one and is read again.
-//
-// Neither covers a holder that stores after its lease expired (it lost
-// NATS for a whole TTL): its store may land after any read.
-func (l *Lease) Covers(rev uint64, t time.Time) bool {
-	if !l.quietAt.IsZero() {
-		return !l.leases.replicated && l.quietAt.Sub(t) < leaseMarkerTTL/2
-	}
-	return l.after != 0 && l.after <= rev
-}
-
-// Leaves records the revision of the credential record that the holder
+// leaves records the revision of the credential record that the holder
 // leaves behind: the one it stored, or, if it stored nothing, the one it
 // acted on. Release states it in the lease's marker for the next claimer
-// (see Covers). Before a write whose outcome it cannot know yet, the
-// holder calls Leaves(0): a write that timed out may still land, and a
-// marker must never state a revision older than what is stored.
-func (l *Lease) Leaves(rev uint64) {
+// (see claimProves). Before a write whose outcome it cannot know yet, the
+// Store records 0: a write that timed out may still land, and a marker
+// must never state a revision older than what is stored.
+func (l *Lease) leaves(rev uint64) {
 	l.mu.Lock()
 	l.left = rev
 	l.mu.Unlock()
@@ -308,11 +349,22 @@ func (l *Lease) Leaves(rev uint64) {
 // Key returns the credential key the lease is for.
 func (l *Lease) Key() events.Key { return l.key }
 
-// Revision returns the lease's current revision (it changes on Renew).
+// Revision returns the lease's current revision (it changes on renewal).
 func (l *Lease) Revision() uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.rev
+}
+
+// Done returns a channel that is closed when the lease ends: lost (it
+// expired, or another holder took it) or released.
+func (l *Lease) Done() <-chan struct{} { return l.done }
+
+// Lost reports whether the lease was lost rather than released.
+func (l *Lease) Lost() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state == leaseLost
 }
 
 // trustMargin is how much earlier than its TTL a lease stops being trusted.
@@ -338,8 +390,8 @@ func (l *Lease) TrustedUntil() time.Time {
 	// whole seconds and it times them on its wall clock (which NTP may step
 	// forward), its clock and ours may run at slightly different rates, and
 	// a write made just before the deadline still needs time to reach the
-	// server. With TTL 2s a lease is trusted for 1s after each renew; with
-	// 30s, for 27s.
+	// server. With TTL 2s a lease is trusted for 1s after each renewal (one
+	// every 0.67s); with 30s, for 27s (one every 10s).
 	return l.start.Add(l.leases.ttl - trustMargin(l.leases.ttl))
 }
 
@@ -350,11 +402,48 @@ func (l *Lease) Trusted(now time.Time) bool {
 	return !until.IsZero() && now.Before(until)
 }
 
-// Renew extends the lease by a full TTL from now, if it is still ours. If the
-// lease expired or was taken meanwhile, the error wraps ErrLeaseLost and the
-// lease stays lost. Other errors (timeouts) leave it as it was: it may have
-// been renewed or not, and Trusted runs out on the old deadline.
-func (l *Lease) Renew(ctx context.Context) error {
+// maxHoldTTLs bounds how long a lease keeps itself alive, in TTLs: a
+// holder that never releases it (a bug, a call that never returns) must not
+// keep the credential from being refreshed for the life of the process.
+// Work under a lease is bounded well below that (a token-endpoint call and
+// a store retried for one TTL).
+const maxHoldTTLs = 4
+
+// keepAlive renews the lease every third of its TTL until Release stops it,
+// the lease is lost, or it has been held maxHoldTTLs TTLs (then it counts
+// as lost, and expires by itself). A renewal that fails otherwise (a timeout, a KV leader
+// election) leaves the lease as it was, and the next one tries again;
+// Trusted runs out on the old deadline meanwhile.
+func (l *Lease) keepAlive() {
+	every := l.leases.ttl / 3
+	giveUp := time.Now().Add(maxHoldTTLs * l.leases.ttl)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		if time.Now().After(giveUp) {
+			// It expires by itself; no write under it is safe from now.
+			l.end(leaseLost)
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), every)
+		err := l.renew(ctx)
+		cancel()
+		if errors.Is(err, ErrLeaseLost) {
+			return
+		}
+	}
+}
+
+// renew extends the lease by a full TTL from now, if it is still ours. If
+// the lease expired or was taken meanwhile, the error wraps ErrLeaseLost
+// and the lease stays lost. Other errors (timeouts) leave it as it was: it
+// may have been renewed or not.
+func (l *Lease) renew(ctx context.Context) error {
 	l.opMu.Lock()
 	defer l.opMu.Unlock()
 	l.mu.Lock()
@@ -376,7 +465,7 @@ func (l *Lease) Renew(ctx context.Context) error {
 	if err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {
-			l.setState(leaseLost)
+			l.end(leaseLost)
 		}
 		return fmt.Errorf("renew lease %s at revision %d: %w", l.key, rev, err)
 	}
@@ -386,13 +475,17 @@ func (l *Lease) Renew(ctx context.Context) error {
 	return nil
 }
 
-// Release gives the lease up by deleting its key, only if the revision is
-// still ours. If it is not (the lease expired, or was taken by another
-// holder), nothing is deleted and the error wraps ErrLeaseLost. Release is
-// idempotent after success. After an error that is neither (a timeout), the
-// release may or may not have happened; a retry then reports ErrLeaseLost
-// if it had, and either way the key expires by itself.
+// Release stops the lease's renewals and gives it up by purging its key,
+// only if the revision is still ours; the purge marker states the record
+// revision the holder leaves behind. If the lease is no longer ours (it
+// expired, or was taken by another holder), nothing is purged and the
+// error wraps ErrLeaseLost. Release is idempotent after success. After an
+// error that is neither (a timeout), the release may or may not have
+// happened; a retry then reports ErrLeaseLost if it had, and either way
+// the key expires by itself.
 func (l *Lease) Release(ctx context.Context) error {
+	l.stopOnce.Do(func() { close(l.stop) })
+	l.kept.Wait()
 	l.opMu.Lock()
 	defer l.opMu.Unlock()
 	l.mu.Lock()
@@ -408,15 +501,15 @@ func (l *Lease) Release(ctx context.Context) error {
 	// Purge, not Delete, and with a TTL on its marker: both leave a marker
 	// as the key's last message, and while a marker exists the next Claim
 	// of the key costs three round trips instead of one (create fails on
-	// the marker, nats.go reads it, creates again at its revision). A Delete
-	// marker stays forever; a purge marker with a TTL is gone a second
-	// later, so a credential refreshed again later is claimed in one round
-	// trip. LastRevision makes the server write the marker only if rev is
-	// still the key's last revision: a newer holder's lease is never
-	// touched.
+	// the marker, the claim reads it, creates again at its revision). A
+	// Delete marker stays forever; a purge marker with a TTL is gone a
+	// second later, so a credential refreshed again later is claimed in
+	// one round trip. The expected last sequence makes the server write
+	// the marker only if rev is still the key's last revision: a newer
+	// holder's lease is never touched.
 	//
 	// By hand rather than kv.Purge, to state the revision the holder
-	// leaves behind (see Covers).
+	// leaves behind (see claimProves).
 	m := nats.NewMsg(l.leases.putPrefix + l.key.String())
 	m.Header.Set(kvOperationHeader, kvPurge)
 	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
@@ -427,18 +520,20 @@ func (l *Lease) Release(ctx context.Context) error {
 	if err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {
-			l.setState(leaseLost)
+			l.end(leaseLost)
 		}
 		return fmt.Errorf("release lease %s at revision %d: %w", l.key, rev, err)
 	}
-	l.setState(leaseReleased)
+	l.end(leaseReleased)
 	return nil
 }
 
-func (l *Lease) setState(s leaseState) {
+// end records that the lease is lost or released, and closes Done.
+func (l *Lease) end(s leaseState) {
 	l.mu.Lock()
 	l.state = s
 	l.mu.Unlock()
+	l.doneOnce.Do(func() { close(l.done) })
 }
 
 func stateErr(op string, k events.Key, s leaseState) error {

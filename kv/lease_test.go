@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,11 +17,20 @@ var leaseKey = events.Key{Tenant: "acme", User: "alice", Server: "github"}
 
 func (b *testBundle) claim(t testing.TB, holder string) *Lease {
 	t.Helper()
-	l, err := b.leases.Claim(b.ctx, leaseKey, holder)
+	l, err := b.leases.Claim(b.ctx, leaseKey, holder, Read{})
 	if err != nil {
 		t.Fatalf("Claim by %s: %v", holder, err)
 	}
+	// Every lease renews itself until released, lost or not.
+	t.Cleanup(func() { _ = l.Release(context.Background()) })
 	return l
+}
+
+// orphan stops the lease's renewals without releasing it, as a holder
+// that crashed: the lease then expires by itself.
+func (l *Lease) orphan() {
+	l.stopOnce.Do(func() { close(l.stop) })
+	l.kept.Wait()
 }
 
 func (b *testBundle) assertHolder(t testing.TB, want string) {
@@ -53,7 +61,7 @@ func TestClaim(t *testing.T) {
 	}
 	b.assertHolder(t, "w1")
 
-	_, err := b.leases.Claim(b.ctx, leaseKey, "w2")
+	_, err := b.leases.Claim(b.ctx, leaseKey, "w2", Read{})
 	if !errors.Is(err, ErrLeaseHeld) || !strings.Contains(err.Error(), leaseKey.String()) || !strings.Contains(err.Error(), `"w1"`) {
 		t.Fatalf("second Claim: %v, want ErrLeaseHeld naming the key and the holder", err)
 	}
@@ -61,14 +69,16 @@ func TestClaim(t *testing.T) {
 
 	// Leases of other credentials are independent.
 	other := events.Key{Tenant: "acme", User: "bob", Server: "github"}
-	if _, err := b.leases.Claim(b.ctx, other, "w2"); err != nil {
+	if l2, err := b.leases.Claim(b.ctx, other, "w2", Read{}); err != nil {
 		t.Fatalf("Claim of another key: %v", err)
+	} else {
+		defer l2.Release(b.ctx)
 	}
 
-	if _, err := b.leases.Claim(b.ctx, leaseKey, ""); err == nil {
+	if _, err := b.leases.Claim(b.ctx, leaseKey, "", Read{}); err == nil {
 		t.Fatal("Claim with an empty holder succeeded")
 	}
-	if _, err := b.leases.Claim(b.ctx, events.Key{Tenant: "a.b", User: "c", Server: "d"}, "w1"); !errors.Is(err, events.ErrInvalidKey) {
+	if _, err := b.leases.Claim(b.ctx, events.Key{Tenant: "a.b", User: "c", Server: "d"}, "w1", Read{}); !errors.Is(err, events.ErrInvalidKey) {
 		t.Fatalf("Claim of an invalid key: %v", err)
 	}
 }
@@ -86,7 +96,7 @@ func TestReleaseThenReclaim(t *testing.T) {
 	if l.Trusted(time.Now()) || !l.TrustedUntil().IsZero() {
 		t.Fatal("a released lease is still trusted")
 	}
-	if err := l.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+	if err := l.renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
 		t.Fatalf("Renew after Release: %v, want ErrLeaseLost", err)
 	}
 	b.assertHolder(t, "")
@@ -119,6 +129,7 @@ func TestReleaseAfterTakeover(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	l1 := b.claim(t, "w1")
+	l1.orphan()
 	b.waitExpired(t)
 	l2 := b.claim(t, "w2")
 
@@ -129,7 +140,7 @@ func TestReleaseAfterTakeover(t *testing.T) {
 		t.Fatalf("second Release of a lost lease: %v, want ErrLeaseLost", err)
 	}
 	b.assertHolder(t, "w2") // untouched
-	if err := l2.Renew(b.ctx); err != nil {
+	if err := l2.renew(b.ctx); err != nil {
 		t.Fatalf("new holder's Renew: %v", err)
 	}
 	if err := l2.Release(b.ctx); err != nil {
@@ -142,6 +153,7 @@ func TestReleaseAfterExpiry(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	l := b.claim(t, "w1")
+	l.orphan()
 	b.waitExpired(t)
 	if err := l.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
 		t.Fatalf("Release of an expired lease: %v, want ErrLeaseLost", err)
@@ -150,7 +162,7 @@ func TestReleaseAfterExpiry(t *testing.T) {
 	b.claim(t, "w2")
 }
 
-func TestRenewKeepsLeaseAlive(t *testing.T) {
+func TestLeaseKeepsItselfAlive(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	// 3s rather than the usual 2s: renewing must survive a loaded test
@@ -159,77 +171,90 @@ func TestRenewKeepsLeaseAlive(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := leases.Claim(b.ctx, leaseKey, "w1")
+	l, err := leases.Claim(b.ctx, leaseKey, "w1", Read{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer l.Release(b.ctx)
 	first := l.Revision()
 	stop := time.Now().Add(leases.TTL() + 2*time.Second) // well past the original expiry
-
-	// Renew in a goroutine while the owner checks Trusted, as a worker does.
-	ctx, cancel := context.WithCancel(b.ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	renewErr := make(chan error, 1)
-	wg.Go(func() {
-		tick := time.NewTicker(250 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				err := l.Renew(ctx)
-				if err == nil && !l.Trusted(time.Now()) {
-					err = errors.New("not trusted right after a successful Renew")
-				}
-				if err != nil && ctx.Err() == nil {
-					renewErr <- err
-					return
-				}
-			}
-		}
-	})
 	eventually(t, time.Until(stop)+time.Second, "run past the original TTL", func() bool {
 		select {
-		case err := <-renewErr:
-			t.Fatalf("Renew: %v", err)
+		case <-l.Done():
+			t.Fatal("the lease ended while it renews itself")
 		default:
 		}
-		_ = l.Trusted(time.Now()) // concurrently with Renew, for the race detector
+		if !l.Trusted(time.Now()) {
+			t.Fatal("not trusted while it renews itself")
+		}
 		b.assertHolder(t, "w1")
 		return time.Now().After(stop)
 	})
-	cancel()
-	wg.Wait()
-
 	if l.Revision() == first {
-		t.Fatal("revision unchanged by Renew")
+		t.Fatal("revision unchanged: the lease did not renew")
 	}
-	if _, err := b.leases.Claim(b.ctx, leaseKey, "w2"); !errors.Is(err, ErrLeaseHeld) {
+	if _, err := b.leases.Claim(b.ctx, leaseKey, "w2", Read{}); !errors.Is(err, ErrLeaseHeld) {
 		t.Fatalf("Claim of a renewed lease: %v, want ErrLeaseHeld", err)
 	}
-	// Renew keeps the TTL: once renewing stops, the lease still expires.
+	// A renewal keeps the TTL: once renewing stops (as when its holder
+	// crashes), the lease still expires, and Done reports the loss.
+	l.orphan()
 	eventually(t, leases.TTL()+3*time.Second, "renewed lease expires", func() bool {
 		_, held, err := b.leases.Holder(b.ctx, leaseKey)
 		return err == nil && !held
 	})
+	if err := l.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Release of the expired lease: %v, want ErrLeaseLost", err)
+	}
+	select {
+	case <-l.Done():
+	default:
+		t.Fatal("Done not closed after the lease was lost")
+	}
+	if !l.Lost() {
+		t.Fatal("Lost is false after the lease was lost")
+	}
+}
+
+// TestLeaseDoneOnTakeover checks that a lease another holder took over
+// notices by itself and closes Done.
+func TestLeaseDoneOnTakeover(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	l := b.claim(t, "w1")
+	// Another holder takes the key over, as after an expiry the holder did
+	// not see (a long stall).
+	if err := b.leases.kv.Delete(b.ctx, leaseKey.String()); err != nil {
+		t.Fatal(err)
+	}
+	other := b.claim(t, "w2")
+	defer other.Release(b.ctx)
+	select {
+	case <-l.Done():
+	case <-time.After(b.leases.TTL() * 2):
+		t.Fatal("Done not closed within two TTLs of a takeover")
+	}
+	if !l.Lost() || l.Trusted(time.Now()) {
+		t.Fatal("a lease taken over is not lost, or still trusted")
+	}
+	b.assertHolder(t, "w2")
 }
 
 func TestRenewAfterTakeover(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	l1 := b.claim(t, "w1")
+	l1.orphan()
 	b.waitExpired(t)
 	l2 := b.claim(t, "w2")
 
-	if err := l1.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+	if err := l1.renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
 		t.Fatalf("Renew of a lease taken over: %v, want ErrLeaseLost", err)
 	}
 	if l1.Trusted(time.Now()) {
 		t.Fatal("lost lease still trusted")
 	}
-	if err := l1.Renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
+	if err := l1.renew(b.ctx); !errors.Is(err, ErrLeaseLost) {
 		t.Fatalf("second Renew: %v, want ErrLeaseLost (stays lost)", err)
 	}
 	if err := l1.Release(b.ctx); !errors.Is(err, ErrLeaseLost) {
@@ -245,7 +270,7 @@ func TestLeaseExpiresByItself(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	start := time.Now()
-	b.claim(t, "crashed")
+	b.claim(t, "crashed").orphan()
 	b.waitExpired(t)
 	if took := time.Since(start); took < b.leases.TTL() {
 		t.Fatalf("lease gone after %v, before its TTL %v", took, b.leases.TTL())
@@ -290,7 +315,7 @@ func TestNewLeases(t *testing.T) {
 	if again.TTL() != 3*time.Second {
 		t.Fatalf("TTL 2.5s rounds to %v, want 3s", again.TTL())
 	}
-	if _, err := again.Claim(b.ctx, leaseKey, "w2"); !errors.Is(err, ErrLeaseHeld) {
+	if _, err := again.Claim(b.ctx, leaseKey, "w2", Read{}); !errors.Is(err, ErrLeaseHeld) {
 		t.Fatalf("Claim through the second Leases: %v, want ErrLeaseHeld", err)
 	}
 	if err := l.Release(b.ctx); err != nil {
@@ -326,9 +351,9 @@ func TestAPIPrefix(t *testing.T) {
 	}
 }
 
-// TestLeaseCovers checks what a claim proves about a read of the record
-// made before it (Lease.Covers), for every state the key can be in.
-func TestLeaseCovers(t *testing.T) {
+// TestClaimProves checks what a claim proves about a read of the record
+// made before it (claimProves), for every state the lease key can be in.
+func TestClaimProves(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	subject := b.leases.subPrefix + leaseKey.String()
@@ -343,21 +368,42 @@ func TestLeaseCovers(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	claimed := func(t *testing.T) *Lease {
+	claimed := func(t *testing.T, read Read) *Lease {
 		t.Helper()
-		l := b.claim(t, "w2")
+		l, err := b.leases.Claim(b.ctx, leaseKey, "w2", read)
+		if err != nil {
+			t.Fatal(err)
+		}
 		t.Cleanup(func() { _ = l.Release(b.ctx) })
 		return l
 	}
+	if _, err := b.store.Create(b.ctx, testCredential(t, leaseKey.String())); err != nil {
+		t.Fatal(err)
+	}
 
 	t.Run("key without messages", func(t *testing.T) {
-		before := time.Now()
-		l := claimed(t)
-		if !l.Covers(1, before) {
-			t.Error("a claim that found the key empty does not cover a read made just before it")
+		_, read, err := b.store.Load(b.ctx, leaseKey)
+		if err != nil {
+			t.Fatal(err)
 		}
-		if l.Covers(1, before.Add(-leaseMarkerTTL)) {
-			t.Error("it covers a read made a marker TTL earlier: a lease may have ended after that read")
+		if !read.single {
+			t.Fatal("a read on the standalone test server is not marked as answered by the only copy")
+		}
+		if l := claimed(t, read); !l.current {
+			t.Error("a claim that found the key empty does not prove a read made just before it")
+		}
+		old := read
+		old.at = old.at.Add(-leaseMarkerTTL)
+		if b.leases.claimProves(old, time.Now(), 0) {
+			t.Error("it proves a read made a marker TTL earlier: a lease may have ended after that read")
+		}
+		replica := read
+		replica.single = false
+		if b.leases.claimProves(replica, time.Now(), 0) {
+			t.Error("it proves a read that a replica may have answered")
+		}
+		if b.leases.claimProves(Read{at: time.Now(), single: true}, time.Now(), 0) {
+			t.Error("it proves a read of nothing")
 		}
 	})
 	t.Run("release stating a revision", func(t *testing.T) {
@@ -365,13 +411,15 @@ func TestLeaseCovers(t *testing.T) {
 		h.Set(kvOperationHeader, "PURGE")
 		h.Set(leftRevisionHeader, "7")
 		mark(t, h)
-		old := time.Now().Add(-time.Hour) // no time argument is involved
-		l := claimed(t)
-		if !l.Covers(7, old) || !l.Covers(8, old) {
-			t.Error("a read at or after the stated revision 7 is not covered")
+		old := time.Now().Add(-time.Hour) // no time is involved
+		if l := claimed(t, Read{Revision: 7, at: old}); !l.current {
+			t.Error("a read at the stated revision 7 is not proven current")
 		}
-		if l.Covers(6, old) {
-			t.Error("a read older than the stated revision 7 is covered")
+		if !b.leases.claimProves(Read{Revision: 8, at: old}, time.Time{}, 7) {
+			t.Error("a read after the stated revision 7 is not proven current")
+		}
+		if b.leases.claimProves(Read{Revision: 6, at: old, single: true}, time.Time{}, 7) {
+			t.Error("a read older than the stated revision 7 is proven current")
 		}
 	})
 	for _, tc := range []struct {
@@ -387,8 +435,8 @@ func TestLeaseCovers(t *testing.T) {
 			h.Set(kvOperationHeader, "PURGE")
 			h.Set(tc.header, tc.value)
 			mark(t, h)
-			if l := claimed(t); l.Covers(1<<60, time.Now()) {
-				t.Errorf("a claim over a %s covers reads", tc.name)
+			if l := claimed(t, Read{Revision: 1 << 60, at: time.Now(), single: true}); l.current {
+				t.Errorf("a claim over a %s proves a read current", tc.name)
 			}
 		})
 	}
@@ -409,7 +457,7 @@ func TestReleaseStatesWhatItLeaves(t *testing.T) {
 		t.Helper()
 		l := b.claim(t, "w1")
 		for _, rev := range leaves {
-			l.Leaves(rev)
+			l.leaves(rev)
 		}
 		if err := l.Release(b.ctx); err != nil {
 			t.Fatalf("Release: %v", err)
@@ -435,11 +483,11 @@ func TestReleaseStatesWhatItLeaves(t *testing.T) {
 	}
 }
 
-// TestLeaseCoversReplicated checks that on a replicated lease bucket a
-// claim of an empty key covers nothing: reads there are direct gets a
-// lagging follower may answer, so the time argument does not hold, while a
-// stated revision still does.
-func TestLeaseCoversReplicated(t *testing.T) {
+// TestClaimProvesReplicated checks that in a cluster a claim of an empty
+// key proves nothing: reads there are direct gets a lagging follower may
+// answer, and markers may be expired on another clock, while a stated
+// revision still proves a read at or after it.
+func TestClaimProvesReplicated(t *testing.T) {
 	t.Parallel()
 	c := natstest.RunCluster(t, 3)
 	c.WaitMetaLeader()
@@ -448,17 +496,36 @@ func TestLeaseCoversReplicated(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	leases, err := NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + bucketName(t), TTL: testLeaseTTL, Replicas: 3})
+	name := bucketName(t)
+	store, err := NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, testRing(t))
+	if err != nil {
+		t.Fatalf("NewStore: %v", err)
+	}
+	leases, err := NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
 	if err != nil {
 		t.Fatalf("NewLeases: %v", err)
 	}
-	before := time.Now()
-	l, err := leases.Claim(ctx, leaseKey, "w1")
+	if _, err := store.Create(ctx, testCredential(t, leaseKey.String())); err != nil {
+		t.Fatal(err)
+	}
+	_, read, err := store.Load(ctx, leaseKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if read.single {
+		t.Error("a read in a cluster is marked as answered by the only copy")
+	}
+	l, err := leases.Claim(ctx, leaseKey, "w1", read)
 	if err != nil {
 		t.Fatalf("Claim: %v", err)
 	}
-	if l.Covers(1, before) {
-		t.Error("a claim of an empty key on a replicated bucket covers a read")
+	defer l.Release(ctx)
+	if l.current {
+		t.Error("a claim of an empty key in a cluster proves a read")
+	}
+	read.single = true // even a read that claimed to be: the lease bucket is replicated
+	if leases.claimProves(read, time.Now(), 0) {
+		t.Error("a claim of an empty key on a replicated lease bucket proves a read")
 	}
 	// A release marker stating 7, without a TTL so that it is still there
 	// however slow the machine.
@@ -470,11 +537,33 @@ func TestLeaseCoversReplicated(t *testing.T) {
 	if _, err := js.PublishMsg(ctx, m); err != nil {
 		t.Fatal(err)
 	}
-	l2, err := leases.Claim(ctx, other, "w2")
+	l2, err := leases.Claim(ctx, other, "w2", Read{Revision: 7})
 	if err != nil {
 		t.Fatalf("Claim over the marker: %v", err)
 	}
-	if !l2.Covers(7, time.Time{}) || l2.Covers(6, time.Time{}) {
-		t.Error("a claim over a marker stating 7 on a replicated bucket does not cover exactly reads at 7 or later")
+	defer l2.Release(ctx)
+	if !l2.current || leases.claimProves(Read{Revision: 6}, time.Time{}, 7) {
+		t.Error("a claim over a marker stating 7 in a cluster does not prove exactly reads at 7 or later")
+	}
+}
+
+// TestLeaseGivesUpAfterMaxHold checks that a lease its holder never
+// releases stops keeping itself alive after maxHoldTTLs TTLs, so that a
+// stuck holder cannot block the credential for the life of the process.
+func TestLeaseGivesUpAfterMaxHold(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	start := time.Now()
+	l := b.claim(t, "stuck")
+	select {
+	case <-l.Done():
+	case <-time.After((maxHoldTTLs + 3) * b.leases.TTL()):
+		t.Fatalf("the lease still lives %v after its claim", time.Since(start))
+	}
+	if held := time.Since(start); held < maxHoldTTLs*b.leases.TTL() {
+		t.Fatalf("the lease ended after %v, before its %d TTLs", held, maxHoldTTLs)
+	}
+	if !l.Lost() {
+		t.Fatal("Done closed but the lease is not lost")
 	}
 }

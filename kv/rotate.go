@@ -149,7 +149,7 @@ func OpenStore(ctx context.Context, js jetstream.JetStream, bucket string, ring 
 	if err != nil {
 		return nil, fmt.Errorf("kv: open credential bucket %s: %w; start a refresher once to create it, and check --prefix", bucket, err)
 	}
-	return &Store{kv: kv, ring: ring}, nil
+	return bindStore(ctx, js, kv, ring)
 }
 
 // OpenLeases binds to an existing lease bucket without changing its
@@ -273,7 +273,7 @@ func (s *Store) resealOne(ctx context.Context, leases *Leases, holder string, k 
 			rep.Current++
 			return nil
 		}
-		lease, err := leases.Claim(ctx, k, holder)
+		lease, err := leases.Claim(ctx, k, holder, Read{})
 		if errors.Is(err, ErrLeaseHeld) {
 			if attempt == resealAttempts {
 				rep.Busy++
@@ -303,18 +303,18 @@ func (s *Store) resealOne(ctx context.Context, leases *Leases, holder string, k 
 	}
 }
 
-// rewrite re-reads the credential under the lease (the read before the
-// claim may be stale) and stores it sealed with the active key, CAS on the
-// revision read.
+// rewrite reads the credential under the lease from the stream leader (the
+// read before the claim may be stale) and stores it sealed with the active
+// key, CAS on the revision read.
 func (s *Store) rewrite(ctx context.Context, lease *Lease, k events.Key) error {
-	c, rev, err := s.Get(ctx, k)
+	c, rev, err := s.Latest(ctx, k)
 	if err != nil {
 		return err
 	}
 	if !lease.Trusted(time.Now()) {
 		return fmt.Errorf("lease expired before the rewrite: %w", ErrConflict)
 	}
-	_, err = s.Update(ctx, c, rev)
+	_, err = s.UpdateUnder(ctx, lease, c, rev)
 	return err
 }
 

@@ -125,7 +125,7 @@ func TestReseal(t *testing.T) {
 		t.Fatal(err)
 	}
 	busyKey := testCredential(t, "acme.u0.github").Key
-	held, err := leases.Claim(ctx, busyKey, "refresher-x")
+	held, err := leases.Claim(ctx, busyKey, "refresher-x", Read{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/authbus/authbus/events"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -52,12 +53,19 @@ func (c StoreConfig) validate() error {
 // ErrConflict instead of overwriting newer tokens. A Store is safe for
 // concurrent use; the Credentials it returns are the caller's own.
 type Store struct {
-	kv   jetstream.KeyValue
-	ring *KeyRing
+	kv        jetstream.KeyValue
+	ring      *KeyRing
+	nc        *nats.Conn
+	api       string // JetStream API prefix, for leader reads
+	stream    string // the bucket's stream
+	subPrefix string // subject prefix of the bucket's keys in the stream
+	host      string // the standalone server that holds the bucket; "" in a cluster (see Load)
+	replicas  int
 }
 
 // NewStore creates the credential bucket, or updates it to cfg when it exists:
-// any number of refreshers may call it for the same bucket.
+// any number of refreshers may call it for the same bucket. An existing
+// bucket keeps its replica count (see Replicas).
 func NewStore(ctx context.Context, js jetstream.JetStream, cfg StoreConfig, ring *KeyRing) (*Store, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
@@ -66,17 +74,33 @@ func NewStore(ctx context.Context, js jetstream.JetStream, cfg StoreConfig, ring
 	if ring == nil {
 		return nil, fmt.Errorf("kv: store %s: %w: no key ring; load one with LoadOrCreateKeyRing", cfg.Bucket, ErrSealKey)
 	}
-	bucket, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	bucket, err := provisionBucket(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      cfg.Bucket,
 		Description: "authbus credentials (tokens and client secrets sealed)",
 		History:     uint8(cfg.History),
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("kv: create or update credential bucket %s: %w", cfg.Bucket, err)
+		return nil, err
 	}
-	return &Store{kv: bucket, ring: ring}, nil
+	return bindStore(ctx, js, bucket, ring)
 }
+
+// bindStore completes a Store on its bucket.
+func bindStore(ctx context.Context, js jetstream.JetStream, bucket jetstream.KeyValue, ring *KeyRing) (*Store, error) {
+	name := bucket.Bucket()
+	stream, err := js.Stream(ctx, "KV_"+name)
+	if err != nil {
+		return nil, fmt.Errorf("kv: credential bucket %s: its stream: %w", name, err)
+	}
+	return &Store{kv: bucket, ring: ring, nc: js.Conn(), api: apiPrefix(js.Options()), stream: "KV_" + name,
+		subPrefix: "$KV." + name + ".", host: standaloneHost(js, stream),
+		replicas: stream.CachedInfo().Config.Replicas}, nil
+}
+
+// Replicas returns the bucket's replica count as deployed when the Store
+// was made: cfg.Replicas applies only to a bucket NewStore creates.
+func (s *Store) Replicas() int { return s.replicas }
 
 // Bucket returns the underlying bucket, for watching and inspection. Writes
 // to it bypass sealing; use the Store's methods to write credentials.
@@ -97,25 +121,6 @@ func (s *Store) Get(ctx context.Context, k events.Key) (*Credential, uint64, err
 		return nil, 0, fmt.Errorf("get credential %s (revision %d): %w", k, entry.Revision(), err)
 	}
 	return c, entry.Revision(), nil
-}
-
-// Reread reads c's record again, as Get does, but returns c itself when
-// the stored revision is still rev: the read is the fence (it learns
-// whether anyone wrote since), and skipping the decode spares the JSON and
-// the three AES-GCM opens on the common path where nobody did.
-func (s *Store) Reread(ctx context.Context, c *Credential, rev uint64) (*Credential, uint64, error) {
-	entry, err := s.kv.Get(ctx, c.Key.String())
-	if err != nil {
-		return nil, 0, fmt.Errorf("get credential %s: %w", c.Key, mapErr(credentials, opRead, err))
-	}
-	if entry.Revision() == rev {
-		return c, rev, nil
-	}
-	n, err := decodeCredential(s.ring, c.Key, entry.Value())
-	if err != nil {
-		return nil, 0, fmt.Errorf("get credential %s (revision %d): %w", c.Key, entry.Revision(), err)
-	}
-	return n, entry.Revision(), nil
 }
 
 // Create stores a new credential and returns its revision; a credential

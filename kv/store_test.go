@@ -354,33 +354,71 @@ func TestStoreReadsSchema1(t *testing.T) {
 	}
 }
 
-func TestStoreReread(t *testing.T) {
+func TestStoreFence(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	c := testCredential(t, "acme.again.github")
-	rev, err := b.store.Create(b.ctx, c)
+	if _, err := b.store.Create(b.ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	loaded, read, err := b.store.Load(b.ctx, c.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, grev, err := b.store.Reread(b.ctx, c, rev)
-	if err != nil || got != c || grev != rev {
-		t.Fatalf("Reread at the current revision = %p, %d, %v; want the same credential back", got, grev, err)
+	claim := func(read Read) *Lease {
+		t.Helper()
+		l, err := b.leases.Claim(b.ctx, c.Key, "w1", read)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
 	}
-	n := c.Clone()
+
+	// The claim proves the read: Fence hands it back without a read.
+	l := claim(read)
+	before := b.nc.Stats().OutMsgs
+	got, grev, err := b.store.Fence(b.ctx, l, loaded)
+	if err != nil || got != loaded || grev != read.Revision || b.nc.Stats().OutMsgs != before {
+		t.Fatalf("Fence of a proven read = %p, %d, %v (%d requests); want the same credential back, no request", got, grev, err, b.nc.Stats().OutMsgs-before)
+	}
+	if l.left != read.Revision {
+		t.Errorf("the lease leaves %d, want the revision acted on, %d", l.left, read.Revision)
+	}
+	n := loaded.Clone()
 	n.Version++
 	n.AccessToken = "at-newer"
-	nrev, err := b.store.Update(b.ctx, n, rev)
-	if err != nil {
+	nrev, err := b.store.UpdateUnder(b.ctx, l, n, grev)
+	if err != nil || l.left != nrev {
+		t.Fatalf("UpdateUnder = %d, %v; the lease leaves %d, want the revision written", nrev, err, l.left)
+	}
+	if _, err := b.store.UpdateUnder(b.ctx, l, n, grev); !errors.Is(err, ErrConflict) || l.left != 0 {
+		t.Fatalf("UpdateUnder at a stale revision: %v, the lease leaves %d; want ErrConflict, leaving nothing stated", err, l.left)
+	}
+	if err := l.Release(b.ctx); err != nil {
 		t.Fatal(err)
 	}
-	got, grev, err = b.store.Reread(b.ctx, c, rev)
-	if err != nil || got == c || grev != nrev || got.Version != n.Version || got.AccessToken != "at-newer" {
-		t.Fatalf("Reread after an update = version %d rev %d (%v); want version %d rev %d decoded", got.Version, grev, err, n.Version, nrev)
+
+	// A claim that proves nothing: Fence reads the latest from the leader.
+	l = claim(Read{})
+	got, grev, err = b.store.Fence(b.ctx, l, loaded)
+	if err != nil || got == loaded || grev != nrev || got.Version != n.Version || got.AccessToken != "at-newer" {
+		t.Fatalf("Fence after an update = version %d rev %d (%v); want version %d rev %d decoded", got.Version, grev, err, n.Version, nrev)
+	}
+	if l.left != nrev {
+		t.Errorf("the lease leaves %d, want the revision read, %d", l.left, nrev)
+	}
+	if err := l.Release(b.ctx); err != nil {
+		t.Fatal(err)
 	}
 	if err := b.store.Delete(b.ctx, c.Key, nrev); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := b.store.Reread(b.ctx, c, nrev); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Reread of a deleted credential: %v, want ErrNotFound", err)
+	l = claim(Read{})
+	defer l.Release(b.ctx)
+	if _, _, err := b.store.Fence(b.ctx, l, loaded); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Fence of a deleted credential: %v, want ErrNotFound", err)
+	}
+	if _, _, err := b.store.Latest(b.ctx, c.Key); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Latest of a deleted credential: %v, want ErrNotFound", err)
 	}
 }

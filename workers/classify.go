@@ -30,8 +30,8 @@ const (
 	canceled
 )
 
-// outcome is classify's answer.
-type outcome struct {
+// answer is what a token-endpoint call came to, as classify reads it.
+type answer struct {
 	verdict     verdict
 	reason      string        // OAuth error code, or unexpected_response
 	description string        // error_description as the server gave it
@@ -45,23 +45,23 @@ type outcome struct {
 // 400/401/403 with an OAuth error code are permanent with that code as the
 // reason; other 4xx except 408 and 429 are permanent "unexpected_response";
 // 408, 429, 5xx, timeouts and connection errors are transient.
-func classify(err error) outcome {
+func classify(err error) answer {
 	if err == nil {
-		return outcome{verdict: rotated}
+		return answer{verdict: rotated}
 	}
 	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
-		return outcome{verdict: breakerOpen}
+		return answer{verdict: breakerOpen}
 	}
 	if errors.Is(err, context.Canceled) {
-		return outcome{verdict: canceled}
+		return answer{verdict: canceled}
 	}
 	var re *oauth2.RetrieveError
 	if !errors.As(err, &re) || re.Response == nil {
 		// Timeouts, refused connections, resets, malformed 200 answers: the
 		// server may be fine in a moment.
-		return outcome{verdict: transient}
+		return answer{verdict: transient}
 	}
-	o := outcome{status: re.Response.StatusCode, reason: re.ErrorCode, description: re.ErrorDescription}
+	o := answer{status: re.Response.StatusCode, reason: re.ErrorCode, description: re.ErrorDescription}
 	switch s := re.Response.StatusCode; {
 	case s == http.StatusRequestTimeout || s == http.StatusTooManyRequests || s >= 500:
 		o.verdict = transient

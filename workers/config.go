@@ -59,8 +59,13 @@ type Config struct {
 	// schedule fires at a random point of the first half of the lead, so
 	// credentials registered together do not all refresh in the same second.
 	RefreshLead time.Duration
-	// Replicas of the streams and buckets; 0 means 1.
+	// Replicas of the streams and buckets this pool creates; 0 means 1.
+	// Streams and buckets that exist keep the replica count they have: a
+	// refresher never changes a deployment's, and logs a warning when a
+	// non-zero Replicas differs from it.
 	Replicas int
+	// replicasSet records that Replicas was given, not defaulted.
+	replicasSet bool
 	// Instance names this process in leases and logs; "" means hostname-pid.
 	Instance string
 	// Source is the CloudEvents source of events this pool publishes; ""
@@ -132,6 +137,7 @@ func (c Config) withDefaults() Config {
 	if c.BreakerOpenFor == 0 {
 		c.BreakerOpenFor = 30 * time.Second
 	}
+	c.replicasSet = c.Replicas != 0
 	if c.Replicas == 0 {
 		c.Replicas = 1
 	}

@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/telemetry"
 )
 
@@ -26,10 +27,13 @@ type flight struct {
 	fingerprint string // of the generation being refreshed
 	span        trace.Span
 	msg         jetstream.Msg
+	lease       *kv.Lease
 
-	mu     sync.Mutex
-	landed bool
-	joined []joiner
+	mu       sync.Mutex
+	landed   bool
+	joined   []joiner
+	progress *time.Timer // the next in-progress report (see keepInProgress)
+	lostSeen bool        // the lease's loss was logged
 }
 
 // joiner is an event waiting for a flight's answer.
@@ -40,12 +44,42 @@ type joiner struct {
 }
 
 // takeoff makes f the flight of its key, so that later events about the
-// generation with this fingerprint join it. The caller holds the key's lease.
-func (p *Pool) takeoff(f *flight, key events.Key, fingerprint string) {
-	f.key, f.fingerprint = key, fingerprint
+// generation with this fingerprint join it, and starts reporting its events
+// in progress. The caller holds the key's lease.
+func (p *Pool) takeoff(f *flight, key events.Key, fingerprint string, lease *kv.Lease) {
+	f.key, f.fingerprint, f.lease = key, fingerprint, lease
 	p.flightsMu.Lock()
 	p.flights[key] = f
 	p.flightsMu.Unlock()
+	p.keepInProgress(f)
+}
+
+// keepInProgress tells JetStream every third of AckWait, until f lands,
+// that f's own event and every event that joined it are still being worked
+// on, so that a slow token endpoint or a slow store costs no redelivery
+// (another worker claiming the lease would present the refresh token just
+// redeemed). It also logs, once, when f's lease was lost meanwhile.
+func (p *Pool) keepInProgress(f *flight) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.landed {
+		return
+	}
+	f.progress = time.AfterFunc(p.cfg.AckWait/3, func() {
+		f.inProgress()
+		select {
+		case <-f.lease.Done():
+			f.mu.Lock()
+			first := f.lease.Lost() && !f.lostSeen
+			f.lostSeen = true
+			f.mu.Unlock()
+			if first {
+				p.log.Warn("lease lost during a refresh; its result is stored under compare-and-set only", "key", f.key.String())
+			}
+		default:
+		}
+		p.keepInProgress(f)
+	})
 }
 
 // land ends f: no event joins it any more. It returns the events that did.
@@ -58,6 +92,9 @@ func (p *Pool) land(f *flight) []joiner {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.landed = true
+	if f.progress != nil {
+		f.progress.Stop()
+	}
 	return f.joined
 }
 
@@ -109,23 +146,23 @@ func (f *flight) inProgress() {
 	}
 }
 
-// settleJoined settles the events that joined a flight which came to r.
-// A rotation (or a peer's, found on the re-read) and a needs_reauth were
-// announced by the flight and answer every event of the credential; after
-// anything else each event goes back to the stream to be decided on its own.
+// settleJoined settles the events that joined a flight which came to r,
+// as r's row in outcomes says: a rotation (or a peer's, found by the fence)
+// and a needs_reauth were announced by the flight and answer every event
+// of the credential; after anything else each event goes back to the
+// stream to be decided on its own.
 func (p *Pool) settleJoined(ctx context.Context, joined []joiner, r result) {
 	var jr result
-	switch r.outcome {
-	case outRotated, outStale:
-		jr = ack(outStale)
+	switch outcomes[r.outcome].joined {
+	case joinedAnswered:
+		jr = answered(outStale, r.version)
 		jr.detail = "answered by the refresh it joined"
-	case outNeedsReauth:
-		jr = ack(outNeedsReauth)
+	case joinedReauth:
+		jr = answered(outNeedsReauth, r.version)
 		jr.detail = "answered by the refresh it joined"
 	default:
-		jr = nak(outLeaseHeld, jitter(p.cfg.LeaseWait), fmt.Sprintf("the refresh it joined ended %s", r.outcome))
+		jr = resultOf(outRequeued, jitter(p.cfg.LeaseWait), fmt.Sprintf("the refresh it joined ended %s", r.outcome))
 	}
-	jr.version = r.version
 	for _, j := range joined {
 		p.settle(ctx, j.msg, jr, j.attempt, j.start)
 	}

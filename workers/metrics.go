@@ -13,13 +13,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
-
-	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/kv"
 )
 
 // instrumentationName is the tracer and meter name of the pool.
@@ -122,11 +118,11 @@ func processAttrs(subject string, size int, more ...attribute.KeyValue) []attrib
 
 // settled records one processed event.
 func (m *metrics) settled(ctx context.Context, r result, gaveUp bool, took time.Duration) {
-	outcome := metric.WithAttributeSet(attribute.NewSet(attribute.String("outcome", r.outcome)))
+	outcome := metric.WithAttributeSet(attribute.NewSet(attribute.String("outcome", r.outcome.String())))
 	m.processed.Add(ctx, 1, outcome)
 	m.duration.Record(ctx, took.Seconds(), outcome)
 	if r.action == actionTerm {
-		reason := r.outcome
+		reason := r.outcome.String()
 		if gaveUp {
 			reason = "max_deliver"
 		}
@@ -241,43 +237,4 @@ func (p *Pool) Ready(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// claimLease is step 3 in a span of its own.
-func (p *Pool) claimLease(ctx context.Context, key events.Key) (*kv.Lease, error) {
-	ctx, span := p.tracer.Start(ctx, "lease claim", trace.WithAttributes(attrKey.String(key.String())))
-	defer span.End()
-	lease, err := p.leases.Claim(ctx, key, p.cfg.Instance)
-	switch {
-	case errors.Is(err, kv.ErrLeaseHeld):
-		// Not an error of this span: contention is the lease working.
-		span.SetAttributes(attrLeaseHeld.Bool(true))
-		p.metrics.contention.Add(ctx, 1)
-	case err != nil:
-		span.SetStatus(codes.Error, err.Error())
-	default:
-		span.SetAttributes(attrLeaseHeld.Bool(false), attrLeaseRevision.Int64(int64(lease.Revision())))
-	}
-	return lease, err
-}
-
-// storeCredential is the compare-and-set write of steps 5–6 in a span of
-// its own.
-func (p *Pool) storeCredential(ctx context.Context, lease *kv.Lease, c *kv.Credential, rev uint64) (uint64, error) {
-	ctx, span := p.tracer.Start(ctx, "store credential", trace.WithAttributes(
-		attrKey.String(c.Key.String()), attrVersion.Int64(c.Version), attrState.String(string(c.State))))
-	defer span.End()
-	lease.Leaves(0) // until the write answers: one that timed out may still land
-	nrev, err := p.updateRetrying(ctx, c, rev)
-	if err == nil {
-		lease.Leaves(nrev)
-	}
-	switch {
-	case errors.Is(err, kv.ErrConflict):
-		// Someone newer wrote first; the caller discards or re-reads.
-		span.SetAttributes(attrConflict.Bool(true))
-	case err != nil:
-		span.SetStatus(codes.Error, err.Error())
-	}
-	return nrev, err
 }

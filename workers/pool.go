@@ -16,7 +16,6 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
-	"golang.org/x/oauth2"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/authbus/authbus/events"
@@ -92,9 +91,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.BucketName("CREDENTIALS"), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
 		return nil, err
 	}
+	p.warnReplicas("bucket", subj.BucketName("CREDENTIALS"), p.store.Replicas())
 	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.BucketName("LEASES"), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
 		return nil, err
 	}
+	p.warnReplicas("bucket", subj.BucketName("LEASES"), p.leases.Replicas())
 	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}
@@ -171,51 +172,6 @@ func (p *Pool) Run(ctx context.Context) error {
 	return nil
 }
 
-// outcome names, as logged and counted.
-const (
-	outRotated     = "rotated"
-	outStale       = "stale"
-	outNeedsReauth = "needs_reauth"
-	outNotDue      = "not_due"
-	outLostRace    = "lost_race"
-	outDiscarded   = "discarded"
-	outLeaseHeld   = "lease_held"
-	outTransient   = "transient"
-	outBreakerOpen = "breaker_open"
-	outCanceled    = "canceled"
-	outNATS        = "nats_unavailable"
-	outBadInput    = "bad_input"
-	outUnknownCred = "unknown_credential"
-	outStoreFailed = "store_failed"
-	outLeaseLost   = "lease_lost"
-)
-
-// How an event is settled.
-const (
-	actionAck = iota
-	actionNak
-	actionTerm
-)
-
-// result is what processing one event came to, and how to settle it.
-type result struct {
-	outcome string
-	action  int
-	delay   time.Duration // for actionNak
-	detail  string        // term reason or log detail; never a secret
-	version int64
-}
-
-func ack(outcome string) result { return result{outcome: outcome, action: actionAck} }
-
-func nak(outcome string, delay time.Duration, detail string) result {
-	return result{outcome: outcome, action: actionNak, delay: delay, detail: detail}
-}
-
-func term(outcome, detail string) result {
-	return result{outcome: outcome, action: actionTerm, detail: detail}
-}
-
 // handle processes one event and settles it: ack, nak with a delay, or
 // terminate with a reason.
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
@@ -248,17 +204,17 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 
 	f := &flight{span: span, msg: msg}
-	r := p.process(ctx, in, attempt, f)
+	r := p.refresh(ctx, in, attempt, f)
 	joined := p.land(f)
 	r = p.settle(ctx, msg, r, attempt, start)
-	span.SetAttributes(attrOutcome.String(r.outcome), attrAttempt.Int64(int64(attempt)))
+	span.SetAttributes(attrOutcome.String(r.outcome.String()), attrAttempt.Int64(int64(attempt)))
 	if r.outcome == outLeaseHeld {
 		span.SetAttributes(attrLeaseWait.Float64(r.delay.Seconds()))
 	}
-	if r.action == actionTerm || r.outcome == outStoreFailed || r.outcome == outTransient || r.outcome == outNATS {
+	if r.action == actionTerm || outcomes[r.outcome].failed {
 		// Transient and NATS failures are retried later, but this attempt failed.
-		span.SetStatus(codes.Error, r.outcome)
-		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome))
+		span.SetStatus(codes.Error, r.outcome.String())
+		span.SetAttributes(semconv.ErrorTypeKey.String(r.outcome.String()))
 	}
 	p.settleJoined(ctx, joined, r)
 }
@@ -271,7 +227,7 @@ func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt 
 	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
 		// A work-queue stream keeps a message that reached MaxDeliver
 		// forever, with only an advisory: terminate it ourselves.
-		r = term(r.outcome, fmt.Sprintf("gave up after %d deliveries: %s %s", attempt, r.outcome, r.detail))
+		r.action, r.detail = actionTerm, fmt.Sprintf("gave up after %d deliveries: %s %s", attempt, r.outcome, r.detail)
 		gaveUp = true
 	}
 	var err error
@@ -284,15 +240,12 @@ func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt 
 		err = msg.TermWithReason(r.detail)
 	}
 	p.metrics.settled(ctx, r, gaveUp, time.Since(start))
-	level := slog.LevelInfo
-	switch {
-	case r.action == actionTerm || r.outcome == outStoreFailed || err != nil:
+	level := outcomes[r.outcome].level
+	if r.action == actionTerm || err != nil {
 		level = slog.LevelWarn
-	case r.outcome == outLeaseHeld || r.outcome == outNotDue || r.outcome == outStale:
-		level = slog.LevelDebug
 	}
 	attrs := []slog.Attr{
-		slog.String("subject", msg.Subject()), slog.String("outcome", r.outcome),
+		slog.String("subject", msg.Subject()), slog.String("outcome", r.outcome.String()),
 		slog.Uint64("attempt", attempt), slog.Duration("took", time.Since(start)),
 	}
 	if r.detail != "" {
@@ -312,7 +265,7 @@ func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt 
 }
 
 // inbound is an event as received: its subject parsed and its body decoded
-// once, for join and process alike.
+// once, for join and refresh alike.
 type inbound struct {
 	subject string
 	typ     events.Type
@@ -323,7 +276,8 @@ type inbound struct {
 }
 
 // receive parses msg's subject (authoritative for the key) and decodes and
-// validates its body (step 1).
+// validates its body (step 1 of the refresh, done on receipt so that the
+// event can join a flight).
 func (p *Pool) receive(msg jetstream.Msg) inbound {
 	in := inbound{subject: msg.Subject()}
 	typ, key, err := p.subj.ParseEvent(in.subject)
@@ -340,309 +294,6 @@ func (p *Pool) receive(msg jetstream.Msg) inbound {
 		in.refused = err.Error()
 	}
 	return in
-}
-
-// process runs steps 1–7 of the refresh for one event (see DESIGN.md).
-// Once it holds the lease, f is the flight of the credential.
-func (p *Pool) process(ctx context.Context, in inbound, attempt uint64, f *flight) result {
-	// 1. Decoded and validated by receive.
-	span := trace.SpanFromContext(ctx)
-	if in.named {
-		span.SetName("process " + p.subj.EventWildcard(in.typ))
-		span.SetAttributes(semconv.MessagingDestinationTemplate(p.subj.EventWildcard(in.typ)), attrKey.String(in.key.String()))
-	}
-	if in.ev == nil {
-		return term(outBadInput, in.refused)
-	}
-	ev, key := in.ev, in.key
-	span.SetAttributes(attrFingerprint.String(ev.Fingerprint()),
-		semconv.CloudEventsEventID(ev.ID), semconv.CloudEventsEventSource(ev.Source),
-		semconv.CloudEventsEventType(string(ev.Type)), semconv.CloudEventsEventSpecVersion(ev.SpecVersion))
-
-	// 2. Load and decide without a lease: most events of a storm end here.
-	readAt := time.Now()
-	cred, rev, err := p.store.Get(ctx, key)
-	if errors.Is(err, kv.ErrNotFound) {
-		return term(outUnknownCred, fmt.Sprintf("credential %s is not registered; register it first", key))
-	}
-	if err != nil {
-		return nak(outNATS, p.backoff(attempt), err.Error())
-	}
-	if r, done := p.decide(ctx, ev, cred); done {
-		return r
-	}
-	if p.breakers.open(cred.TokenEndpoint) {
-		return nak(outBreakerOpen, p.breakerWait(), "token endpoint breaker open")
-	}
-
-	// 3. Claim the lease.
-	lease, err := p.claimLease(ctx, key)
-	if errors.Is(err, kv.ErrLeaseHeld) {
-		return nak(outLeaseHeld, jitter(p.cfg.LeaseWait), "")
-	}
-	if err != nil {
-		return nak(outNATS, p.backoff(attempt), err.Error())
-	}
-	p.takeoff(f, key, cred.Fingerprint)
-	defer p.bg.Go(func() {
-		// After the ack, not before: the result is stored and announced,
-		// and the release is fenced by the lease's revision, so waiting for
-		// it would only add a round trip to every refresh.
-		if err := lease.Release(context.WithoutCancel(ctx)); err != nil && !errors.Is(err, kv.ErrLeaseLost) {
-			p.log.Warn("lease release failed; it expires by itself", "key", key.String(), "error", err)
-		}
-	})
-	if !lease.Covers(rev, readAt) {
-		// A peer may have rotated and released between our read and our
-		// claim: decide again on what is stored now, or we would present
-		// a refresh token it already redeemed. When the claim proves our
-		// read saw every write made under a lease (see kv.Lease.Covers),
-		// the read stands: one round trip less on most refreshes.
-		cred, rev, err = p.store.Reread(ctx, cred, rev)
-		if errors.Is(err, kv.ErrNotFound) {
-			return term(outUnknownCred, fmt.Sprintf("credential %s was deleted", key))
-		}
-		if err != nil {
-			return nak(outNATS, p.backoff(attempt), err.Error())
-		}
-		lease.Leaves(rev)
-		if r, done := p.decide(ctx, ev, cred); done {
-			return r
-		}
-	} else {
-		lease.Leaves(rev)
-	}
-	if cred.Grant != events.GrantClientCredentials && cred.RefreshToken.IsZero() {
-		return p.needsReauth(ctx, lease, cred, rev, "no_refresh_token",
-			"the credential was registered without a refresh token; log in again and register the new tokens")
-	}
-
-	// 4. Call the token endpoint, keeping the lease until the result is
-	// stored (the deferred stop runs before the deferred release).
-	defer p.keepAlive(ctx, f, lease, key)()
-	tok, err := p.exchange(ctx, cred)
-
-	// 5. Classify.
-	o := classify(err)
-	switch o.verdict {
-	case rotated:
-		return p.storeRotation(ctx, lease, cred, rev, tok)
-	case permanent:
-		if !lease.Trusted(time.Now()) {
-			// Another worker may hold the lease and be storing a newer
-			// token right now: a needs_reauth written under CAS could win
-			// and make it discard that token. Decide again later.
-			return nak(outLeaseLost, jitter(p.cfg.LeaseWait), "lease lost during the token-endpoint call")
-		}
-		return p.permanentFailure(ctx, lease, cred, rev, o)
-	case breakerOpen:
-		return nak(outBreakerOpen, p.breakerWait(), "token endpoint breaker open")
-	case canceled:
-		return nak(outCanceled, 0, "refresh canceled by shutdown")
-	default:
-		delay := min(o.retryAfter, maxRetryAfter)
-		if delay == 0 {
-			delay = p.backoff(attempt)
-		}
-		detail := "token endpoint unreachable or failing"
-		if o.status != 0 {
-			detail = fmt.Sprintf("token endpoint answered HTTP %d", o.status)
-		}
-		return nak(outTransient, delay, detail)
-	}
-}
-
-// decide answers an event from the stored credential alone when it can: in
-// the order stale, needs_reauth, not due.
-func (p *Pool) decide(ctx context.Context, ev *events.Event, c *kv.Credential) (result, bool) {
-	now := time.Now()
-	if ev.Fingerprint() != c.Fingerprint && c.Valid(now) {
-		if err := p.announceRotated(ctx, c); err != nil {
-			return nak(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
-		}
-		r := ack(outStale)
-		r.version = c.Version
-		return r, true
-	}
-	if c.State == kv.StateNeedsReauth {
-		if err := p.announceNeedsReauth(ctx, c); err != nil {
-			return nak(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
-		}
-		r := ack(outNeedsReauth)
-		r.version = c.Version
-		return r, true
-	}
-	if ev.Type == events.TypeExpiring && !p.due(c, now) {
-		return ack(outNotDue), true
-	}
-	return result{}, false
-}
-
-// due reports whether the proactive refresh of c should happen now. A token
-// without an expiry is refreshed only on 401.
-func (p *Pool) due(c *kv.Credential, now time.Time) bool {
-	if c.ExpiresAt.IsZero() {
-		return false
-	}
-	return !c.ExpiresAt.Add(-p.lead(c)).After(now)
-}
-
-// keepAlive tells JetStream the event is in progress and renews the lease
-// until stop is called, so that neither a slow token endpoint nor a slow
-// store (a KV leader election) costs the redelivery or the lease: another
-// worker claiming it would present the refresh token just redeemed.
-func (p *Pool) keepAlive(ctx context.Context, f *flight, lease *kv.Lease, key events.Key) (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	every := min(p.cfg.AckWait, p.leases.TTL()) / 3
-	wg.Go(func() {
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				f.inProgress()
-				if err := lease.Renew(ctx); err != nil {
-					p.log.Warn("lease renewal failed during a refresh", "key", key.String(), "error", err)
-					if errors.Is(err, kv.ErrLeaseLost) {
-						return
-					}
-				}
-			}
-		}
-	})
-	return func() {
-		close(done)
-		wg.Wait()
-	}
-}
-
-// storeRotation is step 6 and 7 for a new token.
-func (p *Pool) storeRotation(ctx context.Context, lease *kv.Lease, old *kv.Credential, rev uint64, tok *oauth2.Token) result {
-	now := time.Now().UTC()
-	if !lease.Trusted(now) {
-		// Still store: the compare-and-set on the credential's revision is
-		// the fence that keeps newer tokens safe, and dropping an answer
-		// whose refresh token was already redeemed would force a re-login.
-		p.log.Warn("lease lost during the token-endpoint call; storing under compare-and-set only", "key", old.Key.String())
-	}
-	c := old.Clone()
-	c.Version++
-	c.AccessToken = kv.Secret(tok.AccessToken)
-	c.TokenType = tok.TokenType
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
-	c.Fingerprint = events.Fingerprint(tok.AccessToken)
-	c.ReceivedAt = now
-	c.ExpiresAt = time.Time{}
-	if !tok.Expiry.IsZero() {
-		// x/oauth2 turns expires_in into an absolute time when the answer arrives.
-		c.ExpiresAt = tok.Expiry.UTC()
-	}
-	if tok.RefreshToken != "" {
-		c.RefreshToken = kv.Secret(tok.RefreshToken)
-	} // else: carry the old one forward (RFC 6749 §6).
-	c.State, c.Reason, c.Description = kv.StateActive, "", ""
-	c.UpdatedAt = now
-
-	_, err := p.storeCredential(ctx, lease, c, rev)
-	if errors.Is(err, kv.ErrConflict) {
-		// Someone newer wrote first (a re-registration): a late completion
-		// must never overwrite newer tokens. Nothing is published.
-		return ack(outDiscarded)
-	}
-	if err != nil {
-		p.log.Error("storing a rotated token failed; the new refresh token is lost and the next refresh will reuse the old one",
-			"key", c.Key.String(), "fingerprint", c.Fingerprint, "error", err)
-		return nak(outStoreFailed, p.cfg.RetryBase, err.Error())
-	}
-	if err := p.announceRotated(ctx, c); err != nil {
-		p.log.Warn("announcing a rotation failed; runtimes will get it from auth.token", "key", c.Key.String(), "error", err)
-	}
-	p.scheduleAsync(ctx, c)
-	r := ack(outRotated)
-	r.version = c.Version
-	return r
-}
-
-// updateRetrying retries a CAS update through short NATS outages: the token
-// it carries was already redeemed and cannot be fetched again.
-func (p *Pool) updateRetrying(ctx context.Context, c *kv.Credential, rev uint64) (uint64, error) {
-	// Keep trying for as long as the lease lives: these are new tokens
-	// whose refresh token is already redeemed, and a KV leader election
-	// can take seconds. Giving up costs the user a login.
-	deadline := time.Now().Add(p.cfg.LeaseTTL)
-	for i := 0; ; i++ {
-		nrev, err := p.store.Update(ctx, c, rev)
-		if err == nil || errors.Is(err, kv.ErrConflict) {
-			return nrev, err
-		}
-		wait := min(time.Duration(100<<min(i, 4))*time.Millisecond, time.Second)
-		if time.Now().Add(wait).After(deadline) {
-			return 0, err
-		}
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return 0, err
-		}
-	}
-}
-
-// permanentFailure handles an OAuth error that no retry can fix — unless
-// another refresher won the race and spent the refresh token we sent.
-func (p *Pool) permanentFailure(ctx context.Context, lease *kv.Lease, sent *kv.Credential, rev uint64, o outcome) result {
-	cur, crev, err := p.store.Get(ctx, sent.Key)
-	if err != nil {
-		return nak(outNATS, p.cfg.RetryBase, err.Error())
-	}
-	if cur.Version != sent.Version || cur.RefreshToken != sent.RefreshToken {
-		lease.Leaves(crev)
-		return p.lostRace(ctx, cur)
-	}
-	return p.needsReauth(ctx, lease, sent, rev, o.reason, o.description)
-}
-
-// lostRace answers an event whose refresh another refresher completed first.
-func (p *Pool) lostRace(ctx context.Context, cur *kv.Credential) result {
-	var err error
-	if cur.State == kv.StateNeedsReauth {
-		err = p.announceNeedsReauth(ctx, cur)
-	} else {
-		err = p.announceRotated(ctx, cur)
-	}
-	if err != nil {
-		p.log.Warn("re-announcing after a lost race failed", "key", cur.Key.String(), "error", err)
-	}
-	r := ack(outLostRace)
-	r.version = cur.Version
-	return r
-}
-
-// needsReauth records that only a person can fix the credential and tells
-// the runtimes.
-func (p *Pool) needsReauth(ctx context.Context, lease *kv.Lease, old *kv.Credential, rev uint64, reason, description string) result {
-	c := old.Clone()
-	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, scrub(description, old)
-	c.UpdatedAt = time.Now().UTC()
-	if _, err := p.storeCredential(ctx, lease, c, rev); err != nil {
-		if errors.Is(err, kv.ErrConflict) {
-			if cur, _, gerr := p.store.Get(ctx, old.Key); gerr == nil {
-				return p.lostRace(ctx, cur)
-			}
-		}
-		return nak(outNATS, p.cfg.RetryBase, err.Error())
-	}
-	if err := p.announceNeedsReauth(ctx, c); err != nil {
-		return nak(outNATS, p.cfg.RetryBase, err.Error())
-	}
-	r := ack(outNeedsReauth)
-	r.detail = reason
-	r.version = c.Version
-	return r
 }
 
 // backoff is capped exponential backoff with jitter for the given delivery.

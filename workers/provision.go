@@ -2,6 +2,7 @@ package workers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -19,9 +20,11 @@ const reauthKeep = 30 * 24 * time.Hour
 
 // provision creates the streams and the consumer when they are missing and
 // brings their configuration up to date when they exist, so any number of
-// refreshers may start against the same NATS deployment.
+// refreshers may start against the same NATS deployment. Replicas are the
+// deployment's: an existing stream keeps its replica count whatever
+// Config.Replicas says (see provisionStream).
 func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
-	work, err := p.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	work, err := p.provisionStream(ctx, jetstream.StreamConfig{
 		Name:        p.subj.EventsStream(),
 		Description: "authbus work queue: auth.401 and auth.expiring events and pending proactive-refresh schedules",
 		Subjects: []string{
@@ -32,29 +35,27 @@ func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
 		},
 		Retention:         jetstream.WorkQueuePolicy,
 		Storage:           jetstream.FileStorage,
-		Replicas:          p.cfg.Replicas,
 		Duplicates:        p.cfg.DuplicateWindow,
 		AllowMsgSchedules: true,
 		MaxMsgSize:        2 * events.MaxEventSize,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("create or update stream %s: %w; check that the NATS user may manage JetStream streams", p.subj.EventsStream(), err)
+		return nil, err
 	}
 	if !work.CachedInfo().Config.AllowMsgSchedules {
 		return nil, fmt.Errorf("NATS server %s does not support message scheduling (stream %s has no AllowMsgSchedules): authbus needs nats-server 2.12 or later, upgrade the server",
 			p.nc.ConnectedServerVersion(), p.subj.EventsStream())
 	}
-	if _, err := p.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	if _, err := p.provisionStream(ctx, jetstream.StreamConfig{
 		Name:              p.subj.ReauthStream(),
 		Description:       "authbus: the latest auth.needs_reauth of each credential, kept for runtimes that start later",
 		Subjects:          []string{p.subj.EventWildcard(events.TypeNeedsReauth)},
 		Retention:         jetstream.LimitsPolicy,
 		Storage:           jetstream.FileStorage,
-		Replicas:          p.cfg.Replicas,
 		MaxMsgsPerSubject: 1,
 		MaxAge:            reauthKeep,
 	}); err != nil {
-		return nil, fmt.Errorf("create or update stream %s: %w", p.subj.ReauthStream(), err)
+		return nil, err
 	}
 	cons, err := p.js.CreateOrUpdateConsumer(ctx, p.subj.EventsStream(), jetstream.ConsumerConfig{
 		Durable:     consumerName,
@@ -65,10 +66,64 @@ func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
 		AckWait:        p.cfg.AckWait,
 		MaxDeliver:     p.cfg.MaxDeliver,
 		MaxAckPending:  -1,
-		Replicas:       p.cfg.Replicas,
+		// 0: as many as the stream has, whatever that is now or later.
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create or update consumer %s on %s: %w", consumerName, p.subj.EventsStream(), err)
 	}
 	return cons, nil
+}
+
+// provisionStream creates the stream with cfg and Config.Replicas, or
+// updates an existing one to cfg with the replica count it has. A refresher
+// never changes a deployment's replicas: one started with the default of 1
+// must not scale a replicated deployment down, and one started with 3 must
+// not scale a deployment up under the refreshers already running on it
+// (change replicas with "nats stream edit"). It says so when the two
+// differ.
+func (p *Pool) provisionStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	for attempt := 1; ; attempt++ {
+		existing, err := p.js.Stream(ctx, cfg.Name)
+		switch {
+		case err == nil:
+			cfg.Replicas = existing.CachedInfo().Config.Replicas
+			p.warnReplicas("stream", cfg.Name, cfg.Replicas)
+			s, err := p.js.UpdateStream(ctx, cfg)
+			if err != nil {
+				return nil, fmt.Errorf("update stream %s: %w; check that the NATS user may manage JetStream streams", cfg.Name, err)
+			}
+			return s, nil
+		case !errors.Is(err, jetstream.ErrStreamNotFound):
+			return nil, fmt.Errorf("look up stream %s: %w; check that JetStream is enabled for the NATS user", cfg.Name, err)
+		}
+		cfg.Replicas = p.cfg.Replicas
+		s, err := p.js.CreateStream(ctx, cfg)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) && attempt == 1 {
+			continue // another refresher created it meanwhile: follow it
+		}
+		if err != nil {
+			return nil, fmt.Errorf("create stream %s: %w; check that the NATS user may manage JetStream streams", cfg.Name, err)
+		}
+		return s, nil
+	}
+}
+
+// warnReplicas says, once per stream or bucket, that the deployment has
+// another replica count than Config.Replicas asks for, and that the
+// deployment's is kept.
+func (p *Pool) warnReplicas(kind, name string, deployed int) {
+	if deployed == p.cfg.Replicas || !p.cfg.replicasSet {
+		return
+	}
+	p.log.Warn("the deployment keeps its replica count; --replicas applies only to streams and buckets a refresher creates",
+		kind, name, "deployed", deployed, "asked", p.cfg.Replicas,
+		"to change it", fmt.Sprintf("nats stream edit %s --replicas %d", streamOf(kind, name), p.cfg.Replicas))
+}
+
+// streamOf names the stream behind a stream or bucket.
+func streamOf(kind, name string) string {
+	if kind == "bucket" {
+		return "KV_" + name
+	}
+	return name
 }

@@ -768,7 +768,7 @@ func TestOutcomeMetrics(t *testing.T) {
 			}},
 		{name: "lease_held", want: "lease_held",
 			trigger: func(t *testing.T, e env) {
-				lease, err := e.o.Pools[0].Pool.Leases().Claim(context.Background(), e.key, "another-refresher")
+				lease, err := e.o.Pools[0].Pool.Leases().Claim(context.Background(), e.key, "another-refresher", kv.Read{})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -832,13 +832,13 @@ func TestOutcomeMetrics(t *testing.T) {
 				if err := leases.Delete(ctx, e.key.String()); err != nil {
 					t.Fatal(err)
 				}
-				other, err := e.o.Pools[0].Pool.Leases().Claim(ctx, e.key, "another-refresher")
+				other, err := e.o.Pools[0].Pool.Leases().Claim(ctx, e.key, "another-refresher", kv.Read{})
 				if err != nil {
 					t.Fatal(err)
 				}
 				t.Cleanup(func() { _ = other.Release(context.Background()) })
 				fleet.Eventually(t, 10*time.Second, "the pool noticed its lease is gone", func() bool {
-					return strings.Contains(e.o.Logs.String(), "lease renewal failed during a refresh")
+					return strings.Contains(e.o.Logs.String(), "lease lost during a refresh")
 				})
 				e.o.AS.Revoke(e.tok.RefreshToken)
 				closeRelease.Do(func() { close(release) })
@@ -1065,7 +1065,7 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 	held := fleet.MustKey(t, "acme.held.github")
 	heldTok := b.AS.Issue(fleet.ClientID)
 	b.Register(t, held, heldTok, nil)
-	lease, err := b.Pools[0].Pool.Leases().Claim(context.Background(), held, "another-refresher")
+	lease, err := b.Pools[0].Pool.Leases().Claim(context.Background(), held, "another-refresher", kv.Read{})
 	if err != nil {
 		t.Fatal(err)
 	}

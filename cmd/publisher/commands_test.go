@@ -386,7 +386,7 @@ func TestStatusOfKeyAndTenant(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lease, err := leases.Claim(ctx, fleet.MustKey(t, "acme.alice.github"), "refresher-on-host-7")
+	lease, err := leases.Claim(ctx, fleet.MustKey(t, "acme.alice.github"), "refresher-on-host-7", kv.Read{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -88,7 +88,7 @@ Flags (each also read from the environment variable shown):
 	env.Bind("duplicate-window", "AUTHBUS_DUPLICATE_WINDOW")
 	fs.IntVar(&o.pool.MaxDeliver, "max-deliver", 20, "deliveries of an event before it is terminated with a reason")
 	env.Bind("max-deliver", "AUTHBUS_MAX_DELIVER")
-	fs.IntVar(&o.pool.Replicas, "replicas", 1, "replicas of streams and buckets (3 in a clustered deployment)")
+	fs.IntVar(&o.pool.Replicas, "replicas", 0, "replicas of the streams and buckets this refresher creates (3 in a clustered deployment; 0 means 1); existing ones keep theirs")
 	env.Bind("replicas", "AUTHBUS_REPLICAS")
 	fs.StringVar(&o.pool.Instance, "instance", "", "name of this refresher in leases and logs (default hostname-pid)")
 	env.Bind("instance", "AUTHBUS_INSTANCE")

@@ -59,10 +59,11 @@ func start(t testing.TB, opts *server.Options) *server.Server {
 // process, each with its own store, joined by routes on loopback: the way
 // failover is tested. Its methods are safe for concurrent use.
 type Cluster struct {
-	t    testing.TB
-	mu   sync.Mutex
-	srvs []*server.Server // nil while stopped
-	opts []*server.Options
+	t       testing.TB
+	proxies *routeProxies // every route goes through them (see Lag)
+	mu      sync.Mutex
+	srvs    []*server.Server // nil while stopped
+	opts    []*server.Options
 }
 
 // RunCluster starts an n-node JetStream cluster and waits until it has a
@@ -74,10 +75,8 @@ func RunCluster(t testing.TB, n int) *Cluster {
 	}
 	clusterPorts := freePorts(t, n)
 	c := &Cluster{t: t, srvs: make([]*server.Server, n), opts: make([]*server.Options, n)}
-	var routes []string
-	for _, p := range clusterPorts {
-		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
-	}
+	var routes [][]string
+	c.proxies, routes = newRouteProxies(t, clusterPorts)
 	for i := range n {
 		c.opts[i] = &server.Options{
 			ServerName: fmt.Sprintf("n%d", i),
@@ -91,8 +90,12 @@ func RunCluster(t testing.TB, n int) *Cluster {
 				Name: "natstest",
 				Host: "127.0.0.1",
 				Port: clusterPorts[i],
+				// Every route must go through the proxies (see Lag):
+				// an address nobody listens on keeps peers that hear of
+				// this node by gossip from dialing it directly.
+				Advertise: "127.0.0.1:1",
 			},
-			Routes: server.RoutesFromStr(strings.Join(routes, ",")),
+			Routes: server.RoutesFromStr(strings.Join(routes[i], ",")),
 		}
 	}
 	// Servers wait for their peers before JetStream is ready, so start them
@@ -164,6 +167,21 @@ func (c *Cluster) Connect(t testing.TB, opts ...nats.Option) *nats.Conn {
 	nc, err := nats.Connect(c.URLs(), opts...)
 	if err != nil {
 		t.Fatalf("natstest: connect to cluster: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// ConnectTo opens a connection to server i only (it neither fails over
+// nor follows the servers the cluster announces), as a process that runs
+// beside that node and talks to it alone; it is closed when the test ends.
+func (c *Cluster) ConnectTo(t testing.TB, i int, opts ...nats.Option) *nats.Conn {
+	t.Helper()
+	opts = append([]nats.Option{nats.Name(fmt.Sprintf("%s@n%d", t.Name(), i)), nats.IgnoreDiscoveredServers(),
+		nats.MaxReconnects(-1), nats.ReconnectWait(50 * time.Millisecond)}, opts...)
+	nc, err := nats.Connect(fmt.Sprintf("nats://127.0.0.1:%d", c.opts[i].Port), opts...)
+	if err != nil {
+		t.Fatalf("natstest: connect to n%d: %v", i, err)
 	}
 	t.Cleanup(nc.Close)
 	return nc
@@ -263,6 +281,34 @@ func (c *Cluster) WaitCurrent(streams ...string) {
 		}
 		<-tick.C
 	}
+}
+
+// MoveLeader asks the leader of stream (in the global account) to step
+// down, as an operator's "nats stream cluster step-down" does, and waits
+// until another running server leads it; it returns that server's index.
+// nc is any connection to the cluster.
+func (c *Cluster) MoveLeader(nc *nats.Conn, stream string) int {
+	c.t.Helper()
+	old := c.StreamLeader(stream)
+	deadline := time.Now().Add(30 * time.Second)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	asked := false
+	for time.Now().Before(deadline) {
+		if !asked {
+			// The API answers once the stepdown is under way; during an
+			// election it may not answer at all, so ask until it does.
+			if _, err := nc.Request("$JS.API.STREAM.LEADER.STEPDOWN."+stream, nil, 2*time.Second); err == nil {
+				asked = true
+			}
+		}
+		if i := c.StreamLeader(stream); asked && i >= 0 && i != old {
+			return i
+		}
+		<-tick.C
+	}
+	c.t.Fatalf("natstest: the leader of %s (n%d) did not move within 30s", stream, old)
+	return -1
 }
 
 // freePorts returns n TCP ports that were free a moment ago.
