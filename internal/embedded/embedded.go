@@ -26,8 +26,9 @@ type Config struct {
 	// ConfigFile is a standard nats-server configuration file (accounts,
 	// users and permissions, TLS, limits), loaded before the settings
 	// above apply: Listen is used only when the file sets no host or port,
-	// DataDir only when it sets no store_dir, and JetStream is always on.
-	// "" means none.
+	// DataDir only when it sets no store_dir, JetStream is always on, and
+	// the store is synced to disk on every write unless the file sets
+	// jetstream.sync_interval. "" means none.
 	ConfigFile string
 	// JetStreamKey encrypts the JetStream store at rest (the server's
 	// jetstream.key); "" leaves it as the file says, or unencrypted. Once a
@@ -66,6 +67,15 @@ func Start(cfg Config) (*server.Server, error) {
 	}
 	if cfg.JetStreamKey != "" {
 		opts.JetStreamKey = cfg.JetStreamKey
+	}
+	if opts.SyncInterval == 0 && !opts.SyncAlways {
+		// Acknowledged means on disk: with nats-server's default (an fsync
+		// every two minutes) a power loss or kernel crash can lose writes
+		// the server acknowledged (Jepsen, NATS 2.12.1, December 2025). For
+		// authbus a lost rotation is a lost refresh token: a forced login,
+		// or the spent token presented again. A config file's
+		// sync_interval is left as it says.
+		opts.SyncAlways = true
 	}
 	opts.JetStream = true
 	// The refresher handles signals itself, and logs through slog.

@@ -144,3 +144,37 @@ func TestConfigFile(t *testing.T) {
 		t.Errorf("broken config: %v", err)
 	}
 }
+
+// TestSyncsEveryWrite checks that the embedded server is durable on
+// acknowledgement (an fsync per write), and that a config file's own
+// sync_interval is left as it says.
+func TestSyncsEveryWrite(t *testing.T) {
+	for _, tc := range []struct {
+		name, file string
+		always     bool
+		interval   time.Duration
+	}{
+		{"default", "", true, 0},
+		{"file sets an interval", "jetstream { sync_interval: 10s }\n", false, 10 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := Config{Listen: "127.0.0.1:0", DataDir: dir}
+			if tc.file != "" {
+				cfg.ConfigFile = filepath.Join(dir, "nats.conf")
+				if err := os.WriteFile(cfg.ConfigFile, []byte(tc.file), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s, err := Start(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { s.Shutdown(); s.WaitForShutdown() }()
+			js := s.JetStreamConfig()
+			if js.SyncAlways != tc.always || (tc.interval != 0 && js.SyncInterval != tc.interval) {
+				t.Errorf("sync always %v interval %v; want always %v interval %v", js.SyncAlways, js.SyncInterval, tc.always, tc.interval)
+			}
+		})
+	}
+}
