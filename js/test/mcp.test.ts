@@ -1,4 +1,9 @@
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { after, before, test } from "node:test";
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -87,4 +92,20 @@ test("MCP clients on the authbus transport follow a rotation, survive an expiry 
   assert.equal(err.needsReauth.reason, "invalid_grant");
   await assert.rejects(echo(clients[1]!, "again"), UnauthorizedError);
   assert.equal(as.refreshes, 1);
+});
+
+test("the worked example of docs/typescript.md runs, and the document shows it as it is", { timeout: 60_000 }, async () => {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const login = as.issue();
+  await register(nc, "acme.alice.github", as, login);
+  const { stdout } = await promisify(execFile)(process.execPath, [resolve(here, "../examples/mcp-agent.js")], {
+    env: { ...process.env, ...refresher.tenantEnv(), MCP_URL: mcp.url.toString() },
+  });
+  assert.match(stdout, /hello/);
+  assert.ok(mcp.accepted.includes(login.accessToken));
+
+  const source = readFileSync(resolve(here, "../../examples/mcp-agent.ts"), "utf8");
+  const doc = readFileSync(resolve(here, "../../../docs/typescript.md"), "utf8");
+  const body = source.slice(source.indexOf("import { UnauthorizedError }"));
+  assert.ok(doc.includes(body), "docs/typescript.md does not show js/examples/mcp-agent.ts as it is; copy it from the import lines on");
 });

@@ -121,6 +121,11 @@ export class Refresher {
     });
   }
 
+  /** The environment a separate runtime process of tenant acme connects with. */
+  tenantEnv(): Record<string, string> {
+    return { NATS_URL: this.url, NATS_USER: `${TENANT}-runtime`, NATS_PASSWORD: this.#passwords.tenant };
+  }
+
   /** A connection without restrictions, to forge events and watch everything. */
   connectAdmin(): Promise<NatsConnection> {
     return connect({ servers: this.url, user: "test-admin", pass: this.#passwords.admin });
