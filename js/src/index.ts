@@ -15,7 +15,6 @@ export {
   DEFAULT_WAIT_TIMEOUT,
   TokenSource,
   type RenewOptions,
-  type ReportAck,
   type TokenSourceOptions,
 } from "./source.js";
 export { fingerprint, inboxPrefix, parseKey, ProtocolError, type Key, type Token } from "./wire.js";

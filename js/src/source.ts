@@ -70,7 +70,7 @@ export interface RenewOptions {
 }
 
 /** The acknowledgement of a report, shaped like JetStream's PubAck. */
-export interface ReportAck {
+interface ReportAck {
   readonly stream: string;
   readonly seq: number;
   /** True when the stream dropped the report as a duplicate of an earlier one for the same token. */
@@ -123,7 +123,7 @@ export class TokenSource {
     this.#nc = nc;
     this.#key = key;
     this.#subj = new Subjects(opts.prefix ?? "auth", key);
-    this.#runtime = opts.runtime ?? (hostname() || "js-client");
+    this.#runtime = opts.runtime ?? (hostname().slice(0, MAX_RUNTIME_LEN) || "js-client");
     this.#requestTimeout = opts.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT;
     this.#waitTimeout = opts.waitTimeout ?? DEFAULT_WAIT_TIMEOUT;
     this.#reaskInterval = opts.reaskInterval ?? DEFAULT_REASK_INTERVAL;

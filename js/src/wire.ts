@@ -212,8 +212,13 @@ function needsReauthFromData(data: unknown, what: string): NeedsReauth {
  * the last one silently, so two decoders could read different tokens).
  */
 export function parseJSON(body: Uint8Array | string, what: string): unknown {
-  const text = typeof body === "string" ? body : new TextDecoder("utf-8", { fatal: true }).decode(body);
+  let text: string;
   let v: unknown;
+  try {
+    text = typeof body === "string" ? body : new TextDecoder("utf-8", { fatal: true }).decode(body);
+  } catch {
+    throw new ProtocolError(`${what}: not valid UTF-8`);
+  }
   try {
     v = JSON.parse(text);
   } catch (err) {

@@ -37,12 +37,13 @@ async function setup(t: { after(fn: () => unknown): void }) {
   await register(nc, key, as, login);
   const source = await TokenSource.start(nc, key, { runtime: "fetch-test" });
   t.after(() => source.close());
-  const reports: { fingerprint: string; url?: string }[] = [];
+  const reports: { fingerprint: string; url?: string; msgId?: string }[] = [];
   let marker = 0;
   const subs = [
     admin.subscribe(`auth.401.${key}`, {
       callback: (_, m) => {
-        reports.push((m.json() as { data: { fingerprint: string; url?: string } }).data);
+        const data = (m.json() as { data: { fingerprint: string; url?: string } }).data;
+        reports.push({ ...data, msgId: m.headers?.get("Nats-Msg-Id") });
       },
     }),
     admin.subscribe(`auth.token.${key}`, {
@@ -69,7 +70,7 @@ let markerSeq = 0;
 
 describe("authbusFetch", { timeout: 60_000 }, () => {
   test("sends the token, and after a 401 reports once and replays once with the new token", async (t) => {
-    const { login, fetch, seenSince, allReports } = await setup(t);
+    const { key, login, fetch, seenSince, allReports } = await setup(t);
     const refreshes = as.refreshes;
     assert.equal((await fetch(resource.url)).status, 200);
 
@@ -87,6 +88,7 @@ describe("authbusFetch", { timeout: 60_000 }, () => {
     assert.equal(reports.length, 1);
     assert.equal(reports[0]!.fingerprint, fingerprint(login.accessToken));
     assert.equal(reports[0]!.url, resource.url, "the report must not carry the query");
+    assert.equal(reports[0]!.msgId, `auth.401:${key}:${fingerprint(login.accessToken)}`);
   });
 
   test("concurrent 401s of one token share one report", async (t) => {
