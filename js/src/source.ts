@@ -24,9 +24,11 @@ import {
   type Unauthorized,
 } from "./wire.js";
 
-/** Defaults of {@link TokenSourceOptions}, in milliseconds. */
+/** Default of {@link TokenSourceOptions.requestTimeout}, in milliseconds. */
 export const DEFAULT_REQUEST_TIMEOUT = 5_000;
+/** Default of {@link TokenSourceOptions.waitTimeout}: long enough for a refresh through a slow token endpoint. */
 export const DEFAULT_WAIT_TIMEOUT = 20_000;
+/** Default of {@link TokenSourceOptions.reaskInterval}. */
 export const DEFAULT_REASK_INTERVAL = 2_000;
 
 // How long a needs-re-auth answer is trusted without asking again. The

@@ -5,9 +5,11 @@
 
 import { createHash, randomUUID } from "node:crypto";
 
-/** Limits of the protocol (docs/protocol.md, "Events"). */
+/** The longest `runtime` of an auth.401 event, in bytes (docs/protocol.md). */
 export const MAX_RUNTIME_LEN = 256;
+/** The longest `url` of an auth.401 event, in bytes. */
 export const MAX_URL_LEN = 2048;
+/** The largest encoded event, in bytes. */
 export const MAX_EVENT_SIZE = 16 << 10;
 const MAX_ACCESS_TOKEN_SIZE = 12 << 10;
 const MAX_TOKEN_TYPE_LEN = 128;
@@ -87,10 +89,12 @@ export class Subjects {
     return `${this.prefix}.${t.slice("auth.".length)}.${this.key.text}`;
   }
 
+  /** The token service's subject, `auth.token.<key>`. */
   get token(): string {
     return `${this.prefix}.token.${this.key.text}`;
   }
 
+  /** The registration service's subject, `auth.register.<key>`. */
   get register(): string {
     return `${this.prefix}.register.${this.key.text}`;
   }
@@ -221,8 +225,9 @@ export function parseJSON(body: Uint8Array | string, what: string): unknown {
   }
   try {
     v = JSON.parse(text);
-  } catch (err) {
-    throw new ProtocolError(`${what}: not JSON (${(err as Error).message})`);
+  } catch {
+    // Not JSON.parse's message: V8 quotes the text there, which may hold a token.
+    throw new ProtocolError(`${what}: not valid JSON`);
   }
   const dup = duplicateMember(text);
   if (dup !== undefined) throw new ProtocolError(`${what}: member ${JSON.stringify(dup)} appears twice`);

@@ -83,3 +83,10 @@ describe("wire", () => {
     assert.equal(cleanURL("https://user:pw@api.example/mcp?token=secret#frag"), "https://api.example/mcp");
   });
 });
+
+test("a malformed body never echoes its text into the error", () => {
+  assert.throws(
+    () => decodeEvent("auth.rotated", key, enc('{"data":{"access_token":at-secret-value}}')),
+    (e: unknown) => e instanceof ProtocolError && !e.message.includes("at-secret"),
+  );
+});
