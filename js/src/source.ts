@@ -111,7 +111,7 @@ export class TokenSource {
   readonly #subs: Subscription[] = [];
 
   #closed = false;
-  #closedSignal = new AbortController();
+  readonly #closedSignal = new AbortController();
   #version = 0; // the newest version seen, of a token or of a needs_reauth
   #tok: Token | undefined;
   #reauth: NeedsReauthError | undefined;
