@@ -68,7 +68,7 @@ func Watch(nc *nats.Conn, patterns []string, types []events.Type, opts ...Option
 		return nil, fmt.Errorf("client.Watch: give at least one pattern and one event type: %w", ErrInvalidPattern)
 	}
 	for _, p := range patterns {
-		if err := checkPattern(p); err != nil {
+		if err := CheckPattern(p); err != nil {
 			return nil, fmt.Errorf("client.Watch: %w", err)
 		}
 	}
@@ -102,8 +102,9 @@ func Watch(nc *nats.Conn, patterns []string, types []events.Type, opts ...Option
 	return w, nil
 }
 
-// checkPattern accepts what Watch documents.
-func checkPattern(p string) error {
+// CheckPattern returns nil for a key pattern Watch accepts, and otherwise
+// an error wrapping ErrInvalidPattern that says what a pattern looks like.
+func CheckPattern(p string) error {
 	parts := strings.Split(p, ".")
 	ok := len(parts) <= 3
 	for i, part := range parts {

@@ -123,7 +123,7 @@ func (w *wire) askToken(ctx context.Context) (*events.Rotated, error) {
 func (w *wire) requestError(err error) error {
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("client: no refresher serves %s: %w; start one (cmd/refresher) on this NATS deployment", w.subj.Token(w.key), ErrUnavailable)
+		return fmt.Errorf("client: no refresher answers on %s: %w; start one (cmd/refresher) on this NATS deployment, or check the subject prefix", w.subj.Token(w.key), ErrUnavailable)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
 		if last := w.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
 			return fmt.Errorf("client: no answer from %s (%v; the connection reports: %v): %w; check the user's permissions for the subject and its inbox prefix (nats.CustomInboxPrefix(\"_INBOX_<tenant>\"))",
