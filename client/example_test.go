@@ -82,6 +82,71 @@ func ExampleNeedsReauthError() {
 	// Output: log in again: no_refresh_token
 }
 
+// A runtime that holds the HTTP exchange itself (a gRPC stream, a
+// WebSocket, another SDK's transport) runs the recipe for a 401 with Renew:
+// report the refused token, ask auth.token at once, and wait for the
+// rotation only if that does not already answer. Here the refused token was
+// replaced long ago, so the answer comes at once.
+func ExampleSource_Renew() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	src, err := client.New(nc, "acme.alice.api", client.WithWaitTimeout(10*time.Second))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+
+	refused := events.Fingerprint("at-from-last-week")
+	tok, err := src.Renew(context.Background(), client.Refusal{Fingerprint: refused, URL: "https://api.example/v1/items"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("version", tok.Version, "replaces the refused token:", tok.Fingerprint != refused)
+	// Output: version 1 replaces the refused token: true
+}
+
+// A tool reads the current token once, without subscribing to anything.
+func ExampleFetchToken() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	tok, err := client.FetchToken(context.Background(), nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tok.TokenType, "version", tok.Version)
+	// Output: Bearer version 1
+}
+
+// Watch follows the events of many keys: here every auth.rotated of tenant
+// acme. A report of a token that was already replaced makes the refreshers
+// announce the current one again.
+func ExampleWatch() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	w, err := client.Watch(nc, []string{"acme.>"}, []events.Type{events.TypeRotated})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer w.Close()
+
+	src, err := client.New(nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+	if _, err := src.Report401(context.Background(), client.Refusal{Fingerprint: events.Fingerprint("at-from-last-week")}); err != nil {
+		log.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ev, err := w.Next(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(ev.Type, ev.Subject, "version", ev.Rotated.Version)
+	// Output: auth.rotated acme.alice.api version 1
+}
+
 const exampleAccessToken = "at-example-alice"
 
 // startAuthbus runs what a deployment runs, for the examples: an embedded
