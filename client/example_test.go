@@ -1,26 +1,20 @@
 package client_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/authbus/authbus/client"
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/internal/embedded"
-	"github.com/authbus/authbus/kv"
-	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/internal/examplebus"
 )
 
 // A runtime gets an HTTP client whose bearer token authbus keeps fresh.
@@ -152,68 +146,10 @@ const exampleAccessToken = "at-example-alice"
 // startAuthbus runs what a deployment runs, for the examples: an embedded
 // NATS server with JetStream, one refresher, the credential acme.alice.api
 // registered with exampleAccessToken (and refreshToken, if not ""), and an
-// API that accepts that token except on /revoked. Registration makes no
-// token-endpoint call, so none is needed here.
+// API that accepts that token except on /revoked.
 func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
-	dir, err := os.MkdirTemp("", "authbus-example")
-	if err != nil {
-		log.Fatal(err)
-	}
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir})
-	if err != nil {
-		log.Fatal(err)
-	}
-	poolNC, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		log.Fatal(err)
-	}
-	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{7}, 32)})
-	if err != nil {
-		log.Fatal(err)
-	}
-	pool, err := workers.New(context.Background(), poolNC, workers.Config{
-		Seal:       ring,
-		Logger:     slog.New(slog.DiscardHandler),
-		TokenHosts: workers.TokenHostPolicy{AllowLoopback: true}, // the embedded dev mode
-	})
-	if err != nil {
-		log.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		log.Fatal(err)
-	}
-	body, _ := json.Marshal(events.RegisterRequest{
-		Token:         events.RegisterToken{AccessToken: exampleAccessToken, TokenType: "Bearer", RefreshToken: refreshToken, ExpiresIn: 3600},
-		TokenEndpoint: "http://127.0.0.1:9/token",
-		ClientID:      "example",
-	})
-	subj, _ := events.NewSubjects("")
-	key, _ := events.ParseKey("acme.alice.api")
-	// The pool starts its service in the background: poll until it answers,
-	// for at most 10s.
-	poll := time.NewTicker(10 * time.Millisecond)
-	defer poll.Stop()
-	deadline := time.After(10 * time.Second)
-	for {
-		reply, err := nc.Request(subj.Register(key), body, 5*time.Second)
-		if errors.Is(err, nats.ErrNoResponders) {
-			select {
-			case <-poll.C:
-				continue
-			case <-deadline:
-			}
-		}
-		if err != nil || reply.Header.Get("Nats-Service-Error-Code") != "" {
-			log.Fatalf("register: %v %v", err, reply)
-		}
-		break
-	}
-
+	bus := examplebus.Start()
+	bus.Register("acme.alice.api", exampleAccessToken, refreshToken)
 	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Authorization") != "Bearer "+exampleAccessToken || r.URL.Path == "/revoked" {
 			http.Error(w, "invalid token", http.StatusUnauthorized)
@@ -221,16 +157,8 @@ func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
 		}
 		fmt.Fprint(w, "hello, alice")
 	}))
-	return nc, api, func() {
+	return bus.NC, api, func() {
 		api.Close()
-		nc.Close()
-		cancel()
-		if err := <-done; err != nil {
-			log.Print(err)
-		}
-		poolNC.Close()
-		srv.Shutdown()
-		srv.WaitForShutdown()
-		os.RemoveAll(dir)
+		bus.Stop()
 	}
 }

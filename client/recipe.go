@@ -83,6 +83,7 @@ func (s *Source) publishOwned(ctx context.Context, p events.Payload, fp string) 
 // and, if that still answers the refused token, waits for the auth.rotated
 // event (see Replacement). A Transport does the same for every request
 // that gets 401; call Renew when something else holds the HTTP exchange.
+// Goroutines that renew the same refused token at once share one report.
 // Errors are those of Report401 and Replacement. It is safe for concurrent
 // use.
 func (s *Source) Renew(ctx context.Context, r Refusal) (events.Rotated, error) {
@@ -93,7 +94,12 @@ func (s *Source) Renew(ctx context.Context, r Refusal) (events.Rotated, error) {
 	case st.tok != nil && st.tok.Fingerprint != r.Fingerprint:
 		return *st.tok, nil
 	}
-	if _, err := s.Report401(ctx, r); err != nil {
+	// Goroutines that saw the same token refused share one report.
+	err := s.shared(ctx, "reporting the 401 of token "+r.Fingerprint, func(ctx context.Context) error {
+		_, err := s.Report401(ctx, r)
+		return err
+	})
+	if err != nil {
 		return events.Rotated{}, err
 	}
 	return s.Replacement(ctx, r.Fingerprint)
