@@ -87,22 +87,35 @@ func (s *Source) publishOwned(ctx context.Context, p events.Payload, fp string) 
 // Errors are those of Report401 and Replacement. It is safe for concurrent
 // use.
 func (s *Source) Renew(ctx context.Context, r Refusal) (events.Rotated, error) {
+	return s.renew(ctx, r, 0)
+}
+
+// renew is Renew for a refused token of version v (0 when not known): a
+// needs_reauth of an older generation than v does not answer it.
+func (s *Source) renew(ctx context.Context, r Refusal, v int64) (events.Rotated, error) {
 	st := s.snapshot()
 	switch {
 	case st.closed:
 		return events.Rotated{}, fmt.Errorf("client: renewing the token of %s: %w", s.key, ErrClosed)
+	case st.reauth != nil && st.reauth.Version >= v:
+		return events.Rotated{}, st.reauthErr()
 	case st.tok != nil && st.tok.Fingerprint != r.Fingerprint:
 		return *st.tok, nil
 	}
-	// Goroutines that saw the same token refused share one report.
-	err := s.shared(ctx, "reporting the 401 of token "+r.Fingerprint, func(ctx context.Context) error {
+	if err := s.reportShared(ctx, r); err != nil {
+		// The caller's deadline, if it passed, says more than the publish.
+		return events.Rotated{}, s.waitError(ctx, err)
+	}
+	return s.replacement(ctx, r.Fingerprint, v)
+}
+
+// reportShared is Report401 shared by the goroutines that saw the same
+// token refused at the same time: one publish for all of them.
+func (s *Source) reportShared(ctx context.Context, r Refusal) error {
+	return s.shared(ctx, "reporting the 401 of token "+r.Fingerprint, func(ctx context.Context) error {
 		_, err := s.Report401(ctx, r)
 		return err
 	})
-	if err != nil {
-		return events.Rotated{}, err
-	}
-	return s.Replacement(ctx, r.Fingerprint)
 }
 
 // Replacement waits for a token whose fingerprint is not fp, after fp was

@@ -70,7 +70,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The body is spent and cannot be sent again. Report the 401
 		// unless a newer token is already here, so the next request works.
 		if st := s.snapshot(); st.tok != nil && st.tok.Fingerprint == used.Fingerprint {
-			if err := s.report401(ctx, used, req.URL); err != nil {
+			if err := s.reportShared(ctx, refusal(used, req)); err != nil {
 				s.log.Warn("reporting a 401 failed", "fingerprint", used.Fingerprint, "error", err)
 			}
 		}
@@ -79,7 +79,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
 	resp.Body.Close()
 
-	next, err := s.renew(ctx, used, req.URL)
+	next, err := s.renew(ctx, refusal(used, req), used.Version)
 	if err != nil {
 		return nil, err
 	}
@@ -127,34 +127,9 @@ func cleanURL(u *url.URL) string {
 	return s
 }
 
-// report401 publishes auth.401 for the token used; goroutines that saw the
-// same token refused share one publish.
-func (s *Source) report401(ctx context.Context, used events.Rotated, u *url.URL) error {
-	r := Refusal{Fingerprint: used.Fingerprint, Status: http.StatusUnauthorized, URL: cleanURL(u)}
-	return s.shared(ctx, "reporting the 401 of token "+used.Fingerprint, func(ctx context.Context) error {
-		_, err := s.Report401(ctx, r)
-		return err
-	})
-}
-
-// renew reports that used was refused, unless a newer token or a
-// needs_reauth of its generation is already here, and waits for its
-// replacement: the recipe of Renew, with the reports of goroutines that saw
-// the same token refused shared.
-func (s *Source) renew(ctx context.Context, used events.Rotated, u *url.URL) (events.Rotated, error) {
-	st := s.snapshot()
-	switch {
-	case st.closed:
-		return events.Rotated{}, fmt.Errorf("client: waiting for a new token for %s: %w", s.key, ErrClosed)
-	case st.reauth != nil && st.reauth.Version >= used.Version:
-		return events.Rotated{}, st.reauthErr()
-	case st.tok != nil && st.tok.Fingerprint != used.Fingerprint:
-		return *st.tok, nil
-	}
-	if err := s.report401(ctx, used, u); err != nil {
-		return events.Rotated{}, s.waitError(ctx, err)
-	}
-	return s.replacement(ctx, used.Fingerprint, used.Version)
+// refusal is what the 401 of req, sent with used, reports.
+func refusal(used events.Rotated, req *http.Request) Refusal {
+	return Refusal{Fingerprint: used.Fingerprint, Status: http.StatusUnauthorized, URL: cleanURL(req.URL)}
 }
 
 // waitError explains why the wait after a 401 ended without a token.
