@@ -96,10 +96,21 @@ func importCmd(ctx context.Context, args []string, s streams) error {
 	}
 
 	recs, failed := collectSaved(f.Args())
+	byKey := map[events.Key]*savedCred{}
 	for _, r := range recs {
 		if r.err == nil {
 			r.err = o.prepare(r)
 		}
+		if r.err != nil {
+			continue
+		}
+		// A second registration of a key would silently replace the
+		// first one's tokens.
+		if first, ok := byKey[r.key]; ok {
+			r.err = fmt.Errorf("--key-template gives it the key %s, as it gives %s; tell them apart with {name}, {dir} or {host}", r.key, first.tokenPath)
+			continue
+		}
+		byKey[r.key] = r
 	}
 	var c *client
 	if !o.dryRun && slices.ContainsFunc(recs, func(r *savedCred) bool { return r.err == nil }) {

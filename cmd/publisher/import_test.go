@@ -193,6 +193,15 @@ func TestImportReportsEachBadFile(t *testing.T) {
 	}
 	mustNotContain(t, "import output", r.out+r.errOut, append(secretsOf(badGrants), secretsOf(goodGrants)...)...)
 
+	// Two files that the template gives the same key: the second is
+	// refused, not registered over the first.
+	twice, _ := b.savedTokens(t, "good/oauth2")
+	r = b.publisher(t, "", "import", "--key-template", "acme.carol.{name}", "--issuer", b.AS.BaseURL(),
+		"--client-id", fleet.ClientID, good, twice).want(t, 1)
+	if !strings.Contains(r.errOut, "gives it the key acme.carol.jira, as it gives") {
+		t.Errorf("a second file for the same key was not refused:\n%s", r.errOut)
+	}
+
 	// Bad flags are refused before any file is read.
 	for _, tc := range []struct {
 		args []string
