@@ -14,28 +14,37 @@
 // oauth2.TokenSource, so it also fits golang.org/x/oauth2's Transport.
 //
 // A Transport (what Source.Client uses) sets the Authorization header. When
-// a request still gets 401 it reports the refused token (auth.401, with the
-// token's fingerprint only), waits for a token with a different fingerprint,
-// and replays the request once. Many goroutines, clients and processes that
-// see the same 401 cause one token-endpoint call: the events stream
-// de-duplicates the reports by token fingerprint. When only a person can
-// repair the credential, the request fails with a *NeedsReauthError instead
-// of retrying.
+// a request still gets 401 it follows the protocol's recipe for a 401
+// (docs/protocol.md, "The runtime recipe"): it reports the refused token
+// (auth.401, with the token's fingerprint only), asks auth.token at once,
+// and otherwise waits, bounded, for a token with a different fingerprint,
+// re-asking now and then; then it replays the request once. Many
+// goroutines, clients and processes that see the same 401 cause one
+// token-endpoint call: the events stream de-duplicates the reports by token
+// fingerprint, and the ask right after the report answers a runtime whose
+// report was dropped as a duplicate after the rotation. When only a person
+// can repair the credential, the request fails with a *NeedsReauthError
+// instead of retrying. Renew runs the same recipe for a runtime that does
+// not send its requests through net/http; Report401 and Replacement are its
+// two halves.
 //
 // With WithExpiring the Source also reports auth.expiring itself shortly
 // before its token expires, as the refreshers' own scheduler does.
 //
+// For tools rather than runtimes, FetchToken reads a token once without
+// subscribing, and Watch follows the events of many keys.
+//
 // # NATS connection
 //
 // The caller owns the *nats.Conn: its reconnect policy, its credentials and
-// its inbox prefix. With per-tenant NATS permissions (see DESIGN.md), a
-// tenant's user may only subscribe to its own inboxes, so connect with
-// nats.CustomInboxPrefix("_INBOX_<tenant>"): token requests and JetStream
-// publish acknowledgements use the connection's inboxes. The user needs
-// permission to publish <prefix>.401.<tenant>.> and
-// <prefix>.expiring.<tenant>.>, to request <prefix>.token.<tenant>.>, and to
-// subscribe to <prefix>.rotated.<tenant>.> and
-// <prefix>.needs_reauth.<tenant>.>.
+// its inbox prefix. With per-tenant NATS permissions (docs/protocol.md,
+// "Connecting"), a tenant's user may only subscribe to its own inboxes, so
+// connect with nats.CustomInboxPrefix("_INBOX_<tenant>"): token requests
+// and JetStream publish acknowledgements use the connection's inboxes, and
+// without the prefix every request times out. The user needs permission to
+// publish <prefix>.401.<tenant>.> and <prefix>.expiring.<tenant>.>, to
+// request <prefix>.token.<tenant>.>, and to subscribe to
+// <prefix>.rotated.<tenant>.> and <prefix>.needs_reauth.<tenant>.>.
 //
 // # Tracing
 //

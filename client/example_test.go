@@ -1,26 +1,20 @@
 package client_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/authbus/authbus/client"
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/internal/embedded"
-	"github.com/authbus/authbus/kv"
-	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/internal/examplebus"
 )
 
 // A runtime gets an HTTP client whose bearer token authbus keeps fresh.
@@ -82,73 +76,80 @@ func ExampleNeedsReauthError() {
 	// Output: log in again: no_refresh_token
 }
 
+// A runtime that holds the HTTP exchange itself (a gRPC stream, a
+// WebSocket, another SDK's transport) runs the recipe for a 401 with Renew:
+// report the refused token, ask auth.token at once, and wait for the
+// rotation only if that does not already answer. Here the refused token was
+// replaced long ago, so the answer comes at once.
+func ExampleSource_Renew() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	src, err := client.New(nc, "acme.alice.api", client.WithWaitTimeout(10*time.Second))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+
+	refused := events.Fingerprint("at-from-last-week")
+	tok, err := src.Renew(context.Background(), client.Refusal{Fingerprint: refused, URL: "https://api.example/v1/items"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("version", tok.Version, "replaces the refused token:", tok.Fingerprint != refused)
+	// Output: version 1 replaces the refused token: true
+}
+
+// A tool reads the current token once, without subscribing to anything.
+func ExampleFetchToken() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	tok, err := client.FetchToken(context.Background(), nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tok.TokenType, "version", tok.Version)
+	// Output: Bearer version 1
+}
+
+// Watch follows the events of many keys: here every auth.rotated of tenant
+// acme. A report of a token that was already replaced makes the refreshers
+// announce the current one again.
+func ExampleWatch() {
+	nc, _, stop := startAuthbus("rt-example")
+	defer stop()
+	w, err := client.Watch(nc, []string{"acme.>"}, []events.Type{events.TypeRotated})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer w.Close()
+
+	src, err := client.New(nc, "acme.alice.api")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer src.Close()
+	if _, err := src.Report401(context.Background(), client.Refusal{Fingerprint: events.Fingerprint("at-from-last-week")}); err != nil {
+		log.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ev, err := w.Next(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(ev.Type, ev.Subject, "version", ev.Rotated.Version)
+	// Output: auth.rotated acme.alice.api version 1
+}
+
 const exampleAccessToken = "at-example-alice"
 
 // startAuthbus runs what a deployment runs, for the examples: an embedded
 // NATS server with JetStream, one refresher, the credential acme.alice.api
 // registered with exampleAccessToken (and refreshToken, if not ""), and an
-// API that accepts that token except on /revoked. Registration makes no
-// token-endpoint call, so none is needed here.
+// API that accepts that token except on /revoked.
 func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
-	dir, err := os.MkdirTemp("", "authbus-example")
-	if err != nil {
-		log.Fatal(err)
-	}
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir})
-	if err != nil {
-		log.Fatal(err)
-	}
-	poolNC, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		log.Fatal(err)
-	}
-	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{7}, 32)})
-	if err != nil {
-		log.Fatal(err)
-	}
-	pool, err := workers.New(context.Background(), poolNC, workers.Config{
-		Seal:       ring,
-		Logger:     slog.New(slog.DiscardHandler),
-		TokenHosts: workers.TokenHostPolicy{AllowLoopback: true}, // the embedded dev mode
-	})
-	if err != nil {
-		log.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		log.Fatal(err)
-	}
-	body, _ := json.Marshal(events.RegisterRequest{
-		Token:         events.RegisterToken{AccessToken: exampleAccessToken, TokenType: "Bearer", RefreshToken: refreshToken, ExpiresIn: 3600},
-		TokenEndpoint: "http://127.0.0.1:9/token",
-		ClientID:      "example",
-	})
-	subj, _ := events.NewSubjects("")
-	key, _ := events.ParseKey("acme.alice.api")
-	// The pool starts its service in the background: poll until it answers,
-	// for at most 10s.
-	poll := time.NewTicker(10 * time.Millisecond)
-	defer poll.Stop()
-	deadline := time.After(10 * time.Second)
-	for {
-		reply, err := nc.Request(subj.Register(key), body, 5*time.Second)
-		if errors.Is(err, nats.ErrNoResponders) {
-			select {
-			case <-poll.C:
-				continue
-			case <-deadline:
-			}
-		}
-		if err != nil || reply.Header.Get("Nats-Service-Error-Code") != "" {
-			log.Fatalf("register: %v %v", err, reply)
-		}
-		break
-	}
-
+	bus := examplebus.Start()
+	bus.Register("acme.alice.api", exampleAccessToken, refreshToken)
 	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Authorization") != "Bearer "+exampleAccessToken || r.URL.Path == "/revoked" {
 			http.Error(w, "invalid token", http.StatusUnauthorized)
@@ -156,16 +157,8 @@ func startAuthbus(refreshToken string) (*nats.Conn, *httptest.Server, func()) {
 		}
 		fmt.Fprint(w, "hello, alice")
 	}))
-	return nc, api, func() {
+	return bus.NC, api, func() {
 		api.Close()
-		nc.Close()
-		cancel()
-		if err := <-done; err != nil {
-			log.Print(err)
-		}
-		poolNC.Close()
-		srv.Shutdown()
-		srv.WaitForShutdown()
-		os.RemoveAll(dir)
+		bus.Stop()
 	}
 }

@@ -37,7 +37,7 @@ func (s *Source) reportExpiring(fp string, exp time.Time) {
 	defer s.wg.Done()
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.requestTimeout)
 	defer cancel()
-	if err := s.publish(ctx, events.Expiring{Fingerprint: fp, ExpiresAt: exp}, fp); err != nil {
+	if _, err := s.publish(ctx, events.Expiring{Fingerprint: fp, ExpiresAt: exp}, fp); err != nil {
 		s.log.Warn("reporting an expiring token failed; the refreshers' own schedule still refreshes it",
 			"fingerprint", fp, "error", err)
 	}

@@ -18,7 +18,15 @@ const (
 	// DefaultRequestTimeout bounds one auth.token request or one JetStream
 	// publish (WithRequestTimeout).
 	DefaultRequestTimeout = 5 * time.Second
+	// DefaultRecheckInterval is how long a Source waits, after reporting a
+	// 401 and asking auth.token at once, before it asks again
+	// (WithRecheckInterval).
+	DefaultRecheckInterval = 2 * time.Second
 )
+
+// maxRecheckFactor caps the growth of the gap between re-asks: it doubles
+// from the recheck interval up to this multiple of it.
+const maxRecheckFactor = 4
 
 // reauthRecheck is how long a needs-re-auth answer is trusted without a
 // network call. The auth.rotated of a re-registration clears it at once;
@@ -34,6 +42,7 @@ type config struct {
 	runtime        string
 	wait           time.Duration
 	requestTimeout time.Duration
+	recheck        time.Duration
 	expiring       bool
 	logger         *slog.Logger
 }
@@ -60,6 +69,15 @@ func WithWaitTimeout(d time.Duration) Option { return func(c *config) { c.wait =
 func WithRequestTimeout(d time.Duration) Option {
 	return func(c *config) { c.requestTimeout = d }
 }
+
+// WithRecheckInterval sets how long a Source waits for the auth.rotated
+// event of a new token, after reporting a 401 and asking auth.token at
+// once, before it asks auth.token again; the gap then doubles, up to four
+// times d, until the wait bound (WithWaitTimeout). The re-asks only cover an
+// event missed during a reconnect; the answer normally comes from the ask
+// right after the report or from the event. The default is
+// DefaultRecheckInterval.
+func WithRecheckInterval(d time.Duration) Option { return func(c *config) { c.recheck = d } }
 
 // WithExpiring makes the Source publish auth.expiring for the token it holds
 // when that token is close to expiry, by the same rule as the refreshers'
@@ -93,6 +111,9 @@ func (c config) withDefaults() config {
 	if c.requestTimeout == 0 {
 		c.requestTimeout = DefaultRequestTimeout
 	}
+	if c.recheck == 0 {
+		c.recheck = DefaultRecheckInterval
+	}
 	if c.logger == nil {
 		c.logger = slog.Default()
 	}
@@ -110,6 +131,9 @@ func (c config) validate() error {
 	}
 	if c.requestTimeout < 0 {
 		errs = append(errs, fmt.Errorf("WithRequestTimeout: %v is negative; pass a positive duration, or leave it out for %v", c.requestTimeout, DefaultRequestTimeout))
+	}
+	if c.recheck < 0 {
+		errs = append(errs, fmt.Errorf("WithRecheckInterval: %v is negative; pass a positive duration, or leave it out for %v", c.recheck, DefaultRecheckInterval))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("client options: %w", err)

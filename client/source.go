@@ -2,7 +2,6 @@ package client
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,15 +10,10 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nats.go/micro"
-	"go.opentelemetry.io/otel"
-	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/telemetry"
 )
 
 // tracerName is the instrumentation scope of every span this package starts.
@@ -37,15 +31,10 @@ const tracerName = "github.com/authbus/authbus/client"
 // never replaces a newer token. Concurrent callers that find no usable copy
 // share one request; no network call is made while a lock is held.
 type Source struct {
-	nc     *nats.Conn
-	js     jetstream.JetStream
-	key    events.Key
-	subj   events.Subjects
-	cfg    config
-	log    *slog.Logger
-	tracer trace.Tracer
-	subs   []*nats.Subscription
-	calls  singleflight.Group // shares token requests and 401 reports between goroutines
+	wire
+	log   *slog.Logger
+	subs  []*nats.Subscription
+	calls singleflight.Group // shares token requests and 401 reports between goroutines
 
 	// ctx is canceled by Close; the work the Source owns (shared requests,
 	// reports) stops with it, and wg waits for that work to end.
@@ -74,34 +63,15 @@ type Source struct {
 // server to confirm the subscriptions, so that no rotation after New
 // returns is missed; the token itself is fetched on first use.
 func New(nc *nats.Conn, key string, opts ...Option) (*Source, error) {
-	if nc == nil {
-		return nil, errors.New("client.New: the NATS connection is nil; pass a connected *nats.Conn")
-	}
-	k, err := events.ParseKey(key)
+	w, err := newWire("client.New", nc, key, opts)
 	if err != nil {
-		return nil, fmt.Errorf("client.New: %w", err)
+		return nil, err
 	}
-	var cfg config
-	for _, o := range opts {
-		o(&cfg)
-	}
-	cfg = cfg.withDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, fmt.Errorf("client.New: %w", err)
-	}
-	subj, err := events.NewSubjects(cfg.prefix)
-	if err != nil {
-		return nil, fmt.Errorf("client.New: WithPrefix: %w", err)
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, fmt.Errorf("client.New: jetstream: %w", err)
-	}
+	k, subj, cfg := w.key, w.subj, w.cfg
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Source{
-		nc: nc, js: js, key: k, subj: subj, cfg: cfg,
+		wire:    w,
 		log:     cfg.logger.With("key", k.String()),
-		tracer:  otel.Tracer(tracerName),
 		ctx:     ctx,
 		cancel:  cancel,
 		changed: make(chan struct{}),
@@ -284,82 +254,24 @@ func (s *Source) fetch(ctx context.Context) error {
 	return s.shared(ctx, "requesting the token", s.requestToken)
 }
 
-// requestToken is one auth.token request.
+// requestToken is one auth.token request; it applies the answer.
 func (s *Source) requestToken(ctx context.Context) error {
 	since := s.snapshot().version
-	subject := s.subj.Token(s.key)
-	ctx, span := s.startSpan(ctx, "send auth.token", subject, "")
-	defer span.End()
-	msg := nats.NewMsg(subject)
-	msg.Header = telemetry.Inject(ctx, msg.Header)
-	reply, err := s.nc.RequestMsgWithContext(ctx, msg)
-	if err != nil {
-		err = s.requestError(err)
-		failSpan(span, err)
-		return err
-	}
-	if status := reply.Header.Get(micro.ErrorCodeHeader); status != "" {
-		err := s.replyError(reply, status, since)
-		if err != nil {
-			failSpan(span, err)
-		}
-		return err
-	}
-	ev := new(events.Rotated)
-	// Not "if err := …": a shadowed err would drop the verdict and apply
-	// a malformed reply as the token.
-	if err = json.Unmarshal(reply.Data, ev); err == nil {
-		err = ev.Validate()
-	}
-	if err != nil {
-		err = fmt.Errorf("client: the auth.token reply for %s is malformed (%v); check that the refreshers speak this protocol version: %w", s.key, err, ErrUnavailable)
-		failSpan(span, err)
-		return err
-	}
-	s.applyRotated(ev, "reply")
-	return nil
-}
-
-// requestError explains a failed auth.token request.
-func (s *Source) requestError(err error) error {
+	r, err := s.askToken(ctx)
+	var nre *NeedsReauthError
 	switch {
-	case errors.Is(err, nats.ErrNoResponders):
-		return fmt.Errorf("client: no refresher serves %s: %w; start one (cmd/refresher) on this NATS deployment", s.subj.Token(s.key), ErrUnavailable)
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
-		return fmt.Errorf("client: no answer from %s in time (%v): %w; check the refreshers, and the user's permissions for the subject and its inbox prefix (a denied request looks like a timeout)",
-			s.subj.Token(s.key), err, ErrUnavailable)
-	case errors.Is(err, context.Canceled) && s.ctx.Err() != nil:
+	case errors.As(err, &nre):
+		// Recorded unless something newer than what was held when the
+		// request was sent has arrived meanwhile.
+		s.applyReauth(&events.NeedsReauth{Reason: nre.Reason, Version: since}, since, true)
+		return nil
+	case err != nil && errors.Is(err, context.Canceled) && s.ctx.Err() != nil:
 		return fmt.Errorf("client: token for %s: %w", s.key, ErrClosed)
-	default:
-		return fmt.Errorf("client: requesting %s: %w: %w", s.subj.Token(s.key), err, ErrUnavailable)
+	case err != nil:
+		return err
 	}
-}
-
-// replyError turns an error reply into an error; a needs_reauth answer is
-// also recorded, unless something newer than what was held when the request
-// was sent (since) has arrived meanwhile.
-func (s *Source) replyError(reply *nats.Msg, status string, since int64) error {
-	var body events.ErrorReply
-	_ = json.Unmarshal(reply.Data, &body) // the headers alone are enough
-	desc := body.ErrorDescription
-	if desc == "" {
-		desc = reply.Header.Get(micro.ErrorHeader)
-	}
-	switch events.CodeOf(status) {
-	case events.CodeNotFound:
-		return fmt.Errorf("client: token for %s: %s: %w", s.key, desc, ErrNotFound)
-	case events.CodeNeedsReauth:
-		reason := body.Reason
-		if reason == "" {
-			reason = "unknown"
-		}
-		s.applyReauth(&events.NeedsReauth{Reason: reason, Version: since}, since, true)
-		return nil // the state now says it, or says something newer
-	case events.CodeInvalidRequest, events.CodeForbidden:
-		return fmt.Errorf("client: token for %s: the service answered %s (%s): %w", s.key, status, desc, ErrRefused)
-	default:
-		return fmt.Errorf("client: token for %s: the service answered %s (%s): %w; retry later", s.key, status, desc, ErrUnavailable)
-	}
+	s.applyRotated(r, "reply")
+	return nil
 }
 
 // onRotated handles an auth.rotated event.

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"time"
 
 	"github.com/authbus/authbus/events"
 )
@@ -18,8 +17,10 @@ import (
 //  1. It reports the refused token (auth.401 with its fingerprint, this
 //     runtime's name, the status and the URL without query or user info),
 //     unless a newer token has already arrived.
-//  2. It waits for a token with a different fingerprint, at most as long as
-//     WithWaitTimeout and the request's context allow.
+//  2. It asks auth.token at once and, unless that already answers another
+//     token, waits for a token with a different fingerprint, at most as
+//     long as WithWaitTimeout and the request's context allow (see
+//     Source.Replacement).
 //  3. It sends the request again with that token, once. A second 401 is
 //     returned to the caller as it is.
 //
@@ -41,14 +42,6 @@ type Transport struct {
 // maxDrain bounds how much of a 401 body is read so its connection can be
 // reused; a longer body costs a new connection instead.
 const maxDrain = 64 << 10
-
-// The first auth.token poll while waiting after a 401, and the longest gap
-// between polls. The wait is for the auth.rotated event; polling only
-// covers an event missed during a reconnect.
-const (
-	pollFirst = 2 * time.Second
-	pollMax   = 8 * time.Second
-)
 
 // errWaitBound is the cause of the wait's own deadline, to tell it from the
 // request's.
@@ -77,7 +70,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The body is spent and cannot be sent again. Report the 401
 		// unless a newer token is already here, so the next request works.
 		if st := s.snapshot(); st.tok != nil && st.tok.Fingerprint == used.Fingerprint {
-			if err := s.report401(ctx, used, req.URL); err != nil {
+			if err := s.reportShared(ctx, refusal(used, req)); err != nil {
 				s.log.Warn("reporting a 401 failed", "fingerprint", used.Fingerprint, "error", err)
 			}
 		}
@@ -86,7 +79,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxDrain))
 	resp.Body.Close()
 
-	next, err := s.renew(ctx, used, req.URL)
+	next, err := s.renew(ctx, refusal(used, req), used.Version)
 	if err != nil {
 		return nil, err
 	}
@@ -134,60 +127,9 @@ func cleanURL(u *url.URL) string {
 	return s
 }
 
-// report401 publishes auth.401 for the token used; goroutines that saw the
-// same token refused share one publish.
-func (s *Source) report401(ctx context.Context, used events.Rotated, u *url.URL) error {
-	p := events.Unauthorized{
-		Fingerprint: used.Fingerprint,
-		Runtime:     s.cfg.runtime,
-		Status:      http.StatusUnauthorized,
-		URL:         cleanURL(u),
-		ObservedAt:  time.Now().UTC(),
-	}
-	return s.shared(ctx, "reporting the 401 of token "+used.Fingerprint, func(ctx context.Context) error {
-		return s.publish(ctx, p, used.Fingerprint)
-	})
-}
-
-// renew reports that used was refused, unless a newer token is already
-// here, and waits for a token with a different fingerprint or for the
-// credential to need a new login.
-func (s *Source) renew(ctx context.Context, used events.Rotated, u *url.URL) (events.Rotated, error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, s.cfg.wait, errWaitBound)
-	defer cancel()
-	poll := time.NewTimer(pollFirst)
-	defer poll.Stop()
-	every := pollFirst
-	reported := false
-	for {
-		st := s.snapshot()
-		switch {
-		case st.closed:
-			return events.Rotated{}, fmt.Errorf("client: waiting for a new token for %s: %w", s.key, ErrClosed)
-		case st.reauth != nil && st.reauth.Version >= used.Version:
-			return events.Rotated{}, st.reauthErr()
-		case st.tok != nil && st.tok.Fingerprint != used.Fingerprint:
-			return *st.tok, nil
-		}
-		if !reported {
-			if err := s.report401(ctx, used, u); err != nil {
-				return events.Rotated{}, s.waitError(ctx, err)
-			}
-			reported = true
-			continue // the answer may have arrived during the publish
-		}
-		select {
-		case <-st.changed:
-		case <-poll.C:
-			// Errors are the refreshers' business here: keep waiting.
-			_ = s.fetch(ctx)
-			every = min(2*every, pollMax)
-			poll.Reset(every)
-		case <-ctx.Done():
-			return events.Rotated{}, s.waitError(ctx, ctx.Err())
-		case <-s.ctx.Done():
-		}
-	}
+// refusal is what the 401 of req, sent with used, reports.
+func refusal(used events.Rotated, req *http.Request) Refusal {
+	return Refusal{Fingerprint: used.Fingerprint, Status: http.StatusUnauthorized, URL: cleanURL(req.URL)}
 }
 
 // waitError explains why the wait after a 401 ended without a token.

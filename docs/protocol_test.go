@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/events"
@@ -32,9 +33,10 @@ const docPath = "protocol.md"
 // block is one fenced block of the document and the marker above it.
 type block struct {
 	line    int    // of the opening fence, 1-based
+	indent  string // before the fence: a block inside a list item is indented
 	lang    string // after the opening fence
 	marker  string // "example: …" or "headers: …", or ""
-	body    string // between the fences
+	body    string // between the fences, indented as in the document
 	start   int    // byte offsets of body in the document
 	end     int
 	kind    string // from the marker
@@ -45,7 +47,8 @@ var markerRE = regexp.MustCompile(`^<!-- (example|headers): ([a-z-]+) (\S+) -->$
 
 // parseDoc returns every fenced block. A json block must carry an example
 // marker on the line above it, a headers marker may mark a text block, and
-// every marker must sit right above a block.
+// every marker must sit right above a block. Blocks and markers may be
+// indented (inside a list item).
 func parseDoc(t *testing.T, doc string) []block {
 	t.Helper()
 	var blocks []block
@@ -54,7 +57,8 @@ func parseDoc(t *testing.T, doc string) []block {
 	prev := "" // the previous non-blank line
 	prevLine := 0
 	for i := 0; i < len(lines); i++ {
-		line := strings.TrimRight(lines[i], "\n")
+		raw := strings.TrimRight(lines[i], "\n")
+		line := strings.TrimLeft(raw, " ")
 		if !strings.HasPrefix(line, "```") {
 			if prev != "" && markerRE.MatchString(prev) && strings.TrimSpace(line) != "" {
 				t.Errorf("%s:%d: marker %q is not right above a fenced block", docPath, prevLine, prev)
@@ -65,13 +69,13 @@ func parseDoc(t *testing.T, doc string) []block {
 			off += len(lines[i])
 			continue
 		}
-		b := block{line: i + 1, lang: strings.TrimSpace(strings.TrimPrefix(line, "```"))}
+		b := block{line: i + 1, indent: raw[:len(raw)-len(line)], lang: strings.TrimSpace(strings.TrimPrefix(line, "```"))}
 		if m := markerRE.FindStringSubmatch(prev); m != nil {
 			b.marker, b.kind, b.subject = m[1]+": "+m[2]+" "+m[3], m[2], m[3]
 		}
 		off += len(lines[i])
 		b.start = off
-		for i++; i < len(lines) && strings.TrimRight(lines[i], "\n") != "```"; i++ {
+		for i++; i < len(lines) && strings.TrimRight(lines[i], "\n") != b.indent+"```"; i++ {
 			off += len(lines[i])
 		}
 		if i == len(lines) {
@@ -84,6 +88,32 @@ func parseDoc(t *testing.T, doc string) []block {
 		blocks = append(blocks, b)
 	}
 	return blocks
+}
+
+// text is the block's body without the indentation of its fence.
+func (b block) text() string {
+	if b.indent == "" {
+		return b.body
+	}
+	lines := strings.SplitAfter(b.body, "\n")
+	for i, l := range lines {
+		lines[i] = strings.TrimPrefix(l, b.indent)
+	}
+	return strings.Join(lines, "")
+}
+
+// indented is generated text indented like the block it replaces.
+func (b block) indented(text string) string {
+	if b.indent == "" {
+		return text
+	}
+	lines := strings.SplitAfter(text, "\n")
+	for i, l := range lines {
+		if l != "" && l != "\n" {
+			lines[i] = b.indent + l
+		}
+	}
+	return strings.Join(lines, "")
 }
 
 // TestProtocolExamples decodes every example of protocol.md with the
@@ -126,7 +156,7 @@ func TestProtocolExamples(t *testing.T) {
 		seen[b.marker] = true
 		var hdr map[string]string
 		if i > 0 && blocks[i-1].marker == "headers: "+b.kind+" "+b.subject {
-			hdr = parseHeaders(t, where, blocks[i-1].body)
+			hdr = parseHeaders(t, where, blocks[i-1].text())
 		}
 		checkExample(t, where, subj, b, hdr)
 		examples++
@@ -154,7 +184,7 @@ var traceparentRE = regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$`)
 
 func checkExample(t *testing.T, where string, subj events.Subjects, b block, hdr map[string]string) {
 	t.Helper()
-	data := []byte(b.body)
+	data := []byte(b.text())
 	word, key, err := subj.Parse(b.subject)
 	if err != nil {
 		t.Errorf("%s: subject: %v", where, err)
@@ -163,7 +193,7 @@ func checkExample(t *testing.T, where string, subj events.Subjects, b block, hdr
 	if tp, ok := hdr["traceparent"]; ok && !traceparentRE.MatchString(tp) {
 		t.Errorf("%s: traceparent %q is not W3C trace context", where, tp)
 	}
-	wantWord := map[string]string{"register-request": "register", "register-reply": "register", "token-reply": "token", "schedule": "schedule"}
+	wantWord := map[string]string{"register-request": "register", "register-reply": "register", "token-reply": "token", "schedule": "schedule", "publish-ack": "401"}
 	if w, ok := wantWord[b.kind]; ok && w != word {
 		t.Errorf("%s: a %s travels on %s.%s.<key>, not on %s", where, b.kind, subj.Prefix(), w, b.subject)
 		return
@@ -228,8 +258,18 @@ func checkExample(t *testing.T, where string, subj events.Subjects, b block, hdr
 		} else if hdr["Nats-Service-Error-Code"] != events.StatusOf(r.Error) || hdr["Nats-Service-Error"] != r.ErrorDescription {
 			t.Errorf("%s: headers %q do not match the body (want code %s and the description)", where, hdr, events.StatusOf(r.Error))
 		}
+	case "publish-ack":
+		// The stream's answer to a runtime's publish; what the recipe
+		// shows is the duplicate that no refresher will answer.
+		var ack jetstream.PubAck
+		if strictDecode(t, where, data, &ack) {
+			if ack.Stream != subj.EventsStream() || ack.Sequence == 0 || !ack.Duplicate {
+				t.Errorf("%s: ack %+v: want a duplicate of a report stored in %s", where, ack, subj.EventsStream())
+			}
+			roundTrip(t, where, data, ack)
+		}
 	default:
-		t.Errorf("%s: unknown example kind %q; use event, schedule, register-request, register-reply, token-reply or error-reply", where, b.kind)
+		t.Errorf("%s: unknown example kind %q; use event, schedule, register-request, register-reply, token-reply, error-reply or publish-ack", where, b.kind)
 	}
 }
 
@@ -321,7 +361,7 @@ func TestGenerateProtocolExamples(t *testing.T) {
 		}
 		used[b.marker] = true
 		out.WriteString(doc[last:b.start])
-		out.WriteString(body)
+		out.WriteString(b.indented(body))
 		last = b.end
 	}
 	out.WriteString(doc[last:])
@@ -415,10 +455,13 @@ func generate(t *testing.T) map[string]string {
 		SpanID:     trace.SpanID{0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7},
 		TraceFlags: trace.FlagsSampled,
 	}))
-	request := func(subject string, body []byte) *nats.Msg {
+	request := func(subject string, body []byte, msg ...*nats.Msg) *nats.Msg {
 		t.Helper()
 		m := nats.NewMsg(subject)
 		m.Data = body
+		if len(msg) > 0 {
+			m = msg[0]
+		}
 		telemetry.Inject(traced, m.Header)
 		reply, err := b.NC.RequestMsg(m, 5*time.Second)
 		if err != nil {
@@ -478,6 +521,17 @@ func generate(t *testing.T) map[string]string {
 		return bytes.Contains(m.Data, []byte(`"version":2`))
 	})
 	put("event", rot.Subject, rot.Data, rot.Header)
+	// A runtime that got 401 with the same token reports it after the
+	// rotation: the stream drops the report (recipe, step 2).
+	late, err := events.Encode(alice, "mcp-client/host-5", events.Unauthorized{Fingerprint: fp1, Runtime: "mcp-client/host-5", Status: 401})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lateMsg := nats.NewMsg(b.Subj.Event(events.Type401, alice))
+	lateMsg.Data = late
+	lateMsg.Header.Set(nats.MsgIdHdr, events.MsgID(events.Type401, alice, fp1))
+	ack := request(lateMsg.Subject, nil, lateMsg)
+	put("publish-ack", lateMsg.Subject, ack.Data, nil)
 	var v2 struct {
 		Data events.Rotated `json:"data"`
 	}

@@ -6,8 +6,8 @@
 //
 // It builds and checks bytes and names, and knows nothing of NATS connections,
 // so that the refresher, the publisher CLI and every runtime's client library
-// share one definition of the contract. DESIGN.md ("Wire protocol") is the
-// normative description; this package is its executable form.
+// share one definition of the contract. docs/protocol.md is the normative
+// description; this package is its executable form.
 //
 // Everything that arrives from the wire goes through a decoder here (Decode,
 // DecodeRegisterRequest, Subjects.Parse, ParseKey). The decoders never panic on

@@ -546,7 +546,7 @@ func TestTraceContextAndInboxPrefix(t *testing.T) {
 		parent string
 	}{
 		{"publisher 401", trace.SpanKindInternal, "00f067aa0ba902b7"},
-		{"request auth.token", trace.SpanKindClient, cmdSpan.SpanContext().SpanID().String()},
+		{"send auth.token", trace.SpanKindProducer, cmdSpan.SpanContext().SpanID().String()},
 		{"send auth.401", trace.SpanKindProducer, cmdSpan.SpanContext().SpanID().String()},
 	} {
 		s, ok := spans[want.name]
@@ -563,7 +563,7 @@ func TestTraceContextAndInboxPrefix(t *testing.T) {
 		case m := <-seen:
 			var s sdktrace.ReadOnlySpan
 			if strings.Contains(m.Subject, ".token.") {
-				s = spans["request auth.token"]
+				s = spans["send auth.token"]
 				if !strings.HasPrefix(m.Reply, "_INBOX_acme.") {
 					t.Errorf("token request reply subject %q, want the inbox prefix _INBOX_acme", m.Reply)
 				}

@@ -7,18 +7,19 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
+	authclient "github.com/authbus/authbus/client"
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/telemetry"
@@ -91,10 +92,12 @@ func exitCode(err error) int {
 			return exitNeedsReauth
 		}
 		return exitFailure
-	case errors.Is(err, errNotRegistered):
+	case errors.Is(err, errNotRegistered), errors.Is(err, authclient.ErrNotFound):
 		return exitNotFound
-	case errors.Is(err, errReauth):
+	case errors.Is(err, errReauth), errors.As(err, new(*authclient.NeedsReauthError)):
 		return exitNeedsReauth
+	case errors.Is(err, authclient.ErrRefused):
+		return exitUsage
 	case errors.Is(err, errUsage), errors.Is(err, events.ErrInvalidKey), errors.Is(err, events.ErrInvalidSubject),
 		errors.Is(err, events.ErrInvalidRequest), errors.Is(err, events.ErrInvalidEvent):
 		return exitUsage
@@ -369,40 +372,21 @@ func (c *client) request(ctx context.Context, word string, k events.Key, body []
 	return nil
 }
 
-// publishEvent publishes an inbound event (401, expiring) through
-// JetStream with the Nats-Msg-Id that lets the stream drop duplicates of a
-// storm, under a producer span whose context travels in the headers.
-func (c *client) publishEvent(ctx context.Context, k events.Key, p events.Payload, fingerprint string) (_ *jetstream.PubAck, _ string, err error) {
-	subject := c.g.subj.Event(p.EventType(), k)
-	msgID := events.MsgID(p.EventType(), k, fingerprint)
-	ctx, span := tracer().Start(ctx, "send "+string(p.EventType()), trace.WithSpanKind(trace.SpanKindProducer),
-		messagingAttrs("send", subject, k),
-		trace.WithAttributes(attribute.String("messaging.message.id", msgID), attribute.String("authbus.fingerprint", fingerprint)))
-	defer func() { endSpan(span, err) }()
-	host, _ := os.Hostname()
-	data, err := events.Encode(k, "authbus/publisher/"+host, p)
-	if err != nil {
-		return nil, subject, err
+// clientOptions are the settings of the connection flags that the runtime
+// commands hand to the client library.
+func (c *client) clientOptions() []authclient.Option {
+	return []authclient.Option{authclient.WithPrefix(c.g.prefix), authclient.WithRequestTimeout(c.g.timeout),
+		authclient.WithLogger(slog.New(slog.DiscardHandler))}
+}
+
+// explain words an error of the client library as the publisher's own
+// errors read: a needs-re-auth error starts with the protocol's code, as
+// the service's answer does.
+func explain(err error) error {
+	if errors.As(err, new(*authclient.NeedsReauthError)) {
+		return fmt.Errorf("%s: %w", events.CodeNeedsReauth, err)
 	}
-	js, err := jetstream.New(c.nc)
-	if err != nil {
-		return nil, subject, err
-	}
-	msg := nats.NewMsg(subject)
-	msg.Data = data
-	telemetry.Inject(ctx, msg.Header)
-	ctx, cancel := context.WithTimeout(ctx, c.g.timeout)
-	defer cancel()
-	ack, err := js.PublishMsg(ctx, msg, jetstream.WithMsgID(msgID))
-	switch {
-	case errors.Is(err, jetstream.ErrNoStreamResponse), errors.Is(err, nats.ErrNoResponders):
-		return nil, subject, fmt.Errorf("publish %s: no stream captures it: start a refresher (it creates the stream %s) or check --prefix", subject, c.g.subj.EventsStream())
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
-		return nil, subject, c.timeoutError(subject, err)
-	case err != nil:
-		return nil, subject, fmt.Errorf("publish %s: %w", subject, err)
-	}
-	return ack, subject, nil
+	return err
 }
 
 // writeJSON prints v as one line of JSON.

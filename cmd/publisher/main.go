@@ -47,6 +47,7 @@ var commands = []command{
 	{"status", "[KEY|TENANT|PATTERN…]", "show credentials: version, state, expiry, last rotation, lease (operator)", status},
 	{"delete", "KEY…", "forget credentials: record, pending refresh, kept needs_reauth (operator)", deleteCmd},
 	{"revoke", "KEY…", "delete, and say that the tokens stay valid at the authorization server (operator)", revoke},
+	{"import", "PATH…", "register the tokens MCP clients saved on disk (MCP SDK token stores, x/oauth2 tokens)", importCmd},
 	{"storm", "", "load test: a 401 storm through naive, in-process and authbus refreshing, side by side", stormCmd},
 }
 

@@ -35,18 +35,7 @@ show in ps.`, s)
 	var req events.RegisterRequest
 	var scopes cli.StringList
 	var tokenPath, expiresAt string
-	f.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
-	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
-	f.StringVar(&req.Issuer, "issuer", "", "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
-	f.bind("issuer", "AUTHBUS_ISSUER")
-	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
-	f.bind("client-id", "AUTHBUS_CLIENT_ID")
-	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
-	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
-	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
-	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
-	f.Var(&scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
-	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+	defineRegisterFlags(f, &req, &scopes)
 	f.StringVar(&tokenPath, "token-file", "", "token response JSON from `FILE`, or - for stdin")
 	f.StringVar(&req.Token.AccessToken, "access-token", "", "access token (prefer --token-file or the environment)")
 	f.bind("access-token", "AUTHBUS_ACCESS_TOKEN")
@@ -81,20 +70,16 @@ show in ps.`, s)
 		}
 	}
 	// Checked here too, so a typo is reported before anything is sent.
-	if err := req.Validate(); err != nil {
+	if err := checkRegister(req); err != nil {
 		return usageErrorf("%w; see \"publisher register --help\"", err)
-	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		return err
 	}
 	c, err := f.connect()
 	if err != nil {
 		return err
 	}
 	defer c.close()
-	var reply events.RegisterReply
-	if err := c.request(ctx, "register", key, body, &reply); err != nil {
+	reply, err := c.register(ctx, key, req)
+	if err != nil {
 		return err
 	}
 	if *asJSON {
@@ -106,6 +91,39 @@ show in ps.`, s)
 	}
 	_, err = fmt.Fprintf(s.out, "registered %s: version %d, fingerprint %s, expires %s\n", key, reply.Version, reply.Fingerprint, exp)
 	return err
+}
+
+// defineRegisterFlags defines the flags that say how a credential is
+// refreshed, shared by register and import.
+func defineRegisterFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.StringList) {
+	f.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
+	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
+	f.StringVar(&req.Issuer, "issuer", "", "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
+	f.bind("issuer", "AUTHBUS_ISSUER")
+	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
+	f.bind("client-id", "AUTHBUS_CLIENT_ID")
+	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
+	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
+	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
+	f.Var(scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
+	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+}
+
+// checkRegister checks a register request as the refresher will, so that a
+// mistake is reported before anything is sent. Its errors name fields,
+// never values.
+func checkRegister(req events.RegisterRequest) error { return req.Validate() }
+
+// register sends req on auth.register.KEY and returns the reply.
+func (c *client) register(ctx context.Context, key events.Key, req events.RegisterRequest) (events.RegisterReply, error) {
+	var reply events.RegisterReply
+	body, err := json.Marshal(req)
+	if err != nil {
+		return reply, err
+	}
+	err = c.request(ctx, "register", key, body, &reply)
+	return reply, err
 }
 
 // readInput reads path, or stdin for "-", refusing more than limit bytes.

@@ -8,8 +8,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
+	authclient "github.com/authbus/authbus/client"
 	"github.com/authbus/authbus/events"
 )
 
@@ -18,7 +17,7 @@ import (
 type reportFlags struct {
 	fingerprint, accessToken string
 	asJSON                   bool
-	wait                     time.Duration
+	wait, recheck            time.Duration
 }
 
 func (r *reportFlags) define(f *cmdFlags, what string) {
@@ -26,7 +25,9 @@ func (r *reportFlags) define(f *cmdFlags, what string) {
 	f.StringVar(&r.accessToken, "access-token", "", "the token that "+what+"; only its fingerprint is sent")
 	f.bind("access-token", "AUTHBUS_ACCESS_TOKEN")
 	f.BoolVar(&r.asJSON, "json", false, "print the publish result (and with --wait, the outcome) as JSON")
-	f.DurationVar(&r.wait, "wait", 0, "wait this long for the outcome: exit 0 once a newer token is announced, 4 on needs_reauth (0: do not wait)")
+	f.DurationVar(&r.wait, "wait", 0, "wait this long for the outcome: exit 0 once a token other than the reported one is in force, 4 on needs_reauth (0: do not wait)")
+	f.DurationVar(&r.recheck, "recheck", authclient.DefaultRecheckInterval, "with --wait: ask auth.token again after this long without an answer, then at doubling gaps up to 4 times it")
+	f.bind("recheck", "AUTHBUS_RECHECK")
 }
 
 // check refuses contradictory or malformed token flags before anything
@@ -39,23 +40,25 @@ func (r *reportFlags) check() error {
 		return usageErrorf("--fingerprint: want 16 lowercase hex characters, the fingerprint of the token, never the token itself (use --access-token for that)")
 	case r.wait < 0:
 		return usageErrorf("--wait %v: give a positive duration such as 30s, or 0 not to wait", r.wait)
+	case r.recheck <= 0:
+		return usageErrorf("--recheck %v: give a positive duration such as 2s", r.recheck)
 	}
 	return nil
 }
 
 // tokenFingerprint resolves which token the report is about: --fingerprint,
 // else the fingerprint of --access-token, else the current token (asked of
-// the token service), whose reply is also returned.
-func (r *reportFlags) tokenFingerprint(ctx context.Context, c *client, k events.Key) (string, *events.Rotated, error) {
+// the token service), which is also returned.
+func (r *reportFlags) tokenFingerprint(ctx context.Context, src *authclient.Source) (string, *events.Rotated, error) {
 	switch {
 	case r.fingerprint != "":
 		return r.fingerprint, nil, nil
 	case r.accessToken != "":
 		return events.Fingerprint(r.accessToken), nil, nil
 	}
-	var cur events.Rotated
-	if err := c.request(ctx, "token", k, nil, &cur); err != nil {
-		return "", nil, fmt.Errorf("no --fingerprint or --access-token given, and the current token could not be read: %w", err)
+	cur, err := src.Current(ctx)
+	if err != nil {
+		return "", nil, fmt.Errorf("no --fingerprint or --access-token given, and the current token could not be read: %w", explain(err))
 	}
 	return cur.Fingerprint, &cur, nil
 }
@@ -69,11 +72,10 @@ fingerprint is sent); with neither, the current token is meant, which makes
 the refreshers refresh it now.`, s)
 	var r reportFlags
 	r.define(f, "got 401")
-	var ev events.Unauthorized
 	host, _ := os.Hostname()
-	f.StringVar(&ev.Runtime, "runtime", "publisher@"+host, "who saw the 401")
-	f.IntVar(&ev.Status, "status", 401, "HTTP status seen")
-	f.StringVar(&ev.URL, "url", "", "URL of the request that got 401 (its query and credentials are dropped)")
+	runtime := f.String("runtime", "publisher@"+host, "who saw the 401")
+	status := f.Int("status", 401, "HTTP status seen")
+	rawURL := f.String("url", "", "URL of the request that got 401 (its query and credentials are dropped)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -81,13 +83,12 @@ the refreshers refresh it now.`, s)
 	if err != nil {
 		return err
 	}
-	if ev.URL, err = cleanURL(ev.URL); err != nil {
+	u, err := cleanURL(*rawURL)
+	if err != nil {
 		return err
 	}
-	return report(ctx, f, key, &r, func(fp string, _ *events.Rotated) (events.Payload, error) {
-		ev.Fingerprint = fp
-		ev.ObservedAt = time.Now().UTC()
-		return ev, ev.Validate()
+	return report(ctx, f, key, &r, *runtime, func(src *authclient.Source, fp string, _ *events.Rotated) (authclient.Published, error) {
+		return src.Report401(ctx, authclient.Refusal{Fingerprint: fp, Status: *status, URL: u})
 	})
 }
 
@@ -117,15 +118,15 @@ A report that is not due is acknowledged silently, so --wait then times out.`, s
 	if at.IsZero() && (r.fingerprint != "" || r.accessToken != "") {
 		return usageErrorf("say when that token expires with --expires-at (RFC 3339)")
 	}
-	return report(ctx, f, key, &r, func(fp string, cur *events.Rotated) (events.Payload, error) {
+	host, _ := os.Hostname()
+	return report(ctx, f, key, &r, "publisher@"+host, func(src *authclient.Source, fp string, cur *events.Rotated) (authclient.Published, error) {
 		if at.IsZero() && cur != nil {
 			at = cur.ExpiresAt
 		}
 		if at.IsZero() {
-			return nil, usageErrorf("the current token has no expiry; say when it expires with --expires-at (RFC 3339)")
+			return authclient.Published{}, usageErrorf("the current token has no expiry; say when it expires with --expires-at (RFC 3339)")
 		}
-		ev := events.Expiring{Fingerprint: fp, ExpiresAt: at.UTC()}
-		return ev, ev.Validate()
+		return src.ReportExpiring(ctx, fp, at)
 	})
 }
 
@@ -153,9 +154,12 @@ type outcome struct {
 	Description string      `json:"error_description,omitempty"`
 }
 
-// report publishes the event build makes for key and, with --wait, waits
-// for the announcement that answers it.
-func report(ctx context.Context, f *cmdFlags, key events.Key, r *reportFlags, build func(fp string, cur *events.Rotated) (events.Payload, error)) error {
+// report publishes what send sends for key, as the runtime runtime, and
+// with --wait waits for the token that replaces the reported one (the
+// protocol's recipe: the Source subscribes first, and asks auth.token at
+// once after the report).
+func report(ctx context.Context, f *cmdFlags, key events.Key, r *reportFlags, runtime string,
+	send func(src *authclient.Source, fp string, cur *events.Rotated) (authclient.Published, error)) error {
 	if err := r.check(); err != nil {
 		return err
 	}
@@ -164,45 +168,38 @@ func report(ctx context.Context, f *cmdFlags, key events.Key, r *reportFlags, bu
 		return err
 	}
 	defer c.close()
-	fp, cur, err := r.tokenFingerprint(ctx, c, key)
+	opts := append(c.clientOptions(), authclient.WithRuntime(runtime), authclient.WithRecheckInterval(r.recheck))
+	if r.wait > 0 {
+		opts = append(opts, authclient.WithWaitTimeout(r.wait))
+	}
+	src, err := authclient.New(c.nc, key.String(), opts...)
+	if err != nil {
+		return explain(err)
+	}
+	defer src.Close()
+	fp, cur, err := r.tokenFingerprint(ctx, src)
 	if err != nil {
 		return err
 	}
-	p, err := build(fp, cur)
-	if err != nil {
+	pub, err := send(src, fp, cur)
+	if errors.Is(err, events.ErrInvalidEvent) {
 		return usageErrorf("%w", err)
 	}
-	// Subscribe before publishing, so a quick answer is not missed.
-	var answers chan *nats.Msg
-	if r.wait > 0 {
-		answers = make(chan *nats.Msg, 64)
-		for _, t := range []events.Type{events.TypeRotated, events.TypeNeedsReauth} {
-			sub, err := c.nc.ChanSubscribe(c.g.subj.Event(t, key), answers)
-			if err != nil {
-				return fmt.Errorf("subscribe %s: %w", c.g.subj.Event(t, key), err)
-			}
-			defer sub.Unsubscribe() //nolint:errcheck // the connection closes next
-		}
-		if err := c.nc.Flush(); err != nil {
-			return fmt.Errorf("subscribe for --wait: %w", err)
-		}
-	}
-	ack, subject, err := c.publishEvent(ctx, key, p, fp)
 	if err != nil {
-		return err
+		return explain(err)
 	}
-	res := publishResult{Subject: subject, MsgID: events.MsgID(p.EventType(), key, fp), Fingerprint: fp,
-		Stream: ack.Stream, Sequence: ack.Sequence, Duplicate: ack.Duplicate}
+	res := publishResult{Subject: pub.Subject, MsgID: pub.MsgID, Fingerprint: fp,
+		Stream: pub.Stream, Sequence: pub.Sequence, Duplicate: pub.Duplicate}
 	if !r.asJSON {
-		if ack.Duplicate {
-			fmt.Fprintf(f.s.out, "published %s: duplicate of a report for the same token in the de-duplication window (already being handled)\n", subject)
+		if pub.Duplicate {
+			fmt.Fprintf(f.s.out, "published %s: duplicate of a report for the same token in the de-duplication window (already being handled)\n", pub.Subject)
 		} else {
-			fmt.Fprintf(f.s.out, "published %s: stream %s sequence %d\n", subject, ack.Stream, ack.Sequence)
+			fmt.Fprintf(f.s.out, "published %s: stream %s sequence %d\n", pub.Subject, pub.Stream, pub.Sequence)
 		}
 	}
 	if r.wait > 0 {
-		res.Outcome, err = awaitOutcome(ctx, c, key, fp, answers, r.wait)
-		if err != nil && !errors.Is(err, errReauth) {
+		res.Outcome, err = awaitOutcome(ctx, src, key, fp, r.wait)
+		if err != nil {
 			return err
 		}
 		if !r.asJSON {
@@ -220,33 +217,21 @@ func report(ctx context.Context, f *cmdFlags, key events.Key, r *reportFlags, bu
 	return nil
 }
 
-// awaitOutcome waits for the auth.rotated of a token other than fp (the
-// refresh, or the re-announcement of a newer token) or an auth.needs_reauth.
-// A re-announcement of fp itself (an expiring that was not due) does not
-// end the wait.
-func awaitOutcome(ctx context.Context, c *client, key events.Key, fp string, answers <-chan *nats.Msg, d time.Duration) (*outcome, error) {
-	ctx, cancel := context.WithTimeout(ctx, d)
-	defer cancel()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("no new token or needs_reauth for %s within --wait %v: the refresh may still be running or retrying (see publisher watch, publisher status)", key, d)
-		case msg := <-answers:
-			t, _, err := c.g.subj.ParseEvent(msg.Subject)
-			if err != nil {
-				continue
-			}
-			ev, err := events.Decode(t, key, msg.Data)
-			switch {
-			case err != nil:
-				continue
-			case ev.Rotated != nil && ev.Rotated.Fingerprint != fp:
-				return &outcome{Type: t, Version: ev.Rotated.Version, Fingerprint: ev.Rotated.Fingerprint, ExpiresAt: ev.Rotated.ExpiresAt}, nil
-			case ev.NeedsReauth != nil:
-				return &outcome{Type: t, Version: ev.NeedsReauth.Version, Reason: ev.NeedsReauth.Reason, Description: ev.NeedsReauth.ErrorDescription}, errReauth
-			}
-		}
+// awaitOutcome waits for the token that replaces fp, or for the news that
+// the credential needs a new login. A re-announcement of fp itself (an
+// expiring that was not due) does not end the wait.
+func awaitOutcome(ctx context.Context, src *authclient.Source, key events.Key, fp string, d time.Duration) (*outcome, error) {
+	tok, err := src.Replacement(ctx, fp)
+	var nre *authclient.NeedsReauthError
+	switch {
+	case errors.As(err, &nre):
+		return &outcome{Type: events.TypeNeedsReauth, Version: nre.Version, Reason: nre.Reason, Description: nre.Description}, nil
+	case errors.Is(err, authclient.ErrTimeout):
+		return nil, fmt.Errorf("no new token or needs_reauth for %s within --wait %v: the refresh may still be running or retrying (see publisher watch, publisher status)", key, d)
+	case err != nil:
+		return nil, explain(err)
 	}
+	return &outcome{Type: events.TypeRotated, Version: tok.Version, Fingerprint: tok.Fingerprint, ExpiresAt: tok.ExpiresAt}, nil
 }
 
 func printOutcome(s streams, o *outcome) {

@@ -4,7 +4,7 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/authbus/authbus/events"
+	authclient "github.com/authbus/authbus/client"
 )
 
 func token(ctx context.Context, args []string, s streams) error {
@@ -26,9 +26,9 @@ registered and 4 when it needs a new login.`, s)
 		return err
 	}
 	defer c.close()
-	var reply events.Rotated
-	if err := c.request(ctx, "token", key, nil, &reply); err != nil {
-		return err
+	reply, err := authclient.FetchToken(ctx, c.nc, key.String(), c.clientOptions()...)
+	if err != nil {
+		return explain(err)
 	}
 	if *asJSON {
 		return writeJSON(s, reply)

@@ -7,8 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
+	authclient "github.com/authbus/authbus/client"
 	"github.com/authbus/authbus/events"
 )
 
@@ -49,28 +48,12 @@ user may subscribe to); --types 401,expiring adds the runtimes' reports.`, s)
 		return err
 	}
 	defer c.close()
-	msgs := make(chan *nats.Msg, 256)
-	var subjects []string
-	for _, pat := range patterns {
-		for _, t := range want {
-			subject := c.g.subj.Prefix() + "." + t.Word() + "." + pat
-			sub, err := c.nc.ChanSubscribe(subject, msgs)
-			if err != nil {
-				return fmt.Errorf("subscribe %s: %w", subject, err)
-			}
-			defer sub.Unsubscribe() //nolint:errcheck // the connection closes next
-			subjects = append(subjects, subject)
-		}
+	w, err := authclient.Watch(c.nc, patterns, want, c.clientOptions()...)
+	if err != nil {
+		return err
 	}
-	// A refused subscription arrives as an asynchronous error; the flush
-	// round trip makes it show up now.
-	if err := c.nc.Flush(); err != nil {
-		return fmt.Errorf("subscribe: %w", err)
-	}
-	if err := c.nc.LastError(); err != nil {
-		return fmt.Errorf("subscribe %s: %w; check the NATS user's permissions", strings.Join(subjects, " "), err)
-	}
-	fmt.Fprintf(s.errOut, "watching %s\n", strings.Join(subjects, " "))
+	defer w.Close()
+	fmt.Fprintf(s.errOut, "watching %s\n", strings.Join(w.Subjects(), " "))
 
 	if *limit > 0 {
 		var cancel context.CancelFunc
@@ -78,15 +61,18 @@ user may subscribe to); --types 401,expiring adds the runtimes' reports.`, s)
 		defer cancel()
 	}
 	for seen := 0; *count == 0 || seen < *count; seen++ {
-		select {
-		case <-ctx.Done():
+		ev, err := w.Next(ctx)
+		switch {
+		case ctx.Err() != nil:
 			if *limit > 0 && ctx.Err() == context.DeadlineExceeded {
 				return fmt.Errorf("saw %d of %d events within --for %v", seen, *count, *limit)
 			}
 			return nil
-		case msg := <-msgs:
-			if err := printEvent(s, c.g.subj, msg, *asJSON, *showTokens); err != nil {
-				fmt.Fprintf(s.errOut, "skipping a malformed event on %s: %v\n", msg.Subject, err)
+		case err != nil:
+			fmt.Fprintf(s.errOut, "skipping a malformed %v\n", err)
+		default:
+			if err := printEvent(s, ev, *asJSON, *showTokens); err != nil {
+				return err
 			}
 		}
 	}
@@ -112,39 +98,21 @@ func keyPatterns(args []string) ([]string, error) {
 	}
 	var out []string
 	for _, a := range args {
-		parts := strings.Split(a, ".")
-		if len(parts) == 1 && parts[0] != "*" && parts[0] != ">" {
-			parts = append(parts, ">")
+		pat := a
+		if !strings.Contains(a, ".") && a != "*" && a != ">" {
+			pat += ".>" // a tenant
 		}
-		ok := len(parts) <= 3
-		for i, p := range parts {
-			switch {
-			case p == "*":
-			case p == ">":
-				ok = ok && i == len(parts)-1
-			default:
-				_, err := events.NewKey(p, "x", "x")
-				ok = ok && err == nil
-			}
-		}
-		if !ok || (len(parts) < 3 && parts[len(parts)-1] != ">") {
+		if authclient.CheckPattern(pat) != nil {
 			return nil, usageErrorf("pattern %q: want a key tenant.user.server, a tenant, or a key with NATS wildcards such as acme.*.github or acme.>; each part [A-Za-z0-9_-]{1,64}", a)
 		}
-		out = append(out, strings.Join(parts, "."))
+		out = append(out, pat)
 	}
 	return out, nil
 }
 
 // printEvent prints one event, without its access token unless showTokens.
-func printEvent(s streams, subj events.Subjects, msg *nats.Msg, asJSON, showTokens bool) error {
-	typ, key, err := subj.ParseEvent(msg.Subject)
-	if err != nil {
-		return err
-	}
-	ev, err := events.Decode(typ, key, msg.Data)
-	if err != nil {
-		return err
-	}
+func printEvent(s streams, ev *events.Event, asJSON, showTokens bool) error {
+	var err error
 	if ev.Rotated != nil && !showTokens {
 		redacted := *ev.Rotated
 		redacted.AccessToken = "[hidden]"
@@ -155,7 +123,7 @@ func printEvent(s streams, subj events.Subjects, msg *nats.Msg, asJSON, showToke
 	if asJSON {
 		return writeJSON(s, ev.Envelope)
 	}
-	ts := ev.Time.UTC().Format(time.RFC3339)
+	ts, key := ev.Time.UTC().Format(time.RFC3339), ev.Subject
 	switch {
 	case ev.Rotated != nil:
 		exp := "never"

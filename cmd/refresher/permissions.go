@@ -15,7 +15,8 @@ import (
 
 // runPermissions prints the nats-server configuration block of a NATS user:
 // a tenant's runtime user, or the refreshers' own. Tenant isolation is
-// enforced by these permissions, not by convention (DESIGN.md, Security).
+// enforced by these permissions, not by convention (docs/protocol.md,
+// "Connecting").
 func runPermissions(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("refresher permissions", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -137,7 +137,7 @@ func (d *direct) drain(context.Context, *waveState) (time.Duration, error) {
 func (d *direct) close() {}
 
 // permanentErr is the refresher's classification of a token-endpoint
-// answer that no retry can fix (see DESIGN.md): an OAuth error code with
+// answer that no retry can fix (see workers/classify.go): an OAuth error code with
 // 400/401/403, or another 4xx but 408 and 429.
 func permanentErr(err error) bool {
 	var re *oauth2.RetrieveError
