@@ -54,7 +54,7 @@ type Config struct {
 	// one through; 0 means 30s.
 	BreakerOpenFor time.Duration
 	// RefreshLead is how long before expiry the proactive refresh is due; 0
-	// means the rule of DESIGN.md: 10 % of the token's lifetime, clamped to
+	// means the rule of docs/protocol.md: 10 % of the token's lifetime, clamped to
 	// 30s–10m. Either way it is never more than half the lifetime. Each
 	// schedule fires at a random point of the first half of the lead, so
 	// credentials registered together do not all refresh in the same second.

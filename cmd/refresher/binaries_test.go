@@ -29,7 +29,7 @@ func TestMain(m *testing.M) {
 
 // binaries builds cmd/refresher and cmd/publisher on first use and returns
 // the folder that holds them.
-func binaries(t *testing.T) string {
+func binaries(t testing.TB) string {
 	t.Helper()
 	binOnce.Do(func() {
 		if binDir, binErr = os.MkdirTemp("", "authbus-bin-"); binErr != nil {
@@ -49,7 +49,7 @@ func binaries(t *testing.T) string {
 // startRefresher starts cmd, a refresher, with its output captured, and
 // waits until it is ready. exited yields Wait's result once; the process
 // is killed when the test ends if it still runs.
-func startRefresher(t *testing.T, cmd *exec.Cmd) (stdout, stderr *fleet.LogBuffer, exited <-chan error) {
+func startRefresher(t testing.TB, cmd *exec.Cmd) (stdout, stderr *fleet.LogBuffer, exited <-chan error) {
 	t.Helper()
 	stdout, stderr = &fleet.LogBuffer{}, &fleet.LogBuffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr

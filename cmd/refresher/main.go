@@ -10,6 +10,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"net/http"
 	neturl "net/url"
 	"os"
 	"os/signal"
@@ -19,6 +21,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/internal/embedded"
@@ -189,7 +192,7 @@ func run(args []string, stderr io.Writer) error {
 	}
 	defer nc.Close()
 
-	pool, err := workers.New(ctx, nc, o.pool)
+	pool, err := newPool(ctx, nc, o.pool, log)
 	if err != nil {
 		return err
 	}
@@ -232,6 +235,42 @@ func run(args []string, stderr io.Writer) error {
 	log.Info("refresher stopped")
 	return nil
 }
+
+// startupPatience is how long a refresher waits for a JetStream that is
+// not ready yet: a cluster whose nodes start together, as compose starts
+// them, cannot place R3 streams until it has its peers.
+const startupPatience = 2 * time.Minute
+
+// newPool is workers.New, retried while JetStream is not ready yet.
+func newPool(ctx context.Context, nc *nats.Conn, cfg workers.Config, log *slog.Logger) (*workers.Pool, error) {
+	deadline := time.Now().Add(startupPatience)
+	for {
+		pool, err := workers.New(ctx, nc, cfg)
+		if err == nil || !notReadyYet(err) || time.Now().After(deadline) {
+			return pool, err
+		}
+		log.Warn("JetStream is not ready yet; trying again", "error", err, "gives_up_at", deadline.Format(time.RFC3339))
+		select {
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+// notReadyYet reports whether err is what a JetStream that is still
+// starting answers: no peers to place a replicated stream on yet, the
+// JetStream system temporarily unavailable (503), or no answer at all.
+func notReadyYet(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.ErrorCode == jsClusterNoPeers || apiErr.Code == http.StatusServiceUnavailable
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders)
+}
+
+// jsClusterNoPeers is nats-server's "no suitable peers for placement".
+const jsClusterNoPeers jetstream.ErrorCode = 10005
 
 // drain flushes what the connection still has to send and closes it.
 func drain(nc *nats.Conn, timeout time.Duration) error {

@@ -147,7 +147,7 @@ func cleanEnv() []string {
 	return env
 }
 
-func waitForText(t *testing.T, b *fleet.LogBuffer, text string, d time.Duration) {
+func waitForText(t testing.TB, b *fleet.LogBuffer, text string, d time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()

@@ -66,9 +66,17 @@ type Cluster struct {
 	opts    []*server.Options
 }
 
+// ClusterOption changes the options of every server of a cluster before it
+// starts.
+type ClusterOption func(*server.Options)
+
+// SyncAlways makes every server sync its store to disk on every write, as
+// the authbus deployments do (jetstream sync_interval: always).
+func SyncAlways() ClusterOption { return func(o *server.Options) { o.SyncAlways = true } }
+
 // RunCluster starts an n-node JetStream cluster and waits until it has a
 // meta leader. Every server is shut down when the test ends.
-func RunCluster(t testing.TB, n int) *Cluster {
+func RunCluster(t testing.TB, n int, opts ...ClusterOption) *Cluster {
 	t.Helper()
 	if n < 1 {
 		t.Fatalf("natstest: cluster of %d servers", n)
@@ -96,6 +104,9 @@ func RunCluster(t testing.TB, n int) *Cluster {
 				Advertise: "127.0.0.1:1",
 			},
 			Routes: server.RoutesFromStr(strings.Join(routes[i], ",")),
+		}
+		for _, o := range opts {
+			o(c.opts[i])
 		}
 	}
 	// Servers wait for their peers before JetStream is ready, so start them
@@ -172,6 +183,9 @@ func (c *Cluster) Connect(t testing.TB, opts ...nats.Option) *nats.Conn {
 	return nc
 }
 
+// ClientURL returns the client URL of server i, running or not.
+func (c *Cluster) ClientURL(i int) string { return fmt.Sprintf("nats://127.0.0.1:%d", c.opts[i].Port) }
+
 // ConnectTo opens a connection to server i only (it neither fails over
 // nor follows the servers the cluster announces), as a process that runs
 // beside that node and talks to it alone; it is closed when the test ends.
@@ -179,7 +193,7 @@ func (c *Cluster) ConnectTo(t testing.TB, i int, opts ...nats.Option) *nats.Conn
 	t.Helper()
 	opts = append([]nats.Option{nats.Name(fmt.Sprintf("%s@n%d", t.Name(), i)), nats.IgnoreDiscoveredServers(),
 		nats.MaxReconnects(-1), nats.ReconnectWait(50 * time.Millisecond)}, opts...)
-	nc, err := nats.Connect(fmt.Sprintf("nats://127.0.0.1:%d", c.opts[i].Port), opts...)
+	nc, err := nats.Connect(c.ClientURL(i), opts...)
 	if err != nil {
 		t.Fatalf("natstest: connect to n%d: %v", i, err)
 	}

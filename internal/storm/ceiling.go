@@ -80,6 +80,15 @@ func newCeiling(cfg Config, ep *endpoint, env *natsEnv, run string) *ceiling {
 
 func (c *ceiling) prepare(ctx context.Context) error {
 	js := c.env.js
+	// The ceiling's streams and buckets are as replicated as the
+	// deployment's credential bucket, so that both pay the same for
+	// replication.
+	replicas := 1
+	if subj, err := events.NewSubjects(c.cfg.Prefix); err == nil {
+		if s, err := js.Stream(ctx, "KV_"+subj.BucketName("CREDENTIALS")); err == nil {
+			replicas = s.CachedInfo().Config.Replicas
+		}
+	}
 	var err error
 	c.stream, err = js.CreateStream(ctx, jetstream.StreamConfig{
 		Name:       c.names + "_EVENTS",
@@ -87,6 +96,7 @@ func (c *ceiling) prepare(ctx context.Context) error {
 		Retention:  jetstream.WorkQueuePolicy,
 		Storage:    jetstream.FileStorage,
 		Duplicates: 30 * time.Second,
+		Replicas:   replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("create ceiling stream: %w", err)
@@ -97,10 +107,10 @@ func (c *ceiling) prepare(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("create ceiling consumer: %w", err)
 	}
-	if c.creds, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_CREDS", History: 5}); err != nil {
+	if c.creds, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_CREDS", History: 5, Replicas: replicas}); err != nil {
 		return fmt.Errorf("create ceiling credential bucket: %w", err)
 	}
-	if _, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_LEASES", History: 1, LimitMarkerTTL: time.Second}); err != nil {
+	if _, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_LEASES", History: 1, LimitMarkerTTL: time.Second, Replicas: replicas}); err != nil {
 		return fmt.Errorf("create ceiling lease bucket: %w", err)
 	}
 	if c.sub, err = c.env.nc.Subscribe(c.prefix+".rotated.>", c.onRotated); err != nil {
