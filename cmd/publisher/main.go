@@ -47,6 +47,8 @@ var commands = []command{
 	{"status", "[KEY|TENANT|PATTERN…]", "show credentials: version, state, expiry, last rotation, lease (operator)", status},
 	{"delete", "KEY…", "forget credentials: record, pending refresh, kept needs_reauth (operator)", deleteCmd},
 	{"revoke", "KEY…", "delete, and say that the tokens stay valid at the authorization server (operator)", revoke},
+	{"login", "KEY", "log in at an authorization server (browser with PKCE, or --device) and register the tokens", login},
+	{"devserver", "", "run a development authorization server on loopback, to try login and rotation", devserver},
 	{"storm", "", "load test: a 401 storm through naive, in-process and authbus refreshing, side by side", stormCmd},
 }
 

@@ -37,16 +37,8 @@ show in ps.`, s)
 	var tokenPath, expiresAt string
 	f.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
 	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
-	f.StringVar(&req.Issuer, "issuer", "", "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
-	f.bind("issuer", "AUTHBUS_ISSUER")
-	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
-	f.bind("client-id", "AUTHBUS_CLIENT_ID")
-	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
-	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
-	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	defineClientFlags(f, &req, &scopes, "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
 	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
-	f.Var(&scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
-	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
 	f.StringVar(&tokenPath, "token-file", "", "token response JSON from `FILE`, or - for stdin")
 	f.StringVar(&req.Token.AccessToken, "access-token", "", "access token (prefer --token-file or the environment)")
 	f.bind("access-token", "AUTHBUS_ACCESS_TOKEN")
@@ -55,7 +47,7 @@ show in ps.`, s)
 	f.StringVar(&req.Token.TokenType, "token-type", "", "token type (default Bearer)")
 	f.Int64Var(&req.Token.ExpiresIn, "expires-in", 0, "access token lifetime in `seconds` from now")
 	f.StringVar(&expiresAt, "expires-at", "", "absolute access token expiry, RFC 3339")
-	asJSON := f.Bool("json", false, "print the reply (version, fingerprint, expires_at) as JSON")
+	asJSON := registerJSONFlag(f)
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -84,20 +76,45 @@ show in ps.`, s)
 	if err := req.Validate(); err != nil {
 		return usageErrorf("%w; see \"publisher register --help\"", err)
 	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		return err
-	}
 	c, err := f.connect()
 	if err != nil {
 		return err
 	}
 	defer c.close()
+	return c.register(ctx, s, key, req, *asJSON)
+}
+
+// defineClientFlags defines the flags that say how a credential is
+// refreshed, which register and login share: the issuer (its usage differs
+// per command), the client and its authentication, scopes and resource.
+func defineClientFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.StringList, issuerUsage string) {
+	f.StringVar(&req.Issuer, "issuer", "", issuerUsage)
+	f.bind("issuer", "AUTHBUS_ISSUER")
+	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
+	f.bind("client-id", "AUTHBUS_CLIENT_ID")
+	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
+	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
+	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	f.Var(scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
+	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+}
+
+func registerJSONFlag(f *cmdFlags) *bool {
+	return f.Bool("json", false, "print the reply (version, fingerprint, expires_at) as JSON")
+}
+
+// register sends req to the refreshers' register service for key and
+// prints the reply: the one way register and login store tokens.
+func (c *client) register(ctx context.Context, s streams, key events.Key, req events.RegisterRequest, asJSON bool) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
 	var reply events.RegisterReply
 	if err := c.request(ctx, "register", key, body, &reply); err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		return writeJSON(s, reply)
 	}
 	exp := "never"

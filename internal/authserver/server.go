@@ -151,6 +151,7 @@ type Server struct {
 	down           bool
 	now            func() time.Time
 	onToken        func(*http.Request)
+	onCall         func(Call)
 	fails          []reply // answers queued by Fail, oldest first
 	drops          int     // answers still to lose, see DropAnswers
 	noOAuthMeta    bool    // see SetMetadata
@@ -477,6 +478,16 @@ func (s *Server) OnToken(f func(r *http.Request)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.onToken = f
+}
+
+// OnCall sets a function run with the record of every token call once its
+// outcome is recorded, before the answer is written; nil removes it. The
+// development server logs calls with it. It runs on the server's goroutine
+// for that call, concurrently with other calls.
+func (s *Server) OnCall(f func(Call)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onCall = f
 }
 
 // Calls returns how many token-endpoint calls have arrived, whatever their

@@ -158,12 +158,17 @@ func (s *Server) deliver(w http.ResponseWriter, r *http.Request, idx int, rep re
 
 func (s *Server) finish(idx int, rep reply, dropped bool) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	c := &s.calls[idx]
 	c.Status, c.Error, c.Reuse, c.Dropped = rep.status, rep.errCode, rep.reuse, dropped
 	s.finished++
 	close(s.changed)
 	s.changed = make(chan struct{})
+	hook, done := s.onCall, *c
+	s.mu.Unlock()
+	if hook != nil {
+		done.Form = cloneValues(done.Form)
+		hook(done)
+	}
 }
 
 // hangUp closes the connection without an answer, as a crashed server would.
