@@ -134,11 +134,11 @@ func TestStartRefusesAddressesOtherMachinesReach(t *testing.T) {
 }
 
 // A page whose DNS name was rebound to 127.0.0.1 reaches the listener with
-// its own name in Host, and gets nothing.
+// its own name in Host, and gets none of the pages a person answers.
 func TestRefusesOtherHostNames(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	req, _ := http.NewRequestWithContext(b.ctx, http.MethodGet, b.srv.BaseURL()+authserver.MetadataPath, nil)
+	req, _ := http.NewRequestWithContext(b.ctx, http.MethodGet, b.srv.BaseURL()+authserver.DevicePath, nil)
 	req.Host = "attacker.example"
 	resp, err := b.srv.Client().Do(req)
 	if err != nil {

@@ -127,7 +127,7 @@ type Call struct {
 type Server struct {
 	http    *http.Server
 	base    string          // http://127.0.0.1:port, also the issuer
-	hosts   map[string]bool // Host headers answered; see ServeHTTP
+	hosts   map[string]bool // Host headers the pages answer; see ownHost
 	client  *http.Client
 	closing chan struct{} // closed by Close, to end latency waits
 	served  sync.WaitGroup
@@ -246,24 +246,21 @@ func Start(addr string) (*Server, error) {
 	mux.HandleFunc("/token", s.handleToken)
 	mux.HandleFunc("GET "+MetadataPath, s.handleMetadata)
 	mux.HandleFunc("GET "+OpenIDConfigurationPath, s.handleMetadata)
-	mux.HandleFunc("GET "+AuthorizePath, s.handleAuthorize)
-	mux.HandleFunc("POST "+AuthorizePath, s.handleConsent)
 	mux.HandleFunc("POST "+DeviceAuthorizationPath, s.handleDeviceAuthorization)
-	mux.HandleFunc("GET "+DevicePath, s.handleDevicePage)
-	mux.HandleFunc("POST "+DevicePath, s.handleDeviceDecision)
 	mux.HandleFunc(RevocationPath, s.handleRevocation)
-	mux.HandleFunc("GET /{$}", s.handleHome)
-	s.http = &http.Server{Handler: s.guard(mux), ReadHeaderTimeout: 10 * time.Second}
+	// The pages a person sees answer only to this server's own name.
+	mux.HandleFunc("GET "+AuthorizePath, s.ownHost(s.handleAuthorize))
+	mux.HandleFunc("POST "+AuthorizePath, s.ownHost(s.handleConsent))
+	mux.HandleFunc("GET "+DevicePath, s.ownHost(s.handleDevicePage))
+	mux.HandleFunc("POST "+DevicePath, s.ownHost(s.handleDeviceDecision))
+	mux.HandleFunc("GET /{$}", s.ownHost(s.handleHome))
+	s.http = &http.Server{Handler: s.track(mux), ReadHeaderTimeout: 10 * time.Second}
 	s.served.Go(func() { _ = s.http.Serve(l) })
 	return s, nil
 }
 
-// guard counts the handlers in flight, so Close can wait for them, and
-// answers only requests addressed to this server by name: a web page that
-// rebinds its own DNS name to 127.0.0.1 reaches the listener, but with its
-// own name in the Host header, and must not read or submit the consent
-// pages.
-func (s *Server) guard(h http.Handler) http.Handler {
+// track counts the handlers in flight, so Close can wait for them.
+func (s *Server) track(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.entry.RLock()
 		if s.stopping {
@@ -274,12 +271,25 @@ func (s *Server) guard(h http.Handler) http.Handler {
 		s.handlers.Add(1)
 		s.entry.RUnlock()
 		defer s.handlers.Done()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// ownHost answers only requests addressed to this server by name: a web
+// page that rebinds its own DNS name to 127.0.0.1 reaches the listener, but
+// with its own name in the Host header, and must not read or submit the
+// consent and verification pages. The token, revocation and metadata
+// endpoints need no such check (they take client credentials, or give
+// nothing away), and a reverse proxy in front of them may keep its own
+// Host.
+func (s *Server) ownHost(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		if !s.hosts[r.Host] {
 			http.Error(w, "authserver: unknown host "+r.Host+"; use "+s.base, http.StatusMisdirectedRequest)
 			return
 		}
-		h.ServeHTTP(w, r)
-	})
+		h(w, r)
+	}
 }
 
 // Close stops the server: it ends latency waits, closes every connection
