@@ -18,36 +18,21 @@ in the events stream) and the kept <prefix>.needs_reauth.KEY. The token
 service answers not_found from then on; runtimes holding the access token
 keep it until it expires. Registering the key again starts at version 1.
 
-authbus does not call the authorization server: the tokens stay valid there
-until they expire. If they leaked, also revoke them at the server (RFC 7009
-revocation endpoint, or the provider's console).
+delete does not call the authorization server: the tokens stay valid there
+until they expire. To end them there too, use revoke (RFC 7009).
 
 delete is an operator command: it needs a NATS user with JetStream access to
 the authbus streams and buckets, but no seal key and no running refresher.
 Exits 3 if a KEY had nothing to forget (the others are still forgotten).`
 
-func deleteCmd(ctx context.Context, args []string, s streams) error {
-	return forget(ctx, "delete", args, s)
-}
-
-// revoke is delete under the name operators reach for; it says plainly
-// that revoking at the authorization server is a separate step.
-func revoke(ctx context.Context, args []string, s streams) error {
-	return forget(ctx, "revoke", args, s)
-}
-
-// forgetResult is the --json output of delete and revoke, one per key.
+// forgetResult is the --json output of delete, one per key.
 type forgetResult struct {
 	Key string `json:"key"`
 	workers.Forgotten
 }
 
-func forget(ctx context.Context, name string, args []string, s streams) error {
-	about := deleteAbout
-	if name == "revoke" {
-		about = "\nrevoke is delete: authbus forgets the credentials; it does not revoke\nthe tokens at the authorization server.\n" + deleteAbout
-	}
-	f := newFlags(name, name+" [flags] KEY…", about, s)
+func deleteCmd(ctx context.Context, args []string, s streams) error {
+	f := newFlags("delete", "delete [flags] KEY…", deleteAbout, s)
 	asJSON := f.Bool("json", false, "print one JSON object per key: what was found and removed")
 	if err := f.parse(args); err != nil {
 		return err
@@ -82,26 +67,33 @@ func forget(ctx context.Context, name string, args []string, s streams) error {
 			}
 			continue
 		}
-		switch {
-		case done.Registered:
-			fmt.Fprintf(s.out, "forgot %s: removed %s\n", k, removed(done))
-		case done.Any():
-			fmt.Fprintf(s.out, "%s was not registered; removed %s\n", k, removed(done))
-		default:
-			fmt.Fprintf(s.out, "%s was not registered; nothing to forget\n", k)
-		}
+		printForgotten(s, k, done)
 	}
-	if name == "revoke" && !*asJSON && len(missing) < len(keys) {
-		fmt.Fprintln(s.errOut, "note: the tokens are still valid at the authorization server until they expire; revoke them there too if they leaked")
+	return notRegistered(missing)
+}
+
+// printForgotten says what Forget removed of k.
+func printForgotten(s streams, k events.Key, done workers.Forgotten) {
+	switch {
+	case done.Registered:
+		fmt.Fprintf(s.out, "forgot %s: removed %s\n", k, removed(done))
+	case done.Any():
+		fmt.Fprintf(s.out, "%s was not registered; removed %s\n", k, removed(done))
+	default:
+		fmt.Fprintf(s.out, "%s was not registered; nothing to forget\n", k)
 	}
-	if len(missing) > 0 {
-		names := make([]string, len(missing))
-		for i, k := range missing {
-			names[i] = k.String()
-		}
-		return fmt.Errorf("%s: %w; nothing of it to forget (check the key and --prefix)", strings.Join(names, ", "), errNotRegistered)
+}
+
+// notRegistered is the error for keys that had no credential record.
+func notRegistered(missing []events.Key) error {
+	if len(missing) == 0 {
+		return nil
 	}
-	return nil
+	names := make([]string, len(missing))
+	for i, k := range missing {
+		names[i] = k.String()
+	}
+	return fmt.Errorf("%s: %w; nothing of it to forget (check the key and --prefix)", strings.Join(names, ", "), errNotRegistered)
 }
 
 // removed lists what Forget found, in words.

@@ -46,8 +46,10 @@ var commands = []command{
 	{"watch", "[PATTERN…]", "follow auth.rotated and auth.needs_reauth events (access tokens hidden)", watch},
 	{"status", "[KEY|TENANT|PATTERN…]", "show credentials: version, state, expiry, last rotation, lease (operator)", status},
 	{"delete", "KEY…", "forget credentials: record, pending refresh, kept needs_reauth (operator)", deleteCmd},
-	{"revoke", "KEY…", "delete, and say that the tokens stay valid at the authorization server (operator)", revoke},
+	{"revoke", "KEY…", "revoke the tokens at the authorization server (RFC 7009), then delete (operator)", revokeCmd},
 	{"import", "PATH…", "register the tokens MCP clients saved on disk (MCP SDK token stores, x/oauth2 tokens)", importCmd},
+	{"login", "KEY", "log in at an authorization server (browser with PKCE, or --device) and register the tokens", login},
+	{"devserver", "", "run a development authorization server on loopback, to try login and rotation", devserver},
 	{"storm", "", "load test: a 401 storm through naive, in-process and authbus refreshing, side by side", stormCmd},
 }
 

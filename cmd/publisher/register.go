@@ -44,7 +44,7 @@ show in ps.`, s)
 	f.StringVar(&req.Token.TokenType, "token-type", "", "token type (default Bearer)")
 	f.Int64Var(&req.Token.ExpiresIn, "expires-in", 0, "access token lifetime in `seconds` from now")
 	f.StringVar(&expiresAt, "expires-at", "", "absolute access token expiry, RFC 3339")
-	asJSON := f.Bool("json", false, "print the reply (version, fingerprint, expires_at) as JSON")
+	asJSON := registerJSONFlag(f)
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -82,32 +82,17 @@ show in ps.`, s)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
-		return writeJSON(s, reply)
-	}
-	exp := "never"
-	if !reply.ExpiresAt.IsZero() {
-		exp = reply.ExpiresAt.UTC().Format(time.RFC3339)
-	}
-	_, err = fmt.Fprintf(s.out, "registered %s: version %d, fingerprint %s, expires %s\n", key, reply.Version, reply.Fingerprint, exp)
-	return err
+	return printRegistered(s, key, reply, *asJSON)
 }
 
 // defineRegisterFlags defines the flags that say how a credential is
-// refreshed, shared by register and import.
+// refreshed, shared by register and import: the token endpoint or issuer,
+// the client, the grant, scopes and resource.
 func defineRegisterFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.StringList) {
 	f.StringVar(&req.TokenEndpoint, "token-endpoint", "", "OAuth token endpoint URL (https, or http on loopback)")
 	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
-	f.StringVar(&req.Issuer, "issuer", "", "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
-	f.bind("issuer", "AUTHBUS_ISSUER")
-	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
-	f.bind("client-id", "AUTHBUS_CLIENT_ID")
-	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
-	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
-	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	defineClientFlags(f, req, scopes, "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
 	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
-	f.Var(scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
-	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
 }
 
 // checkRegister checks a register request as the refresher will, so that a
@@ -115,7 +100,27 @@ func defineRegisterFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.S
 // never values.
 func checkRegister(req events.RegisterRequest) error { return req.Validate() }
 
-// register sends req on auth.register.KEY and returns the reply.
+// defineClientFlags defines the flags that say how a credential is
+// refreshed, which register, import and login share: the issuer (its usage differs
+// per command), the client and its authentication, scopes and resource.
+func defineClientFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.StringList, issuerUsage string) {
+	f.StringVar(&req.Issuer, "issuer", "", issuerUsage)
+	f.bind("issuer", "AUTHBUS_ISSUER")
+	f.StringVar(&req.ClientID, "client-id", "", "OAuth client id the tokens were issued to")
+	f.bind("client-id", "AUTHBUS_CLIENT_ID")
+	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
+	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
+	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	f.Var(scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
+	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+}
+
+func registerJSONFlag(f *cmdFlags) *bool {
+	return f.Bool("json", false, "print the reply (version, fingerprint, expires_at) as JSON")
+}
+
+// register sends req on auth.register.KEY and returns the reply: the one
+// way register, import and login store tokens.
 func (c *client) register(ctx context.Context, key events.Key, req events.RegisterRequest) (events.RegisterReply, error) {
 	var reply events.RegisterReply
 	body, err := json.Marshal(req)
@@ -124,6 +129,19 @@ func (c *client) register(ctx context.Context, key events.Key, req events.Regist
 	}
 	err = c.request(ctx, "register", key, body, &reply)
 	return reply, err
+}
+
+// printRegistered prints a register reply, as a line or as JSON.
+func printRegistered(s streams, key events.Key, reply events.RegisterReply, asJSON bool) error {
+	if asJSON {
+		return writeJSON(s, reply)
+	}
+	exp := "never"
+	if !reply.ExpiresAt.IsZero() {
+		exp = reply.ExpiresAt.UTC().Format(time.RFC3339)
+	}
+	_, err := fmt.Fprintf(s.out, "registered %s: version %d, fingerprint %s, expires %s\n", key, reply.Version, reply.Fingerprint, exp)
+	return err
 }
 
 // readInput reads path, or stdin for "-", refusing more than limit bytes.

@@ -9,7 +9,7 @@ import (
 	"runtime/pprof"
 	"slices"
 
-	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/authserver"
 	"github.com/authbus/authbus/internal/storm"
 )
 
@@ -46,7 +46,7 @@ Progress goes to stderr; the table (or --json) to stdout.`, s)
 	f.DurationVar(&cfg.WaveTimeout, "wave-timeout", 0, "give up on a wave after this long (default 2m)")
 	f.DurationVar(&cfg.Latency, "latency", 0, "the built-in authorization server's answer time")
 	f.IntVar(&cfg.Failures, "fail", 0, "the built-in server answers the first N token calls of every wave with 503")
-	reuse := f.String("reuse", "invalid_grant", "the built-in server's answer to a spent refresh token: invalid_grant, invalid_grant_403 (Auth0), dex (400 invalid_request), revoke_family (node oidc-provider)")
+	reuse := f.String("reuse", "invalid_grant", "the built-in server's answer to a spent refresh token: "+authserver.ReuseModeNames)
 	f.StringVar(&cfg.TokenURL, "token-url", "", "a real token endpoint instead of the built-in server (client_credentials grant)")
 	f.StringVar(&cfg.ClientID, "client-id", "", "client id at --token-url")
 	f.StringVar(&cfg.ClientSecret, "client-secret", "", "client secret at --token-url")
@@ -68,13 +68,8 @@ Progress goes to stderr; the table (or --json) to stdout.`, s)
 		modes = append(modes, storm.ModeCeiling)
 	}
 	cfg.Modes = modes
-	reuses := map[string]authtest.ReuseMode{
-		"invalid_grant": authtest.ReuseInvalidGrant, "invalid_grant_403": authtest.ReuseInvalidGrant403,
-		"dex": authtest.ReuseDexInvalidRequest, "revoke_family": authtest.ReuseRevokeFamily,
-	}
-	var ok bool
-	if cfg.Reuse, ok = reuses[*reuse]; !ok {
-		return usageErrorf("--reuse %q: use invalid_grant, invalid_grant_403, dex or revoke_family", *reuse)
+	if cfg.Reuse, err = authserver.ParseReuseMode(*reuse); err != nil {
+		return usageErrorf("--reuse: %w", err)
 	}
 	// The default URL means the embedded server: join a deployment only
 	// when asked to.

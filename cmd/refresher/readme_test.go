@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -154,7 +155,10 @@ func TestREADMEBlocksAreExercised(t *testing.T) {
 // token it issued, nats.internal is a second NATS server and /secrets a
 // temporary folder. The embedded refresher listens on a free port
 // (AUTHBUS_LISTEN) and the publisher finds it there (NATS_URL); each
-// refresher's operations listener gets a free port (AUTHBUS_METRICS_ADDR).
+// refresher's operations listener gets a free port (AUTHBUS_METRICS_ADDR);
+// the development authorization server gets one too
+// (AUTHBUS_DEVSERVER_LISTEN). The test plays the person at a login: it opens
+// the printed URL and approves. Every watched credential must rotate.
 func TestREADMEWalkthrough(t *testing.T) {
 	bin := binaries(t)
 	as := authtest.New(t)
@@ -169,16 +173,20 @@ func TestREADMEWalkthrough(t *testing.T) {
 	other := natstest.RunServer(t)
 	secrets := t.TempDir()
 	addr := freeAddr(t)
+	devAddr := freeAddr(t)
 
 	replacer := strings.NewReplacer(
 		"go run ./cmd/refresher", filepath.Join(bin, "refresher"),
 		"go run ./cmd/publisher", "env NATS_URL=nats://"+addr+" "+filepath.Join(bin, "publisher"),
 		"https://idp.example.com/oauth/token", as.TokenURL(),
+		"https://idp.example.com", as.BaseURL(),
+		"http://127.0.0.1:9096", "http://"+devAddr,
 		"AUTHBUS_CLIENT_SECRET=...", "AUTHBUS_CLIENT_SECRET="+secret,
 		"nats://nats.internal:4222", other.ClientURL(),
 		"/secrets/", secrets+"/",
 	)
-	env := append(cleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"))
+	env := append(cleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"),
+		"AUTHBUS_DEVSERVER_LISTEN="+devAddr, "AUTHBUS_NO_BROWSER=true")
 
 	type background struct {
 		cmd    *exec.Cmd
@@ -222,7 +230,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		}
 	}
 
-	var watch *background
+	watches := map[string]*background{} // by key
 	ran := 0
 	for _, b := range readmeBlocks(t) {
 		if b.tag != "" {
@@ -241,7 +249,21 @@ func TestREADMEWalkthrough(t *testing.T) {
 					stop(d, c)
 				}
 			case strings.HasPrefix(c, "go run ./cmd/publisher watch"):
-				watch = start(run, "watching")
+				words := strings.Fields(c)
+				watches[words[len(words)-1]] = start(run, "watching")
+			case strings.HasPrefix(c, "go run ./cmd/publisher devserver"):
+				start(run, "log in and register")
+			case strings.HasPrefix(c, "go run ./cmd/publisher login"):
+				login := start(run, "/authorize?")
+				approve(t, login.out.String())
+				select {
+				case err := <-login.exited:
+					if err != nil {
+						t.Fatalf("README.md:%d: %s: %v\n%s", b.line, c, err, login.out)
+					}
+				case <-time.After(30 * time.Second):
+					t.Fatalf("README.md:%d: %s did not end within 30s of the approval:\n%s", b.line, c, login.out)
+				}
 			default:
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				cmd := exec.CommandContext(ctx, "bash", "-c", run)
@@ -259,10 +281,14 @@ func TestREADMEWalkthrough(t *testing.T) {
 			}
 		}
 	}
-	if watch == nil {
+	if len(watches) == 0 {
 		t.Fatal("the README never runs publisher watch")
 	}
-	waitForText(t, watch.out, "auth.rotated acme.alice.github version=2", 30*time.Second)
+	for key, w := range watches {
+		// The development server's one-minute tokens are renewed half a
+		// minute after the login, without a 401.
+		waitForText(t, w.out, "auth.rotated "+key+" version=2", 60*time.Second)
+	}
 	if got := as.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want 1 (the README's one 401)", got)
 	}
@@ -272,4 +298,22 @@ func TestREADMEWalkthrough(t *testing.T) {
 		}
 	}
 	t.Logf("ran %d README commands", ran)
+}
+
+// approve plays the person at a login: it opens the authorization URL the
+// login printed and presses Approve; the redirect reaches the login.
+func approve(t *testing.T, output string) {
+	t.Helper()
+	u := regexp.MustCompile(`http://\S+/authorize\?\S+`).FindString(output)
+	if u == "" {
+		t.Fatalf("login printed no authorization URL:\n%s", output)
+	}
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, err := authtest.Browser{Client: &http.Client{Transport: tr}}.Approve(ctx, u)
+	if err != nil || p.Status != http.StatusOK {
+		t.Fatalf("approve the login at %s: %v %+v", u, err, p)
+	}
 }

@@ -805,7 +805,7 @@ func TestMetadata(t *testing.T) {
 		}
 		if md.Issuer != b.srv.BaseURL() || md.TokenEndpoint != b.srv.TokenURL() ||
 			strings.Join(md.AuthMethods, " ") != "client_secret_basic client_secret_post" ||
-			strings.Join(md.GrantTypes, " ") != "refresh_token client_credentials" {
+			strings.Join(md.GrantTypes, " ") != "authorization_code refresh_token client_credentials urn:ietf:params:oauth:grant-type:device_code" {
 			t.Errorf("%s: %+v", path, md)
 		}
 	}

@@ -154,7 +154,10 @@ func (a *authbus) startPools(ctx context.Context) error {
 }
 
 func (a *authbus) register(ctx context.Context, i int, key events.Key) error {
-	tok := a.ep.issue(a.run, i)
+	tok, err := a.ep.issue(a.run, i)
+	if err != nil {
+		return err
+	}
 	id, secret := a.ep.client(i)
 	body, err := json.Marshal(events.RegisterRequest{
 		Token:         events.RegisterToken{AccessToken: tok.AccessToken, TokenType: tok.TokenType, RefreshToken: tok.RefreshToken, ExpiresIn: tok.ExpiresIn},

@@ -122,7 +122,10 @@ func (c *ceiling) prepare(ctx context.Context) error {
 	g.SetLimit(c.cfg.Publishers)
 	for i, key := range c.keys {
 		g.Go(func() error {
-			tok := c.ep.issue(c.run, i)
+			tok, err := c.ep.issue(c.run, i)
+			if err != nil {
+				return err
+			}
 			rec := ceilingRecord{Version: 1, Fingerprint: events.Fingerprint(tok.AccessToken), AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken}
 			data, _ := json.Marshal(rec)
 			if _, err := c.creds.Create(ctx, key.String(), data); err != nil {

@@ -38,7 +38,11 @@ func newDirect(cfg Config, ep *endpoint, run string, inprocess bool) *direct {
 
 func (d *direct) prepare(context.Context) error {
 	for i := range d.rt {
-		d.rt[i] = d.ep.issue(d.run, i).RefreshToken
+		tok, err := d.ep.issue(d.run, i)
+		if err != nil {
+			return err
+		}
+		d.rt[i] = tok.RefreshToken
 	}
 	return nil
 }

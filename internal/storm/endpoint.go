@@ -8,13 +8,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 
-	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/authserver"
 )
 
 // clientPrefix names the OAuth client of each credential at the built-in
@@ -28,19 +27,21 @@ const clientPrefix = "storm-c"
 // alone, or a real one.
 type endpoint struct {
 	cfg   Config
-	as    *authtest.Server // nil for a real endpoint
-	tb    *serverTB
+	as    *authserver.Server // nil for a real endpoint
 	url   string
 	grant string // the events.Grant* value credentials are registered with
 	tr    *timingTransport
 	hc    *http.Client
 }
 
-func newEndpoint(cfg Config) *endpoint {
+func newEndpoint(cfg Config) (*endpoint, error) {
 	e := &endpoint{cfg: cfg, url: cfg.TokenURL, grant: "client_credentials"}
 	if cfg.TokenURL == "" {
-		e.tb = &serverTB{}
-		e.as = authtest.New(e.tb)
+		as, err := authserver.Start("127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("start the built-in authorization server: %w", err)
+		}
+		e.as = as
 		e.as.SetReuse(cfg.Reuse)
 		e.as.SetLatency(cfg.Latency)
 		for i := range cfg.Credentials {
@@ -58,13 +59,13 @@ func newEndpoint(cfg Config) *endpoint {
 	base.MaxIdleConnsPerHost, base.MaxIdleConns = conns, 2*conns
 	e.tr = &timingTransport{base: base}
 	e.hc = &http.Client{Transport: e.tr, Timeout: 30 * time.Second}
-	return e
+	return e, nil
 }
 
 func (e *endpoint) close() {
 	e.tr.base.CloseIdleConnections()
-	if e.tb != nil {
-		e.tb.cleanup()
+	if e.as != nil {
+		e.as.Close()
 	}
 }
 
@@ -79,9 +80,9 @@ func (e *endpoint) client(i int) (id, secret string) {
 // issue returns the tokens of credential i as a login would hand them out.
 // A real endpoint gets no login: its credentials start from a made-up access
 // token, and the first 401 fetches a real one.
-func (e *endpoint) issue(run string, i int) authtest.Tokens {
+func (e *endpoint) issue(run string, i int) (authserver.Tokens, error) {
 	if e.as == nil {
-		return authtest.Tokens{AccessToken: fmt.Sprintf("storm-%s-initial-%d", run, i), TokenType: "Bearer"}
+		return authserver.Tokens{AccessToken: fmt.Sprintf("storm-%s-initial-%d", run, i), TokenType: "Bearer"}, nil
 	}
 	id, _ := e.client(i)
 	return e.as.Issue(id)
@@ -204,41 +205,4 @@ func (t *timingTransport) since(n int) []time.Duration {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return slices.Clone(t.took[min(n, len(t.took)):])
-}
-
-// serverTB is what authtest.New needs of a testing.TB when the storm runs
-// outside a test: cleanups run by cleanup, and a failure (which authtest
-// reports only for misuse, such as an unknown client) panics, since there
-// is no test to fail. Only the methods authtest calls are implemented; the
-// embedded interface is nil, so anything else panics loudly too.
-type serverTB struct {
-	testing.TB
-	mu       sync.Mutex
-	cleanups []func()
-}
-
-func (t *serverTB) Helper() {}
-
-func (t *serverTB) Cleanup(f func()) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.cleanups = append(t.cleanups, f)
-}
-
-func (t *serverTB) Errorf(format string, args ...any) {
-	panic("storm: test authorization server misused: " + fmt.Sprintf(format, args...))
-}
-
-func (t *serverTB) Fatalf(format string, args ...any) {
-	panic("storm: test authorization server misused: " + fmt.Sprintf(format, args...))
-}
-
-func (t *serverTB) cleanup() {
-	t.mu.Lock()
-	fs := t.cleanups
-	t.cleanups = nil
-	t.mu.Unlock()
-	for _, f := range slices.Backward(fs) {
-		f()
-	}
 }

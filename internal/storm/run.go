@@ -52,7 +52,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	rep := &Report{Credentials: cfg.Credentials, Runtimes: cfg.Runtimes, Waves: cfg.Waves,
 		Processes: min(cfg.Processes, cfg.Runtimes), Pools: cfg.Pools, Workers: cfg.Workers,
-		Endpoint: "built-in (authtest: rotating, reuse → " + reuseName(cfg) + fmt.Sprintf(", latency %v, %d×503 per wave)", cfg.Latency, cfg.Failures),
+		Endpoint: "built-in (authserver: rotating, reuse → " + reuseName(cfg) + fmt.Sprintf(", latency %v, %d×503 per wave)", cfg.Latency, cfg.Failures),
 		NATS:     "embedded"}
 	if cfg.TokenURL != "" {
 		rep.Endpoint = cfg.TokenURL + " (client_credentials)"
@@ -87,7 +87,10 @@ func reuseName(cfg Config) string {
 }
 
 func runMode(ctx context.Context, cfg Config, env *natsEnv, m Mode, runID string) (*ModeResult, error) {
-	ep := newEndpoint(cfg)
+	ep, err := newEndpoint(cfg)
+	if err != nil {
+		return nil, err
+	}
 	defer ep.close()
 	var r runner
 	switch m {

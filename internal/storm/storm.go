@@ -25,7 +25,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/authserver"
 )
 
 // Mode is one way of refreshing a storm's credentials.
@@ -117,7 +117,7 @@ type Config struct {
 	// built-in server answers 503, as an overloaded server would.
 	Failures int
 	// Reuse is how the built-in server answers a spent refresh token.
-	Reuse authtest.ReuseMode
+	Reuse authserver.ReuseMode
 
 	// PoolLog receives the JSON logs of the in-process refresher pools
 	// (level info, as in production); nil formats them and drops them.

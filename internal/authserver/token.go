@@ -1,4 +1,4 @@
-package authtest
+package authserver
 
 import (
 	"encoding/json"
@@ -37,6 +37,28 @@ func jsonReply(status int, v any) reply {
 	h.Set("Cache-Control", "no-store")
 	h.Set("Pragma", "no-cache")
 	return reply{status: status, header: h, body: body}
+}
+
+// failReply is an answer queued by Fail.
+func failReply(status int, body string, header http.Header) reply {
+	rep := reply{status: status, header: header.Clone(), body: []byte(body)}
+	if rep.header == nil {
+		rep.header = http.Header{}
+	}
+	if body != "" && rep.header.Get("Content-Type") == "" {
+		if json.Valid(rep.body) {
+			rep.header.Set("Content-Type", "application/json")
+		} else {
+			rep.header.Set("Content-Type", "text/plain; charset=utf-8")
+		}
+	}
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(rep.body, &e) == nil {
+		rep.errCode = e.Error
+	}
+	return rep
 }
 
 // oauthError is an error answer (RFC 6749 §5.2).
@@ -136,12 +158,17 @@ func (s *Server) deliver(w http.ResponseWriter, r *http.Request, idx int, rep re
 
 func (s *Server) finish(idx int, rep reply, dropped bool) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	c := &s.calls[idx]
 	c.Status, c.Error, c.Reuse, c.Dropped = rep.status, rep.errCode, rep.reuse, dropped
 	s.finished++
 	close(s.changed)
 	s.changed = make(chan struct{})
+	hook, done := s.onCall, *c
+	s.mu.Unlock()
+	if hook != nil {
+		done.Form = cloneValues(done.Form)
+		hook(done)
+	}
 }
 
 // hangUp closes the connection without an answer, as a crashed server would.
@@ -180,6 +207,10 @@ func (s *Server) serveToken(r *http.Request) reply {
 		return s.refreshGrant(client, form)
 	case "client_credentials":
 		return s.clientCredentialsGrant(client, form)
+	case "authorization_code":
+		return s.authorizationCodeGrant(client, form)
+	case DeviceCodeGrant:
+		return s.deviceCodeGrant(client, form)
 	default:
 		return oauthError(http.StatusBadRequest, "unsupported_grant_type", "grant_type "+gt+" is not supported")
 	}
@@ -194,7 +225,7 @@ func (s *Server) authenticate(r *http.Request) (string, reply, bool) {
 		if basic {
 			// RFC 6749 §5.2: a client that tried the Authorization header
 			// is told which scheme to use.
-			rep.header.Set("WWW-Authenticate", `Basic realm="authtest"`)
+			rep.header.Set("WWW-Authenticate", `Basic realm="authserver"`)
 		}
 		return "", rep, false
 	}
@@ -254,7 +285,7 @@ func (s *Server) refreshGrant(client string, form url.Values) reply {
 	}
 
 	ans := tokenAnswer{
-		AccessToken: s.newAccessLocked(rt.fam),
+		AccessToken: s.newAccessLocked(client, rt.fam),
 		TokenType:   s.tokenType,
 		ExpiresIn:   s.expiresIn,
 		Scope:       form.Get("scope"),
@@ -295,7 +326,7 @@ func (s *Server) clientCredentialsGrant(client string, form url.Values) reply {
 		return oauthError(http.StatusBadRequest, "unauthorized_client", "a public client cannot use client_credentials")
 	}
 	return jsonReply(http.StatusOK, tokenAnswer{
-		AccessToken: s.newAccessLocked(nil),
+		AccessToken: s.newAccessLocked(client, nil),
 		TokenType:   s.tokenType,
 		ExpiresIn:   s.expiresIn,
 		Scope:       form.Get("scope"),
