@@ -47,6 +47,7 @@ type Pool struct {
 	log       *slog.Logger
 	tracer    trace.Tracer
 	metrics   *metrics
+	keeper    *keeper // parked credentials and schedule metrics (keep.go)
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -76,8 +77,12 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
+	if p.keeper, err = newKeeper(cfg.MeterProvider); err != nil {
+		return nil, err
+	}
 	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
 		p.log.Warn("token endpoint breaker changed state", "endpoint", endpoint, "from", from.String(), "to", to.String())
+		p.keeper.breakerChanged(endpoint, from, to)
 	})
 	if p.cons, err = p.provision(ctx); err != nil {
 		return nil, err
@@ -139,6 +144,7 @@ func (p *Pool) Run(ctx context.Context) error {
 		msgs.Drain()
 	})
 	defer stop()
+	defer p.keepSchedules(ctx)()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
 
 	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
@@ -224,7 +230,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 // last delivery becomes a termination.
 func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt uint64, start time.Time) result {
 	gaveUp := false
-	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
+	if p.givesUp(r, attempt) {
 		// A work-queue stream keeps a message that reached MaxDeliver
 		// forever, with only an advisory: terminate it ourselves.
 		r.action, r.detail = actionTerm, fmt.Sprintf("gave up after %d deliveries: %s %s", attempt, r.outcome, r.detail)
@@ -256,6 +262,9 @@ func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt 
 	}
 	if r.action == actionNak {
 		attrs = append(attrs, slog.Duration("retry_in", r.delay))
+	}
+	if lag, ok := p.scheduleLag(ctx, msg, attempt, start); ok {
+		attrs = append(attrs, slog.Duration("schedule_lag", lag))
 	}
 	if err != nil {
 		attrs = append(attrs, slog.String("settle_error", err.Error()))
