@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -57,6 +58,8 @@ type keeper struct {
 	restored metric.Int64Counter     // authbus.schedules.restored{reason}
 
 	mu     sync.Mutex
+	seed   maphash.Seed                         // of quiet
+	quiet  []uint64                             // credentials that need no schedule, by key and revision (reconcile.go)
 	parked map[string]map[events.Key]parkedCred // by token endpoint
 	n      int                                  // entries in parked
 	closed map[string]bool                      // endpoints whose breaker closed since the last release
@@ -76,7 +79,7 @@ var lagBounds = []float64{0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300}
 
 func newKeeper(mp metric.MeterProvider) (*keeper, error) {
 	m := mp.Meter(instrumentationName, metric.WithInstrumentationVersion(Version))
-	k := &keeper{parked: map[string]map[events.Key]parkedCred{}, closed: map[string]bool{}, wake: make(chan struct{}, 1)}
+	k := &keeper{seed: maphash.MakeSeed(), parked: map[string]map[events.Key]parkedCred{}, closed: map[string]bool{}, wake: make(chan struct{}, 1)}
 	var err1, err2 error
 	k.lag, err1 = m.Float64Histogram("authbus.schedule.lag", metric.WithUnit("s"),
 		metric.WithDescription("how late a scheduled auth.expiring reached a refresher: first delivery minus the time its schedule was written for"),

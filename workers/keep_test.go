@@ -314,8 +314,16 @@ func TestReconcileRestoresMissingSchedules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep.Restored != 0 || rep.Checked != 2 {
-		t.Errorf("second pass = %+v, want nothing restored and the 2 without schedule checked", rep)
+	if rep.Restored != 0 || rep.Checked != 0 || rep.Quiet != 2 {
+		t.Errorf("second pass = %+v, want nothing restored or read, the 2 that need no schedule remembered", rep)
+	}
+	// Written since: read again.
+	b.Register(t, forever, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 0 })
+	if rep, err = pool.Reconcile(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Restored != 0 || rep.Checked != 1 || rep.Quiet != 1 {
+		t.Errorf("third pass = %+v, want the re-registered credential read again", rep)
 	}
 }
 

@@ -2,7 +2,6 @@ package workers
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -124,7 +123,28 @@ func (p *Pool) Run(ctx context.Context) error {
 		return err
 	}
 	defer svc.Stop()
-	msgs, err := p.cons.Messages(
+	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
+	// half-way may burn a rotating refresh token.
+	work := context.WithoutCancel(ctx)
+	var g errgroup.Group
+	g.SetLimit(p.cfg.Workers)
+	// Consume, not Messages: Messages hands events over through a channel
+	// of the pull batch's size and drops what does not fit (a slow
+	// consumer), and after a reconnect the server still answers the pull
+	// requests of before it, on the same inbox. Consume queues them; its
+	// handler blocks while every worker is busy, and pulls again only
+	// after it returns.
+	cc, err := p.cons.Consume(func(msg jetstream.Msg) {
+		if ctx.Err() != nil {
+			// Fetched but not started: let another refresher have it now.
+			_ = msg.Nak()
+			return
+		}
+		g.Go(func() error {
+			p.handle(work, msg)
+			return nil
+		})
+	},
 		// A pull batch near the worker count: the default of 500 lets one
 		// process hoard a storm while the others idle.
 		jetstream.PullMaxMessages(p.cfg.Workers),
@@ -135,43 +155,22 @@ func (p *Pool) Run(ctx context.Context) error {
 		// heartbeat message every 2s.
 		jetstream.PullExpiry(10*time.Second),
 		jetstream.PullHeartbeat(2*time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			// Missed heartbeats and the like: the consumer recovers by itself.
+			p.log.Warn("consumer hiccup", "error", err)
+		}),
 	)
 	if err != nil {
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), consumerName, err)
 	}
 	stop := context.AfterFunc(ctx, func() {
 		_ = svc.Stop()
-		msgs.Drain()
+		cc.Drain()
 	})
 	defer stop()
 	defer p.keepSchedules(ctx)()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
-
-	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
-	// half-way may burn a rotating refresh token.
-	work := context.WithoutCancel(ctx)
-	var g errgroup.Group
-	g.SetLimit(p.cfg.Workers)
-	for {
-		msg, err := msgs.Next()
-		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			break
-		}
-		if err != nil {
-			// Missed heartbeats and the like: the iterator recovers by itself.
-			p.log.Warn("consumer hiccup", "error", err)
-			continue
-		}
-		if ctx.Err() != nil {
-			// Fetched but not started: let another refresher have it now.
-			_ = msg.Nak()
-			continue
-		}
-		g.Go(func() error {
-			p.handle(work, msg)
-			return nil
-		})
-	}
+	<-cc.Closed()
 	_ = g.Wait()
 	p.bg.Wait()
 	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)

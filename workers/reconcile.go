@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 type ReconcileReport struct {
 	Credentials int           // keys listed in the credential bucket
 	Covered     int           // of those, with a pending schedule or a pending auth.expiring
+	Quiet       int           // without either, but found needing none (re-auth, no expiry) by an earlier pass and not written since
 	Checked     int           // the others, read from the bucket one by one
 	Restored    int           // schedules written for active credentials with an expiry that had none
 	Failed      int           // credentials that could not be read or scheduled; the next pass tries again
@@ -39,14 +41,16 @@ const reconcileWorkers = 8
 // schedule publish that failed). Run calls it shortly after it starts and
 // then every Config.ReconcileEvery; it is safe to call at any time, from
 // any number of refreshers at once (a schedule written twice replaces
-// itself).
+// itself), but not concurrently on one Pool.
 //
 // It never holds the credentials in memory: the subjects of the pending
 // schedules and auth.expiring events come from the events stream one page
 // (up to 100 000 subjects) at a time and are kept as 8-byte hashes; the
-// bucket's keys are streamed past them, and only a key with neither is
-// read, checked once more on its own, and scheduled. Credentials that need
-// re-auth or have no expiry are read on every pass.
+// bucket's keys and revisions are streamed past them, and only a key with
+// neither is read, checked once more on its own, and scheduled. A
+// credential read that needs no schedule (it needs re-auth, or its token
+// has no expiry) is remembered as a hash of its key and revision, and not
+// read again until it is written.
 func (p *Pool) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	start := time.Now()
 	var rep ReconcileReport
@@ -54,37 +58,56 @@ func (p *Pool) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	// The lister's goroutine ends with ctx; our own cancel ends it when
+	// The watcher's goroutine ends with ctx; our own cancel ends it when
 	// we return early.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	lister, err := p.store.Bucket().ListKeys(ctx)
+	w, err := p.store.Bucket().WatchAll(ctx, jetstream.IgnoreDeletes(), jetstream.MetaOnly())
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: list credentials: %w", err)
 	}
-	defer lister.Stop()
-	var checked, restored, failed atomic.Int64
-	var g errgroup.Group
+	defer func() { _ = w.Stop() }()
+	wasQuiet := p.keeper.quietSet()
+	var (
+		mu                        sync.Mutex
+		quiet                     []uint64
+		checked, restored, failed atomic.Int64
+		g                         errgroup.Group
+	)
 	g.SetLimit(reconcileWorkers)
-	for name := range lister.Keys() {
+	for e := range w.Updates() {
+		if e == nil {
+			break // the end of the keys that exist now
+		}
 		rep.Credentials++
-		if covered.has(name) {
+		if covered.has(e.Key()) {
 			rep.Covered++
 			continue
 		}
-		k, err := events.ParseKey(name)
+		if h := wasQuiet.revision(e.Key(), e.Revision()); wasQuiet.hasHash(h) {
+			rep.Quiet++
+			mu.Lock()
+			quiet = append(quiet, h)
+			mu.Unlock()
+			continue
+		}
+		k, err := events.ParseKey(e.Key())
 		if err != nil {
 			continue // not a credential key: written by something else
 		}
 		checked.Add(1)
 		g.Go(func() error {
-			did, err := p.restore(ctx, k)
+			did, rev, err := p.restore(ctx, k)
 			switch {
 			case err != nil:
 				failed.Add(1)
 				p.log.Warn("reconcile: could not check or restore a proactive refresh; the next pass tries again", "key", k.String(), "error", err)
 			case did:
 				restored.Add(1)
+			case rev != 0:
+				mu.Lock()
+				quiet = append(quiet, wasQuiet.revision(k.String(), rev))
+				mu.Unlock()
 			}
 			return nil
 		})
@@ -92,11 +115,12 @@ func (p *Pool) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	_ = g.Wait()
 	rep.Checked, rep.Restored, rep.Failed = int(checked.Load()), int(restored.Load()), int(failed.Load())
 	rep.Took = time.Since(start)
-	// The lister closes its channel on cancellation as well as at the
+	// The watcher closes its channel on cancellation as well as at the
 	// end: a cancelled pass must not pass for a complete one.
 	if err := ctx.Err(); err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
+	p.keeper.setQuiet(quiet)
 	p.keeper.count(ctx, "reconciled", rep.Restored)
 	return rep, nil
 }
@@ -104,49 +128,78 @@ func (p *Pool) Reconcile(ctx context.Context) (ReconcileReport, error) {
 // restore schedules the proactive refresh of k if it is an active
 // credential with an expiry and still has neither a pending schedule nor a
 // pending auth.expiring (the listing is not a snapshot: one may have been
-// written since). It reports whether it wrote one.
-func (p *Pool) restore(ctx context.Context, k events.Key) (bool, error) {
-	c, _, err := p.store.Get(ctx, k)
+// written since). It reports whether it wrote one, and the revision of a
+// credential that needs none (0 otherwise).
+func (p *Pool) restore(ctx context.Context, k events.Key) (wrote bool, quietRev uint64, err error) {
+	c, rev, err := p.store.Get(ctx, k)
 	if errors.Is(err, kv.ErrNotFound) {
-		return false, nil // deleted since the listing
+		return false, 0, nil // deleted since the listing
 	}
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
 	if c.State != kv.StateActive || c.ExpiresAt.IsZero() {
-		return false, nil
+		return false, rev, nil
 	}
 	for _, subject := range []string{p.subj.Schedule(k), p.subj.Event(events.TypeExpiring, k)} {
 		info, err := p.work.Info(ctx, jetstream.WithSubjectFilter(subject))
 		if err != nil {
-			return false, fmt.Errorf("look up %s: %w", subject, err)
+			return false, 0, fmt.Errorf("look up %s: %w", subject, err)
 		}
 		if info.State.Subjects[subject] > 0 {
-			return false, nil
+			return false, 0, nil
 		}
 	}
 	// Written from the record just read: if a rotation stores a newer
 	// token meanwhile and this write lands after its schedule, the
 	// schedule fires stale and keepScheduled writes the current one.
 	if err := p.scheduleSync(ctx, c, p.nextAt(c)); err != nil {
-		return false, err
+		return false, 0, err
 	}
 	p.log.Info("reconcile: restored a missing proactive refresh", "key", k.String(), "version", c.Version, "expires_at", c.ExpiresAt)
-	return true, nil
+	return true, 0, nil
 }
 
-// keySet is a set of credential keys as sorted 64-bit hashes: 8 bytes a
-// key. A collision (about one in 10^7 passes at a million credentials)
-// takes a missing schedule for present until the next pass, whose seed
-// differs.
+// keySet is a set of credential keys (or of keys at a revision) as sorted
+// 64-bit hashes: 8 bytes each. A collision (about one in 10^7 passes at a
+// million credentials) takes a missing schedule for present until a pass
+// with another seed: the next one for covered keys, the next start of the
+// pool for quiet ones.
 type keySet struct {
 	seed   maphash.Seed
 	hashes []uint64
 }
 
-func (s *keySet) has(key string) bool {
-	_, ok := slices.BinarySearch(s.hashes, maphash.String(s.seed, key))
+func (s *keySet) has(key string) bool { return s.hasHash(maphash.String(s.seed, key)) }
+
+func (s *keySet) hasHash(h uint64) bool {
+	_, ok := slices.BinarySearch(s.hashes, h)
 	return ok
+}
+
+// revision is the hash of key at revision rev.
+func (s *keySet) revision(key string, rev uint64) uint64 {
+	var h maphash.Hash
+	h.SetSeed(s.seed)
+	h.WriteString(key)
+	maphash.WriteComparable(&h, rev)
+	return h.Sum64()
+}
+
+// quietSet returns the credentials the last pass found needing no
+// schedule, as hashes of key and revision.
+func (k *keeper) quietSet() *keySet {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return &keySet{seed: k.seed, hashes: k.quiet}
+}
+
+// setQuiet keeps what this pass found needing no schedule, for the next.
+func (k *keeper) setQuiet(hashes []uint64) {
+	slices.Sort(hashes)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.quiet = hashes
 }
 
 // coveredKeys returns the keys that have a pending schedule or a pending
