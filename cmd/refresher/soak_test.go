@@ -30,8 +30,8 @@ func TestSoakAgainstRefresherProcesses(t *testing.T) {
 	if err := json.Unmarshal(out, &rep); err != nil {
 		t.Fatalf("--json: %v\n%s", err, out)
 	}
-	if rep.Kills != 1 || len(rep.Usage) != 2 || rep.Usage[0].Incarnations != 2 || rep.Usage[1].Incarnations != 1 {
-		t.Fatalf("kills %d, usage %+v: want the first of two refreshers killed once and started again", rep.Kills, rep.Usage)
+	if rep.Kills != 1 || len(rep.Usage) != 3 || rep.Usage[0].Incarnations != 2 || rep.Usage[1].Incarnations != 1 {
+		t.Fatalf("kills %d, usage %+v: want the first of two refreshers killed once and started again, and the soak's own", rep.Kills, rep.Usage)
 	}
 	for _, u := range rep.Usage {
 		if u.CPUSeconds <= 0 || u.PeakRSSMiB <= 0 {

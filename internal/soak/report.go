@@ -157,6 +157,7 @@ func (s *soak) report(ctx context.Context) *Report {
 	}
 	rep.LostSchedules = s.lostSchedules(ctx)
 
+	self := Usage{Name: "soak process (NATS server, authorization and resource servers, runtimes)", Incarnations: 1}
 	if cfg.Refresher != "" {
 		for _, r := range s.refreshers {
 			cpu, peak, n := r.usage()
@@ -164,10 +165,11 @@ func (s *soak) report(ctx context.Context) *Report {
 				CPUPercent: 100 * cpu.Seconds() / elapsed.Seconds(), PeakRSSMiB: float64(peak) / (1 << 20)})
 		}
 	} else {
-		u := selfUsage().minus(s.self)
-		rep.Usage = []Usage{{Name: "whole process (NATS server, authorization and resource servers, runtimes, pools)", Incarnations: 1,
-			CPUSeconds: u.cpu.Seconds(), CPUPercent: 100 * u.cpu.Seconds() / elapsed.Seconds(), PeakRSSMiB: float64(u.peak) / (1 << 20)}}
+		self.Name = "whole process (NATS server, authorization and resource servers, runtimes, pools)"
 	}
+	u := selfUsage().minus(s.self)
+	self.CPUSeconds, self.CPUPercent, self.PeakRSSMiB = u.cpu.Seconds(), 100*u.cpu.Seconds()/elapsed.Seconds(), float64(u.peak)/(1<<20)
+	rep.Usage = append(rep.Usage, self)
 	for _, r := range s.refreshers {
 		rep.Kills += r.kills
 	}

@@ -83,6 +83,12 @@ type Config struct {
 	// and started again at once.
 	KillAt []time.Duration
 
+	// NATSSync is how often the soak's NATS server syncs its store to
+	// disk: 0 means on every write, as the refresher's embedded server and
+	// deploy/nats do (acknowledged means on disk); a duration means every
+	// that long, nats-server's own default being 2m.
+	NATSSync time.Duration
+
 	// Prefix is the subject prefix; "" means "auth".
 	Prefix string
 	// Progress receives a line every ProgressEvery (0 means 10s) and at
@@ -144,6 +150,9 @@ func (c Config) validate() error {
 	}
 	if c.Refreshers < 1 || c.Workers < 0 {
 		errs = append(errs, fmt.Errorf("Refreshers (--refreshers) %d and Workers (--workers) %d: set at least one refresher, and workers 0 (default) or more", c.Refreshers, c.Workers))
+	}
+	if c.NATSSync < 0 {
+		errs = append(errs, fmt.Errorf("NATSSync (--nats-sync) is %v: set 0 (sync on every write) or a positive interval", c.NATSSync))
 	}
 	if c.OutageFor < 0 || c.OutageAt < 0 || c.OutageFor > 0 && c.OutageAt+c.OutageFor > c.Duration {
 		errs = append(errs, fmt.Errorf("outage from %v for %v: it must fit within the duration %v (--outage-at, --outage-for)", c.OutageAt, c.OutageFor, c.Duration))
@@ -248,7 +257,7 @@ func (s *soak) setUp(ctx context.Context) error {
 	if s.ring, _, err = kv.LoadOrCreateKeyRing(keyFile); err != nil {
 		return err
 	}
-	if s.srv, err = startNATS(s.dir); err != nil {
+	if s.srv, err = startNATS(s.dir, s.cfg.NATSSync); err != nil {
 		return err
 	}
 	if s.as, err = authserver.Start("127.0.0.1:0"); err != nil {
@@ -409,8 +418,18 @@ type embeddedServer struct {
 	url  string
 }
 
-func startNATS(dir string) (*embeddedServer, error) {
-	srv, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir})
+func startNATS(dir string, sync time.Duration) (*embeddedServer, error) {
+	cfg := embedded.Config{Listen: "127.0.0.1:0", DataDir: dir}
+	if sync > 0 {
+		// The embedded server syncs on every write unless its
+		// configuration file sets an interval.
+		cfg.ConfigFile = filepath.Join(dir, "nats.conf")
+		conf := fmt.Sprintf("jetstream { sync_interval: %q }\n", sync.String())
+		if err := os.WriteFile(cfg.ConfigFile, []byte(conf), 0o600); err != nil {
+			return nil, fmt.Errorf("soak: NATS configuration: %w", err)
+		}
+	}
+	srv, err := embedded.Start(cfg)
 	if err != nil {
 		return nil, err
 	}

@@ -57,7 +57,7 @@ func TestSoakCountsASteadyFleet(t *testing.T) {
 	if rep.LostSchedules != 0 {
 		t.Errorf("lost schedules = %d, want 0", rep.LostSchedules)
 	}
-	if rep.Kills != 1 || len(rep.Usage) != 1 || rep.Usage[0].CPUSeconds <= 0 {
+	if rep.Kills != 1 || len(rep.Usage) != 1 || rep.Usage[0].CPUSeconds <= 0 || rep.Usage[0].PeakRSSMiB <= 0 {
 		t.Errorf("kills %d, usage %+v: want one kill and this process's usage", rep.Kills, rep.Usage)
 	}
 	if len(rep.Phases) != 1 || rep.Phases[0].Uses == 0 {
