@@ -131,7 +131,8 @@ func percentilesOf(xs []float32) Percentiles {
 // report ends the soak's counting: the runtimes have stopped, the
 // refreshers still run (a last look at the schedules and their usage).
 func (s *soak) report(ctx context.Context) *Report {
-	elapsed := time.Since(s.start)
+	start, _ := s.started()
+	elapsed := time.Since(start)
 	cfg := s.cfg
 	rep := &Report{
 		Credentials:     cfg.Credentials,

@@ -148,7 +148,8 @@ func (s *soak) onEvent(t events.Type, m *nats.Msg) {
 		s.stats.mu.Unlock()
 		return
 	}
-	s.stats.rotated(i, ev.Rotated.Version, ev.Rotated.ExpiresAt, !s.start.IsZero())
+	_, counting := s.started()
+	s.stats.rotated(i, ev.Rotated.Version, ev.Rotated.ExpiresAt, counting)
 }
 
 // register registers every credential with a fresh login's tokens, 64 at a

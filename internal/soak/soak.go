@@ -29,6 +29,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -194,12 +195,14 @@ var phaseNames = [phases]string{"before the outage", "during the outage", "after
 
 // soak is one run: the deployment, the runtimes and what they counted.
 type soak struct {
-	cfg   Config
-	run   string // the tenant of this run's credentials
-	dir   string
-	subj  events.Subjects
-	keys  []events.Key
-	start time.Time // the runtimes' start; zero during set-up
+	cfg  Config
+	run  string // the tenant of this run's credentials
+	dir  string
+	subj events.Subjects
+	keys []events.Key
+	// startNs is when the runtimes started (Unix nanoseconds; 0 during
+	// set-up): read by NATS and HTTP callbacks, hence atomic.
+	startNs atomic.Int64
 
 	srv  *embeddedServer
 	as   *authserver.Server
@@ -292,10 +295,11 @@ func (s *soak) setUp(ctx context.Context) error {
 
 // since is the time since the runtimes started, and the phase it falls in.
 func (s *soak) since(t time.Time) (time.Duration, phase) {
-	if s.start.IsZero() {
+	start, ok := s.started()
+	if !ok {
 		return 0, phaseSteady
 	}
-	d := t.Sub(s.start)
+	d := t.Sub(start)
 	switch {
 	case s.cfg.OutageFor == 0 || d < s.cfg.OutageAt:
 		return d, phaseSteady
@@ -303,6 +307,12 @@ func (s *soak) since(t time.Time) (time.Duration, phase) {
 		return d, phaseOutage
 	}
 	return d, phaseAfter
+}
+
+// started returns when the runtimes started, and whether they have.
+func (s *soak) started() (time.Time, bool) {
+	ns := s.startNs.Load()
+	return time.Unix(0, ns), ns != 0
 }
 
 // waitForService waits until a refresher answers on auth.token.
@@ -334,7 +344,7 @@ func (s *soak) drive(ctx context.Context) {
 		r.markStart()
 	}
 	s.self = selfUsage()
-	s.start = time.Now()
+	s.startNs.Store(time.Now().UnixNano())
 	var wg sync.WaitGroup
 	wg.Go(func() { s.use(ctx) })
 	at := func(d time.Duration, f func()) {
@@ -371,7 +381,8 @@ func (s *soak) drive(ctx context.Context) {
 		for {
 			select {
 			case <-t.C:
-				s.progress("%s", s.stats.line(time.Since(s.start), s.cfg.Duration))
+				d, _ := s.since(time.Now())
+				s.progress("%s", s.stats.line(d, s.cfg.Duration))
 			case <-ctx.Done():
 				return
 			}
@@ -384,8 +395,8 @@ func (s *soak) drive(ctx context.Context) {
 
 func (s *soak) progress(format string, args ...any) {
 	prefix := "soak: "
-	if !s.start.IsZero() {
-		prefix = fmt.Sprintf("soak %v: ", time.Since(s.start).Round(time.Second))
+	if start, ok := s.started(); ok {
+		prefix = fmt.Sprintf("soak %v: ", time.Since(start).Round(time.Second))
 	}
 	fmt.Fprintf(s.cfg.Progress, prefix+format+"\n", args...)
 }
