@@ -128,12 +128,12 @@ func (p *Pool) Run(ctx context.Context) error {
 	work := context.WithoutCancel(ctx)
 	var g errgroup.Group
 	g.SetLimit(p.cfg.Workers)
-	// Consume, not Messages: Messages hands events over through a channel
-	// of the pull batch's size and drops what does not fit (a slow
-	// consumer), and after a reconnect the server still answers the pull
-	// requests of before it, on the same inbox. Consume queues them; its
-	// handler blocks while every worker is busy, and pulls again only
-	// after it returns.
+	// Consume, not Messages: Messages hands events and the server's status
+	// messages over through a channel of the pull batch's size and drops
+	// what does not fit; registering a million credentials on a starved
+	// machine did ("slow consumer, messages dropped" on the pools' pull
+	// inboxes, issue 16). Consume queues them; its handler blocks while
+	// every worker is busy, and pulls again only after it returns.
 	cc, err := p.cons.Consume(func(msg jetstream.Msg) {
 		if ctx.Err() != nil {
 			// Fetched but not started: let another refresher have it now.
