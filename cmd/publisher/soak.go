@@ -52,6 +52,7 @@ end. Ctrl-C ends the soak early with the counts so far.`, s)
 	f.DurationVar(&cfg.RefreshLead, "refresh-lead", 0, "passed to the refreshers (default: theirs, 10% of the lifetime, 30s–10m, at most half)")
 	f.StringVar(&cfg.Refresher, "refresher", "", "path of a refresher binary: run each refresher as a process of it (needed for SIGKILL restarts and per-process usage)")
 	f.bind("refresher", "AUTHBUS_SOAK_REFRESHER")
+	refArgs := f.String("refresher-args", "", "more flags for each refresher process, space-separated, e.g. \"--reconcile-every 1m\"")
 	f.DurationVar(&cfg.OutageAt, "outage-at", 0, "when the token endpoint goes down, after the start")
 	f.DurationVar(&cfg.OutageFor, "outage-for", 0, "how long the token endpoint stays down (0: no outage)")
 	f.DurationVar(&cfg.NATSSync, "nats-sync", 0, "how often the soak's NATS server syncs its store to disk (default: on every write, as the refresher's embedded server does; nats-server's own default is 2m)")
@@ -63,6 +64,10 @@ end. Ctrl-C ends the soak early with the counts so far.`, s)
 	}
 	if f.NArg() != 0 {
 		return usageErrorf("soak takes no arguments, got %q; run \"publisher soak --help\"", f.Args())
+	}
+	cfg.RefresherArgs = strings.Fields(*refArgs)
+	if len(cfg.RefresherArgs) > 0 && cfg.Refresher == "" {
+		return usageErrorf("--refresher-args needs --refresher: pools in this process take no flags")
 	}
 	for _, k := range strings.Split(*kills, ",") {
 		if k = strings.TrimSpace(k); k == "" {

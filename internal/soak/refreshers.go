@@ -87,6 +87,7 @@ func (sl *slot) start(ctx context.Context) error {
 	if cfg.RefreshLead > 0 {
 		args = append(args, "--refresh-lead", cfg.RefreshLead.String())
 	}
+	args = append(args, cfg.RefresherArgs...)
 	cmd := exec.Command(cfg.Refresher, args...)
 	cmd.Stderr = sink
 	// Only what the refresher is told: no OTEL_* exporter of the caller.

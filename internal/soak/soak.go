@@ -75,6 +75,9 @@ type Config struct {
 	// are pools in this process, a kill closes a pool's connection
 	// abruptly, and memory and CPU are the whole process's.
 	Refresher string
+	// RefresherArgs are more flags for each refresher process, after the
+	// soak's own (a later flag wins), e.g. --reconcile-every 1m.
+	RefresherArgs []string
 
 	// OutageAt and OutageFor take the authorization server's token
 	// endpoint down (connections closed unanswered) from OutageAt after
