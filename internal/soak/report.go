@@ -133,6 +133,7 @@ func percentilesOf(xs []float32) Percentiles {
 func (s *soak) report(ctx context.Context) *Report {
 	start, _ := s.started()
 	elapsed := time.Since(start)
+	s.quiesce(ctx)
 	cfg := s.cfg
 	rep := &Report{
 		Credentials:     cfg.Credentials,
@@ -230,6 +231,41 @@ func (s *soak) report(ctx context.Context) *Report {
 	rep.Outcomes = maps.Clone(c.outcomes)
 	rep.Warnings = c.warnings
 	return rep
+}
+
+// quiesce pauses the refreshers' consumer and waits until the refreshes
+// in flight are settled and their announcements received, so that token
+// calls and generations are counted at the same point: a call answered a
+// moment before the count, whose auth.rotated was still on its way, would
+// look like a second call for one generation. The refreshers stay paused:
+// the soak is over.
+func (s *soak) quiesce(ctx context.Context) {
+	const consumer = "refreshers" // the workers package's shared consumer
+	if _, err := s.js.PauseConsumer(ctx, s.subj.EventsStream(), consumer, time.Now().Add(time.Hour)); err != nil {
+		s.progress("pausing the refreshers for the final count failed (%v); the counts may be off by the refreshes in flight", err)
+		return
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(30 * time.Second)
+wait:
+	for {
+		if c, err := s.js.Consumer(ctx, s.subj.EventsStream(), consumer); err == nil {
+			if ci, err := c.Info(ctx); err == nil && ci.NumAckPending == 0 {
+				break
+			}
+		}
+		select {
+		case <-tick.C:
+		case <-deadline:
+			break wait
+		case <-ctx.Done():
+			break wait
+		}
+	}
+	// Announcements are published before the ack: a round trip on the
+	// runtimes' connection receives what is on its way.
+	_ = s.nc.Flush()
 }
 
 // lostSchedules counts the active credentials with neither a pending
