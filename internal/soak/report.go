@@ -31,8 +31,9 @@ type Report struct {
 	// Registration is how long registering the credentials took (seconds).
 	Registration float64 `json:"registration_seconds"`
 
-	// Generations is how many new tokens the runtimes learned of, and
-	// RotationsPerSec the same per second of the soak.
+	// Generations is how many new tokens the runtimes learned of during the
+	// soak (registration excluded), and RotationsPerSec the same per
+	// second.
 	Generations     int     `json:"generations"`
 	RotationsPerSec float64 `json:"rotations_per_second"`
 	// CallsPerGeneration is, per credential, the token calls answered with
@@ -181,10 +182,9 @@ func (s *soak) report(ctx context.Context) *Report {
 	defer c.mu.Unlock()
 	var ratios []float64
 	now := time.Now()
+	rep.Generations = c.generations() - c.genesis
 	for i, g := range c.cur {
-		gens := int(g.version - 1)
-		rep.Generations += max(gens, 0)
-		if gens > 0 {
+		if gens := int(g.version - 1); gens > 0 {
 			ratios = append(ratios, float64(c.okCalls[i])/float64(gens))
 		}
 		if !g.reauth && !g.expiresAt.IsZero() && !g.expiresAt.After(now) {

@@ -44,6 +44,25 @@ type counters struct {
 	needsReauth  int
 	warnings     int
 	outcomes     map[string]int
+	genesis      int // generations before the runtimes started (during registration)
+}
+
+// generations is how many new tokens the runtimes learned of, in all.
+// The caller holds mu.
+func (c *counters) generations() int {
+	n := 0
+	for _, g := range c.cur {
+		n += int(max(g.version-1, 0))
+	}
+	return n
+}
+
+// markStart remembers the generations so far, so that rates count the
+// soak alone.
+func (c *counters) markStart() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.genesis = c.generations()
 }
 
 // generation is a credential's token as the runtimes know it.
@@ -95,10 +114,7 @@ func (c *counters) rotated(i int, v int64, exp time.Time, counting bool) {
 func (c *counters) line(elapsed, total time.Duration) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	gens := 0
-	for _, g := range c.cur {
-		gens += int(max(g.version-1, 0))
-	}
+	gens := c.generations() - c.genesis
 	sum := func(a [phases]int) int { return a[0] + a[1] + a[2] }
 	return fmt.Sprintf("%v/%v: %d rotations (%.0f/s), %d token calls (%d failed), %d uses, %d expired tokens handed out, %d runtime 401s, %d needs_reauth",
 		elapsed.Round(time.Second), total, gens, float64(gens)/max(elapsed.Seconds(), 1), c.calls, c.failedCalls,

@@ -347,6 +347,7 @@ func (s *soak) drive(ctx context.Context) {
 		r.markStart()
 	}
 	s.self = selfUsage()
+	s.stats.markStart()
 	s.startNs.Store(time.Now().UnixNano())
 	var wg sync.WaitGroup
 	wg.Go(func() { s.use(ctx) })
