@@ -358,7 +358,9 @@ func (p *Pool) release(ctx context.Context, endpoint string, set map[events.Key]
 		acks = acks[:0]
 	}
 	for _, it := range items {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || p.nc.IsClosed() {
+			// nats.go starts its async-publish watcher on the first async
+			// publish; on a closed connection that goroutine never ends.
 			break
 		}
 		c := &kv.Credential{Key: it.key, Fingerprint: it.fingerprint, ExpiresAt: it.expiresAt, ReceivedAt: it.receivedAt}
