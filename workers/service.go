@@ -30,7 +30,7 @@ const requestTimeout = 10 * time.Second
 // NATS micro service. Every refresher joins the same queue group, so each
 // request is answered once.
 func (p *Pool) startService() (micro.Service, error) {
-	svc, err := micro.AddService(p.nc, micro.Config{
+	svc, err := micro.AddService(p.serve, micro.Config{
 		Name:        "authbus",
 		Version:     Version,
 		Description: "authbus token service: register credentials and read current access tokens",
@@ -58,6 +58,14 @@ func (p *Pool) startService() (micro.Service, error) {
 // code of an error reply; the body, which may hold tokens, only by size.
 func (p *Pool) traced(template string, h func(context.Context, micro.Request)) micro.HandlerFunc {
 	return func(req micro.Request) {
+		// NATS does not check the reply subject a requester names, and the
+		// refresher answers with its own rights: an answer aimed at a KV
+		// key, the JetStream API or another tenant's subjects would write
+		// there. Answer only on the requester's own inbox.
+		if _, k, err := p.subj.Parse(req.Subject()); err == nil && !replyAllowed(req.Reply(), k.Tenant) {
+			p.log.Warn("request refused: its reply subject is not the requester's inbox", "subject", req.Subject(), "tenant", k.Tenant)
+			return
+		}
 		ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
 		ctx, span := p.tracer.Start(ctx, "process "+template, trace.WithSpanKind(trace.SpanKindServer),
 			trace.WithAttributes(processAttrs(req.Subject(), len(req.Data()), semconv.MessagingDestinationTemplate(template))...))

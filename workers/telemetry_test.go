@@ -94,13 +94,16 @@ func (o *observed) publish401(t testing.TB, key events.Key, fp, runtime string, 
 	}
 	ctx, span := o.tp.Tracer("test-runtime").Start(context.Background(), "send auth.401.*.*.*", trace.WithSpanKind(trace.SpanKindProducer))
 	defer span.End()
-	msg := nats.NewMsg(o.Subj.Event(events.Type401, key))
-	msg.Data = data
-	msg.Header = telemetry.Inject(ctx, msg.Header)
+	// Without Nats-Msg-Id: straight into the work queue, as reports the
+	// intake cannot de-duplicate (outside the duplicate window) reach it.
+	msg := nats.NewMsg(o.Subj.Work(events.Type401, key))
 	var opts []jetstream.PublishOpt
 	if withMsgID {
+		msg.Subject = o.Subj.Event(events.Type401, key)
 		opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, key, fp)))
 	}
+	msg.Data = data
+	msg.Header = telemetry.Inject(ctx, msg.Header)
 	ack, err := o.JS.PublishMsg(ctx, msg, opts...)
 	if err != nil {
 		t.Fatalf("publish 401: %v", err)
@@ -262,7 +265,9 @@ func TestTraceOfOneRefresh(t *testing.T) {
 	for k, want := range map[string]string{
 		"messaging.system":               "nats",
 		"messaging.operation.type":       "process",
-		"messaging.destination.name":     o.Subj.Event(events.Type401, key),
+		// Received from the work queue the intake wrote it to; named
+		// after the runtime's subject.
+		"messaging.destination.name":     o.Subj.Work(events.Type401, key),
 		"messaging.destination.template": "auth.401.*.*.*",
 		"messaging.consumer.group.name":  "refreshers",
 		"messaging.message.id":           events.MsgID(events.Type401, key, fp),
@@ -879,7 +884,9 @@ func TestOutcomeMetrics(t *testing.T) {
 			trigger: func(t *testing.T, e env) { e.o.publish401(t, e.key, e.fp, "rt", true) }},
 		{name: "bad_input", want: "bad_input", terminated: "bad_input",
 			trigger: func(t *testing.T, e env) {
-				if _, err := e.o.JS.Publish(context.Background(), e.o.Subj.Event(events.Type401, e.key), []byte("not json")); err != nil {
+				// Straight into the work queue: the intake refuses it at
+				// the door (TestMalformedEventsAreTerminated).
+				if _, err := e.o.JS.Publish(context.Background(), e.o.Subj.Work(events.Type401, e.key), []byte("not json")); err != nil {
 					t.Fatal(err)
 				}
 			}},
@@ -937,12 +944,13 @@ func TestConsumerPendingGauges(t *testing.T) {
 	nc := natstest.Connect(t, o.Srv)
 	cfg := o.TestConfig()
 	cfg.MeterProvider = o.mp
-	// A pool that is created but not running: events stay pending.
+	// A pool that is created but not running: events stay pending. With
+	// no intake running, they are written straight into the work queue.
 	if _, err := workers.New(context.Background(), nc, cfg); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
-		o.Publish401(t, key, events.Fingerprint(fmt.Sprint("token-", i)), "rt", true)
+		o.Publish401(t, key, events.Fingerprint(fmt.Sprint("token-", i)), "rt", false)
 	}
 	// The server counts pending messages asynchronously: wait until it
 	// says 3 before the first collection fills the cache.
@@ -967,7 +975,7 @@ func TestConsumerPendingGauges(t *testing.T) {
 	}
 	// Within the cache lifetime a new event does not show: no API request
 	// per collection.
-	o.Publish401(t, key, events.Fingerprint("token-3"), "rt", true)
+	o.Publish401(t, key, events.Fingerprint("token-3"), "rt", false)
 	serverCounts(4)
 	if v, _ := gauge(collect(t, o.reader), "authbus.consumer.pending"); v != 3 {
 		t.Errorf("pending = %d right after the previous collection, want the cached 3", v)
@@ -1059,7 +1067,10 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 	w.WaitFor(t, "rotation", fleet.RotatedVersion(2))
 	// A bad event and a 401 that finds the lease held, so that every
 	// metric the dashboard shows has a series.
-	if _, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), []byte("not json")); err != nil {
+	if _, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), []byte("not json")); err == nil {
+		t.Fatal("the intake took a report that is not JSON")
+	}
+	if _, err := b.JS.Publish(context.Background(), b.Subj.Work(events.Type401, key), []byte("not json")); err != nil {
 		t.Fatal(err)
 	}
 	held := fleet.MustKey(t, "acme.held.github")
@@ -1235,11 +1246,14 @@ func runTracedStorm(b *testing.B, traced, msgID bool, creds, publishers int) {
 				binary.LittleEndian.PutUint64(sid[:], rand.Uint64())
 				ctx := trace.ContextWithRemoteSpanContext(context.Background(),
 					trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid, TraceFlags: trace.FlagsSampled}))
-				msg := nats.NewMsg(bd.Subj.Event(events.Type401, keys[i]))
+				// Without Nats-Msg-Id straight into the work queue, so
+				// that every publish reaches a pool.
+				msg := nats.NewMsg(bd.Subj.Work(events.Type401, keys[i]))
 				msg.Data = datas[i]
 				msg.Header = telemetry.Inject(ctx, msg.Header)
 				var opts []jetstream.PublishOpt
 				if msgID {
+					msg.Subject = bd.Subj.Event(events.Type401, keys[i])
 					opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, keys[i], fps[i])))
 				}
 				if _, err := bd.JS.PublishMsg(ctx, msg, opts...); err != nil {
