@@ -43,8 +43,9 @@ type answer struct {
 // call means. Everything else (the breaker, the pool, the metrics) asks it.
 //
 // 400/401/403 with an OAuth error code are permanent with that code as the
-// reason; other 4xx except 408 and 429 are permanent "unexpected_response";
-// 408, 429, 5xx, timeouts and connection errors are transient.
+// reason; redirects (3xx) and other 4xx except 408 and 429 are permanent
+// "unexpected_response"; 408, 429, 5xx, timeouts and connection errors are
+// transient.
 func classify(err error) answer {
 	if err == nil {
 		return answer{verdict: rotated}
@@ -68,6 +69,12 @@ func classify(err error) answer {
 		o.retryAfter = retryAfter(re.Response.Header.Get("Retry-After"), time.Now())
 	case (s == http.StatusBadRequest || s == http.StatusUnauthorized || s == http.StatusForbidden) && re.ErrorCode != "":
 		o.verdict = permanent
+	case s >= 300 && s < 400:
+		// Token requests follow no redirect (refuseRedirect): the refresh
+		// token must not travel on to wherever the answer points.
+		o.verdict, o.reason = permanent, "unexpected_response"
+		o.description = "token endpoint answered HTTP " + strconv.Itoa(s) +
+			", a redirect; authbus does not follow redirects of token requests (they would re-send the refresh token and client secret): register the token endpoint's final URL"
 	default:
 		o.verdict = permanent
 		o.reason = "unexpected_response"

@@ -38,6 +38,8 @@ func TestClassify(t *testing.T) {
 		{"401 invalid_client", retrieveError(401, "invalid_client", nil), permanent, "invalid_client", 0},
 		{"400 without a code", retrieveError(400, "", nil), permanent, "unexpected_response", 0},
 		{"404", retrieveError(404, "", nil), permanent, "unexpected_response", 0},
+		{"307 redirect", retrieveError(307, "", http.Header{"Location": {"https://elsewhere.example/token"}}), permanent, "unexpected_response", 0},
+		{"308 redirect with a code", retrieveError(308, "invalid_grant", nil), permanent, "unexpected_response", 0},
 		{"408", retrieveError(408, "", nil), transient, "", 0},
 		{"429 Retry-After seconds", retrieveError(429, "", http.Header{"Retry-After": {"2"}}), transient, "", 2 * time.Second},
 		{"500 invalid_request (Dex concurrent loser)", retrieveError(500, "invalid_request", nil), transient, "invalid_request", 0},

@@ -32,10 +32,14 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	if c.Grant != events.GrantClientCredentials && len(c.Scopes) > 0 {
 		add.Set("scope", strings.Join(c.Scopes, " "))
 	}
+	call := *hc
 	if len(add) > 0 {
-		hc = &http.Client{Transport: formParams{base: transportOf(hc), add: add}, Timeout: hc.Timeout}
+		call.Transport = formParams{base: transportOf(hc), add: add}
 	}
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
+	// Whatever client the pool was given: a redirect is answered, never
+	// followed (see refuseRedirect); classify makes it permanent.
+	call.CheckRedirect = refuseRedirect
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, &call)
 	start := time.Now()
 	tok, err := p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
 		if c.Grant == events.GrantClientCredentials {
