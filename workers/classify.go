@@ -3,13 +3,17 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
 	"golang.org/x/oauth2"
+
+	"github.com/authbus/authbus/events"
 )
 
 // verdict is what a token-endpoint answer means for the credential.
@@ -118,3 +122,76 @@ func retryAfter(v string, now time.Time) time.Duration {
 // asking for days (or an overflowing header) must not park a credential
 // past the point where its token expires and a person notices.
 const maxRetryAfter = time.Hour
+
+// The lifetimes authbus believes of an issued token, whatever expires_in
+// said. A lifetime shorter than minTokenLifetime would make the proactive
+// refresh fire every second, forever (a negative one stored a token that
+// had always expired: every event refreshed it again); with it, a
+// credential is refreshed at most every 5 s or so (half its lifetime). A
+// longer one than maxTokenLifetime is no promise anyone keeps. A missing, zero,
+// negative or unreadable expires_in means no expiry is known: the token is
+// refreshed when a runtime reports a 401, as RFC 6749 leaves it.
+const (
+	minTokenLifetime = 10 * time.Second
+	maxTokenLifetime = 365 * 24 * time.Hour
+)
+
+// maxRefreshTokenSize bounds a refresh token authbus keeps: sealed, it must
+// fit a credential record in one NATS message. Real ones are a few KiB.
+const maxRefreshTokenSize = 64 << 10
+
+// reasonUnusableToken is the needs_reauth reason of an answer that issued
+// tokens authbus cannot announce or keep.
+const reasonUnusableToken = "unusable_token"
+
+// issued is what a token-endpoint answer that issued a token comes to.
+type issued struct {
+	expiresAt time.Time // zero: no expiry known
+	tokenType string    // as the server gave it, "Bearer" when it gave none
+	problem   string    // why the token cannot be announced or kept; "" when it can
+}
+
+// inspect judges a successful answer received at now: the expiry to store
+// (see minTokenLifetime) and whether its tokens can be announced (an
+// access token and token type that fit auth.rotated) and kept (a refresh
+// token that fits a record). It is pure, like classify.
+func inspect(tok *oauth2.Token, now time.Time) issued {
+	got := issued{tokenType: tok.TokenType}
+	if got.tokenType == "" {
+		got.tokenType = "Bearer"
+	}
+	var lifetime time.Duration
+	switch {
+	case tok.ExpiresIn != 0:
+		// expires_in as read from JSON, clamped before it can overflow.
+		const maxSecs = int64(maxTokenLifetime / time.Second)
+		lifetime = time.Duration(min(max(tok.ExpiresIn, -1), maxSecs+1)) * time.Second
+	case !tok.Expiry.IsZero():
+		// A form-encoded answer: x/oauth2 made it a time when the answer
+		// arrived, and large seconds wrap around into any time at all.
+		lifetime = tok.Expiry.Sub(now)
+	}
+	switch {
+	case lifetime <= 0:
+		// No expiry known.
+	case lifetime < minTokenLifetime:
+		got.expiresAt = now.Add(minTokenLifetime).UTC()
+	case lifetime > maxTokenLifetime:
+		got.expiresAt = now.Add(maxTokenLifetime).UTC()
+	default:
+		got.expiresAt = now.Add(lifetime).UTC()
+	}
+
+	announced := events.Rotated{AccessToken: tok.AccessToken, TokenType: got.tokenType,
+		Fingerprint: events.Fingerprint(tok.AccessToken), Version: 1}
+	if err := announced.Validate(); err != nil {
+		got.problem = "the token endpoint issued a token that cannot be announced (" +
+			strings.TrimSuffix(err.Error(), ": "+events.ErrInvalidEvent.Error()) + ")"
+	} else if n := len(tok.RefreshToken); n > maxRefreshTokenSize {
+		got.problem = fmt.Sprintf("the token endpoint issued a refresh_token of %d bytes, which cannot be kept (at most %d)", n, maxRefreshTokenSize)
+	}
+	if got.problem != "" {
+		got.problem += "; the refresh token was redeemed, so no retry can help: fix what the authorization server issues, then log in again and register the new tokens"
+	}
+	return got
+}

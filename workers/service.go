@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -83,10 +82,12 @@ func (p *Pool) replyError(req micro.Request, code, description, reason string) {
 	if tr, ok := req.(tracedRequest); ok {
 		tr.fail(code)
 	}
+	// Descriptions and reasons may repeat what a server or a requester
+	// sent: bounded, and on one line as a header value must be.
+	description = events.TruncateText(description, events.MaxErrorDescriptionLen)
+	reason = events.TruncateText(reason, events.MaxReasonLen)
 	body, _ := json.Marshal(events.ErrorReply{Error: code, ErrorDescription: description, Reason: reason})
-	// Header values must stay on one line.
-	desc := strings.ReplaceAll(description, "\n", " ")
-	if err := req.Error(events.StatusOf(code), desc, body); err != nil {
+	if err := req.Error(events.StatusOf(code), description, body); err != nil {
 		p.log.Warn("reply failed", "subject", req.Subject(), "error", err)
 	}
 }

@@ -3,8 +3,8 @@
 // Hydra, AWS Cognito): refresh-token rotation or none, the different answers
 // to a spent refresh token being presented again, reuse grace intervals,
 // revocation of a whole token family, answers without refresh_token or
-// expires_in, latency, queued 5xx/429 failures, lost answers and a crashed
-// server.
+// expires_in, latency, queued 5xx/429 failures, failures for one client
+// only, rewritten (hostile) answers, lost answers and a crashed server.
 //
 // Every integration test of the refresher talks to one of these servers over
 // real HTTP and then asserts on what it counted: how many token calls arrived
@@ -98,9 +98,11 @@ type Server struct {
 	down          bool
 	now           func() time.Time
 	onToken       func(*http.Request)
-	fails         []reply // answers queued by Fail, oldest first
-	drops         int     // answers still to lose, see DropAnswers
-	noOAuthMeta   bool    // see SetMetadata
+	fails         []reply                          // answers queued by Fail, oldest first
+	clientFails   map[string]reply                 // see FailClient
+	rewrite       func(map[string]json.RawMessage) // see RewriteAnswers
+	drops         int                              // answers still to lose, see DropAnswers
+	noOAuthMeta   bool                             // see SetMetadata
 	noOIDCMeta    bool
 
 	// State. Tokens are never deleted, so a value is never issued twice.
@@ -293,6 +295,16 @@ func (s *Server) SetClock(now func() time.Time) {
 // Fail(3, 503, "", nil), or Fail(1, 429, `{"error":"rate_limited"}`,
 // http.Header{"Retry-After": {"2"}}). It is safe for concurrent use.
 func (s *Server) Fail(n int, status int, body string, header http.Header) {
+	rep := failure(status, body, header)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for range n {
+		s.fails = append(s.fails, rep)
+	}
+}
+
+// failure is the answer Fail and FailClient give.
+func failure(status int, body string, header http.Header) reply {
 	rep := reply{status: status, header: header.Clone(), body: []byte(body)}
 	if rep.header == nil {
 		rep.header = http.Header{}
@@ -310,11 +322,41 @@ func (s *Server) Fail(n int, status int, body string, header http.Header) {
 	if json.Unmarshal(rep.body, &e) == nil {
 		rep.errCode = e.Error
 	}
+	return rep
+}
+
+// FailClient answers every token call that claims to be clientID with the
+// given failure (as Fail describes it) until it is called again for that
+// client with status 0, as a proxy or rate limiter in front of the server
+// that refuses one client only would. Queued Fail answers come first. It
+// is safe for concurrent use.
+func (s *Server) FailClient(clientID string, status int, body string, header http.Header) {
+	var rep reply
+	if status != 0 {
+		rep = failure(status, body, header)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for range n {
-		s.fails = append(s.fails, rep)
+	if status == 0 {
+		delete(s.clientFails, clientID)
+		return
 	}
+	if s.clientFails == nil {
+		s.clientFails = map[string]reply{}
+	}
+	s.clientFails[clientID] = rep
+}
+
+// RewriteAnswers makes the server pass every successful token answer (200,
+// after the grant was processed: a refresh token is redeemed) through f
+// before it is written, as a broken or hostile server would answer: f may
+// change, add or delete members, each a raw JSON value. nil removes it. f
+// runs on the server's goroutine of the call. It is safe for concurrent
+// use.
+func (s *Server) RewriteAnswers(f func(answer map[string]json.RawMessage)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rewrite = f
 }
 
 // DropAnswers loses the answers of the next n token calls that are not
