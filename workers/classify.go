@@ -89,13 +89,6 @@ func classify(err error) answer {
 	return o
 }
 
-// countsAsSuccess tells the breaker whether the endpoint behaved: a permanent
-// OAuth error is a healthy server answering correctly.
-func countsAsSuccess(err error) bool {
-	v := classify(err).verdict
-	return v == rotated || v == permanent
-}
-
 // retryAfter parses a Retry-After header: delay-seconds or an HTTP date.
 func retryAfter(v string, now time.Time) time.Duration {
 	if v == "" {

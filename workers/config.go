@@ -48,7 +48,10 @@ type Config struct {
 	// stale and costs no call.
 	LeaseWait time.Duration
 	// BreakerFailures is the number of consecutive transient failures of a
-	// token endpoint that opens its breaker; 0 means 5.
+	// client (tenant and client_id) at a token endpoint that opens the
+	// client's breaker, and of failures that never reached the endpoint
+	// that opens the endpoint's; 0 means 5. See breakers for the rule that
+	// keeps one tenant's failing client from stopping another tenant.
 	BreakerFailures uint32
 	// BreakerOpenFor is how long an open breaker refuses calls before letting
 	// one through; 0 means 30s.

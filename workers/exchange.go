@@ -47,7 +47,7 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	call.CheckRedirect = refuseRedirect
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, &call)
 	start := time.Now()
-	tok, err := p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
+	tok, err := p.breakers.do(ctx, breakerKeyOf(c), func(ctx context.Context) (*oauth2.Token, error) {
 		if c.Grant == events.GrantClientCredentials {
 			cc := clientcredentials.Config{
 				ClientID:     c.ClientID,
@@ -71,6 +71,11 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	})
 	p.metrics.tokenCalled(ctx, c.TokenEndpoint, time.Since(start), err)
 	return tok, err
+}
+
+// breakerKeyOf names the breakers a refresh of c passes (see breakers).
+func breakerKeyOf(c *kv.Credential) callKey {
+	return callKey{endpoint: c.TokenEndpoint, tenant: c.Key.Tenant, client: c.ClientID}
 }
 
 func authStyle(s string) oauth2.AuthStyle {

@@ -76,8 +76,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
-	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
-		p.log.Warn("token endpoint breaker changed state", "endpoint", endpoint, "from", from.String(), "to", to.String())
+	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(k breakerKey, from, to gobreaker.State) {
+		p.log.Warn("token endpoint breaker changed state", "scope", k.scope.String(), "endpoint", redactURL(k.endpoint),
+			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
 	})
 	if p.cons, err = p.provision(ctx); err != nil {
 		return nil, err

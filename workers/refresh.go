@@ -90,7 +90,7 @@ func (r *refresh) load(ctx context.Context) (result, bool) {
 	if res, done := r.p.decide(ctx, r.ev, r.cred); done {
 		return res, true
 	}
-	if r.p.breakers.open(r.cred.TokenEndpoint) {
+	if r.p.breakers.open(breakerKeyOf(r.cred)) {
 		return resultOf(outBreakerOpen, r.p.breakerWait(), "token endpoint breaker open"), true
 	}
 	return result{}, false

@@ -902,7 +902,8 @@ func TestOutcomeMetrics(t *testing.T) {
 				return counter(rm, "authbus.events.processed", outcome(tc.want)) >= 1 &&
 					histCount(rm, "authbus.event.duration", outcome(tc.want)) >= 1
 			})
-			calls := histCount(rm, "authbus.token_endpoint.duration", attribute.String("endpoint", o.AS.TokenURL()))
+			// Endpoints are labelled by scheme and host.
+			calls := histCount(rm, "authbus.token_endpoint.duration", attribute.String("endpoint", o.AS.BaseURL()))
 			if tc.tokenResult == "" && calls != 0 {
 				t.Errorf("token-endpoint duration recorded %d calls, want none", calls)
 			}
@@ -920,7 +921,7 @@ func TestOutcomeMetrics(t *testing.T) {
 					t.Error("lease contention not counted")
 				}
 			case "breaker_open":
-				if v, ok := gauge(rm, "authbus.breaker.state", attribute.String("endpoint", o.AS.TokenURL())); !ok || v != 2 {
+				if v, ok := gauge(rm, "authbus.breaker.state", attribute.String("endpoint", o.AS.BaseURL()), attribute.String("scope", "client")); !ok || v != 2 {
 					t.Errorf("breaker state gauge = %d (observed %v), want 2 (open)", v, ok)
 				}
 				o.AS.SetDown(false)
