@@ -87,6 +87,14 @@ type Config struct {
 	// given here brings its own dialer; TokenHosts is then checked at
 	// registration only.
 	HTTPClient *http.Client
+	// Requests is how many auth.register, and separately how many
+	// auth.token, requests this process serves at once; 0 means 64. A
+	// tenant is served at most a quarter of them at once, and may have
+	// more waiting (twice as many registrations, 64 times as many token
+	// requests, which are quick); a request beyond that is answered 503
+	// unavailable, retry. So one tenant's slow issuers cannot hold up
+	// another tenant's registration.
+	Requests int
 	// Discovery finds token endpoints of registrations that name an issuer
 	// (RFC 8414) and caches them; nil means one per pool that fetches with
 	// HTTPClient, caches for an hour and gives up after 5s. Pools of one
@@ -140,6 +148,9 @@ func (c Config) withDefaults() Config {
 	if c.BreakerOpenFor == 0 {
 		c.BreakerOpenFor = 30 * time.Second
 	}
+	if c.Requests == 0 {
+		c.Requests = 64
+	}
 	c.replicasSet = c.Replicas != 0
 	if c.Replicas == 0 {
 		c.Replicas = 1
@@ -185,6 +196,9 @@ func (c Config) validate() error {
 	if c.TokenTimeout < 0 || c.AckWait < 3*time.Millisecond || c.RetryBase < 0 || c.RetryMax < c.RetryBase {
 		errs = append(errs, fmt.Errorf("timeouts: TokenTimeout %v, AckWait %v, RetryBase %v, RetryMax %v must be positive with RetryMax ≥ RetryBase",
 			c.TokenTimeout, c.AckWait, c.RetryBase, c.RetryMax))
+	}
+	if c.Requests < 1 {
+		errs = append(errs, fmt.Errorf("Requests is %d: set at least 1", c.Requests))
 	}
 	if c.MaxDeliver < 2 {
 		errs = append(errs, fmt.Errorf("MaxDeliver is %d: set at least 2 so a transient failure can be retried", c.MaxDeliver))

@@ -41,6 +41,9 @@ type Pool struct {
 	// release, the schedule's publish ack) so that it costs no round trip
 	// on the refresh path; Run waits for it before returning.
 	bg sync.WaitGroup
+	// serving holds the goroutines that serve auth.register and auth.token
+	// requests (see lanes); Run waits for them before returning.
+	serving sync.WaitGroup
 	// flights are the refreshes this pool runs now, by credential.
 	flightsMu sync.Mutex
 	flights   map[events.Key]*flight
@@ -119,7 +122,10 @@ func (p *Pool) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer svc.Stop()
+	defer func() {
+		_ = svc.Stop()
+		p.serving.Wait() // requests taken are answered
+	}()
 	msgs, err := p.cons.Messages(
 		// A pull batch near the worker count: the default of 500 lets one
 		// process hoard a storm while the others idle.

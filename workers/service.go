@@ -37,12 +37,17 @@ func (p *Pool) startService() (micro.Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start micro service: %w", err)
 	}
+	// Each endpoint serves its requests concurrently, fairly per tenant
+	// (see lanes); token requests are quick, so many more may wait.
+	share := max(1, p.cfg.Requests/4)
+	register := newLanes("auth.register", p.cfg.Requests, share, 2*share, &p.serving)
+	token := newLanes("auth.token", p.cfg.Requests, share, 64*share, &p.serving)
 	for _, ep := range []struct {
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"register", p.subj.RegisterWildcard(), p.traced(p.subj.RegisterWildcard(), p.handleRegister)},
-		{"token", p.subj.TokenWildcard(), p.traced(p.subj.TokenWildcard(), p.handleToken)},
+		{"register", p.subj.RegisterWildcard(), p.concurrently(register, p.traced(p.subj.RegisterWildcard(), p.handleRegister))},
+		{"token", p.subj.TokenWildcard(), p.concurrently(token, p.traced(p.subj.TokenWildcard(), p.handleToken))},
 	} {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
 			_ = svc.Stop()
@@ -50,6 +55,29 @@ func (p *Pool) startService() (micro.Service, error) {
 		}
 	}
 	return svc, nil
+}
+
+// concurrently hands each request to its tenant's lane in l, to be served
+// on a goroutine of its own (or refused, 503, when the tenant or the
+// refresher is busy). A subject without a credential key is answered at
+// once: there is no tenant to queue it for, and the answer is quick.
+func (p *Pool) concurrently(l *lanes, h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		_, k, err := p.subj.Parse(req.Subject())
+		if err != nil {
+			h(req)
+			return
+		}
+		d := detach(p.nc, req)
+		l.submit(k.Tenant, job{
+			serve: func() { h(d) },
+			refuse: func(description string) {
+				p.log.Debug("request refused: busy", "subject", d.subject, "reason", description)
+				p.replyError(d, events.CodeUnavailable, description, "")
+			},
+			received: time.Now(),
+		})
+	}
 }
 
 // traced serves a request inside a server span, the child of the

@@ -1133,8 +1133,8 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 	})
 	for _, want := range []string{
 		`authbus_event_duration_seconds_bucket{`,
-		`authbus_token_endpoint_duration_seconds_count{endpoint="` + b.AS.TokenURL() + `"`,
-		`authbus_breaker_state{endpoint="` + b.AS.TokenURL() + `"`,
+		`authbus_token_endpoint_duration_seconds_count{endpoint="` + b.AS.BaseURL() + `"`,
+		`authbus_breaker_state{endpoint="` + b.AS.BaseURL() + `"`,
 		`authbus_consumer_pending{`,
 		`authbus_consumer_ack_pending{`,
 		`http_client_request_duration_seconds_bucket{`,
