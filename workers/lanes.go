@@ -30,6 +30,7 @@ type lanes struct {
 	wg        *sync.WaitGroup
 
 	mu      sync.Mutex
+	closed  bool // no more requests are taken: wg may be waited for
 	running int
 	waiting int
 	tenants map[string]*lane // tenants with requests running or waiting
@@ -55,6 +56,11 @@ func newLanes(what string, total, perTenant, wait int, wg *sync.WaitGroup) *lane
 // submit serves j for tenant now, queues it, or refuses it (503).
 func (l *lanes) submit(tenant string, j job) {
 	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		j.refuse("this refresher is shutting down; retry, another refresher will answer")
+		return
+	}
 	ln := l.tenants[tenant]
 	if ln == nil {
 		ln = &lane{}
@@ -85,6 +91,14 @@ func (l *lanes) submit(tenant string, j job) {
 		return
 	}
 	l.mu.Unlock()
+}
+
+// close stops taking requests; those taken are still served. After it
+// returns, wg only counts down.
+func (l *lanes) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
 }
 
 // serve runs j, then the next waiting request whose turn it is, until

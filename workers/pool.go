@@ -43,7 +43,8 @@ type Pool struct {
 	bg sync.WaitGroup
 	// serving holds the goroutines that serve auth.register and auth.token
 	// requests (see lanes); Run waits for them before returning.
-	serving sync.WaitGroup
+	serving  sync.WaitGroup
+	requests []*lanes // of the service's endpoints
 	// flights are the refreshes this pool runs now, by credential.
 	flightsMu sync.Mutex
 	flights   map[events.Key]*flight
@@ -124,7 +125,12 @@ func (p *Pool) Run(ctx context.Context) error {
 	}
 	defer func() {
 		_ = svc.Stop()
-		p.serving.Wait() // requests taken are answered
+		// A handler that was running when the service stopped may still
+		// hand over a request: close first, then wait for those taken.
+		for _, l := range p.requests {
+			l.close()
+		}
+		p.serving.Wait()
 	}()
 	msgs, err := p.cons.Messages(
 		// A pull batch near the worker count: the default of 500 lets one

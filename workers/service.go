@@ -42,6 +42,7 @@ func (p *Pool) startService() (micro.Service, error) {
 	share := max(1, p.cfg.Requests/4)
 	register := newLanes("auth.register", p.cfg.Requests, share, 2*share, &p.serving)
 	token := newLanes("auth.token", p.cfg.Requests, share, 64*share, &p.serving)
+	p.requests = []*lanes{register, token}
 	for _, ep := range []struct {
 		name, subject string
 		h             micro.HandlerFunc
