@@ -31,13 +31,15 @@ import (
 // two different tenants are. Either also opens after BreakerFailures
 // failures in a row that never reached the server (name resolution,
 // connect, TLS: no request had been sent, so they cannot depend on the
-// client). A success closes nothing but counts everywhere: it clears the
-// tally of tripped members. So a tenant alone, whatever it registers,
+// client). A success counts as one at all three, and clears their tallies
+// of members found failing. So a tenant alone, whatever it registers,
 // can open only its own breakers: its client_ids are its own to invent,
-// its tenant name is not (NATS permissions fix it). A proxy answering 429
-// to one client stops that client; 5xx for everyone opens the endpoint's
-// breaker as soon as two tenants (or two clients of a one-tenant
-// deployment) have seen it.
+// its tenant name is not (NATS permissions fix it); two tenants acting
+// together can open the endpoint's, for BreakerOpenFor at a time, unless a
+// success comes in between. A proxy answering 429 to one client stops that
+// client; 5xx for everyone opens the endpoint's breaker once two tenants'
+// breakers have opened (in a deployment of one tenant, the tenant's
+// breaker, which then guards everything, once two of its clients' have).
 //
 // gobreaker's DistributedCircuitBreaker does not fit NATS KV (its keys
 // contain ':' and it holds the shared lock across the call), and
