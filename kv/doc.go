@@ -5,9 +5,11 @@
 // only by compare-and-set on the revision that was read, so a late writer
 // finds out ([ErrConflict]) instead of overwriting newer tokens. Access
 // tokens, refresh tokens and client secrets are sealed at rest with
-// AES-256-GCM under a [KeyRing], bound to their credential key, so neither a
-// KV read nor a store file yields a usable token; in memory each is a
-// [Secret], which never renders in logs.
+// AES-256-GCM under a [KeyRing], each bound to its credential key, its field
+// and the record schema, so neither a KV read nor a store file yields a
+// usable token, and neither a record moved to another key nor sealed fields
+// swapped within one open; in memory each is a [Secret], which never
+// renders in logs.
 //
 // Leases ([Leases], [Lease]) make sure that at most one refresher works on a
 // credential at a time. A lease is a value fenced by its revision: it keeps
