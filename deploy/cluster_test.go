@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -593,6 +594,37 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 			t.Errorf("%s: user %s reads its password from another variable than refresher permissions %v", role, want.Username, args)
 		case !reflect.DeepEqual(got.Permissions, want.Permissions):
 			t.Errorf("%s: user %s has other permissions than refresher permissions %v prints:\n%s", role, want.Username, args, block)
+		}
+	}
+
+	// Every password variable of the deployment belongs to a user listed in
+	// natsUsers, and no tenant can be given one of the deployment's own:
+	// the tenant whose variable it would be is refused as reserved.
+	conf, err := os.ReadFile("nats/accounts.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	known := map[string]bool{}
+	for _, nu := range natsUsers {
+		known[nu.passwordEnv] = true
+	}
+	for _, m := range regexp.MustCompile(`\$(AUTHBUS_PASSWORD_\w+)`).FindAllStringSubmatch(string(conf), -1) {
+		if !known[m[1]] {
+			t.Errorf("deploy/nats/accounts.conf reads $%s, which natsUsers does not list: add its user there", m[1])
+		}
+	}
+	for role, nu := range natsUsers {
+		if strings.HasSuffix(nu.user, "-runtime") {
+			continue // a tenant's own user
+		}
+		// The readable form of a password variable: upper case, '-' as '_'.
+		tenant := strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(nu.passwordEnv, "AUTHBUS_PASSWORD_"), "_", "-"))
+		cmd := exec.Command(filepath.Join(bins, "refresher"), "permissions", "--tenant", tenant)
+		cmd.Env = cleanEnv()
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "reserved") {
+			t.Errorf("%s: refresher permissions --tenant %s printed a user with the password variable of %s (%v):\n%s",
+				role, tenant, nu.user, err, out)
 		}
 	}
 }

@@ -70,7 +70,13 @@ func (p *Pool) announceRotated(ctx context.Context, c *kv.Credential) error {
 
 // announceNeedsReauth publishes c's needs_reauth into its kept stream.
 func (p *Pool) announceNeedsReauth(ctx context.Context, c *kv.Credential) error {
-	msg, span, err := p.newEventMsg(ctx, c.Key, events.NeedsReauth{Reason: c.Reason, ErrorDescription: c.Description, Version: c.Version})
+	// Truncated again: a record stored before they were bounded when
+	// stored could hold texts that never fit the event.
+	msg, span, err := p.newEventMsg(ctx, c.Key, events.NeedsReauth{
+		Reason:           events.TruncateText(c.Reason, events.MaxReasonLen),
+		ErrorDescription: events.TruncateText(c.Description, events.MaxErrorDescriptionLen),
+		Version:          c.Version,
+	})
 	if err != nil {
 		return err
 	}

@@ -51,7 +51,10 @@ type Config struct {
 	// stale and costs no call.
 	LeaseWait time.Duration
 	// BreakerFailures is the number of consecutive transient failures of a
-	// token endpoint that opens its breaker; 0 means 5.
+	// client (tenant and client_id) at a token endpoint that opens the
+	// client's breaker, and of failures that never reached the endpoint
+	// that opens the endpoint's; 0 means 5. See breakers for the rule that
+	// keeps one tenant's failing client from stopping another tenant.
 	BreakerFailures uint32
 	// BreakerOpenFor is how long an open breaker refuses calls before letting
 	// one through; 0 means 30s.
@@ -115,6 +118,14 @@ type Config struct {
 	// given here brings its own dialer; TokenHosts is then checked at
 	// registration only.
 	HTTPClient *http.Client
+	// Requests is how many auth.register, and separately how many
+	// auth.token, requests this process serves at once; 0 means 64. A
+	// tenant is served at most a quarter of them at once, and may have
+	// more waiting (twice as many registrations, 64 times as many token
+	// requests, which are quick); a request beyond that is answered 503
+	// unavailable, retry. So one tenant's slow issuers cannot hold up
+	// another tenant's registration.
+	Requests int
 	// Discovery finds token endpoints of registrations that name an issuer
 	// (RFC 8414) and caches them; nil means one per pool that fetches with
 	// HTTPClient, caches for an hour and gives up after 5s. Pools of one
@@ -180,6 +191,9 @@ func (c Config) withDefaults() Config {
 	if c.MaxQueued == 0 {
 		c.MaxQueued = 100_000
 	}
+	if c.Requests == 0 {
+		c.Requests = 64
+	}
 	c.replicasSet = c.Replicas != 0
 	if c.Replicas == 0 {
 		c.Replicas = 1
@@ -204,7 +218,8 @@ func (c Config) withDefaults() Config {
 		c.HTTPClient = newHTTPClient(c.Workers, c.TokenHosts, c.Logger)
 	}
 	if c.Discovery == nil {
-		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient})
+		hosts := c.TokenHosts
+		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient, TokenHosts: &hosts})
 	}
 	return c
 }
@@ -224,6 +239,9 @@ func (c Config) validate() error {
 	if c.TokenTimeout < 0 || c.AckWait < 3*time.Millisecond || c.RetryBase < 0 || c.RetryMax < c.RetryBase {
 		errs = append(errs, fmt.Errorf("timeouts: TokenTimeout %v, AckWait %v, RetryBase %v, RetryMax %v must be positive with RetryMax ≥ RetryBase",
 			c.TokenTimeout, c.AckWait, c.RetryBase, c.RetryMax))
+	}
+	if c.Requests < 1 {
+		errs = append(errs, fmt.Errorf("Requests is %d: set at least 1", c.Requests))
 	}
 	if c.MaxDeliver < 2 {
 		errs = append(errs, fmt.Errorf("MaxDeliver is %d: set at least 2 so a transient failure can be retried", c.MaxDeliver))
@@ -247,12 +265,18 @@ func (c Config) validate() error {
 // newHTTPClient keeps an idle connection per worker per host: with
 // http.DefaultClient's two, most token calls under load open a new
 // connection (measured: 20–40 % less throughput). It dials token endpoints
-// through the SSRF guard of hosts.
+// through the SSRF guard of hosts, and follows no redirect (see
+// refuseRedirect); discovery sets its own rule on a copy.
 func newHTTPClient(workers int, hosts TokenHostPolicy, log *slog.Logger) *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.Proxy = nil
 	t.DialContext = hosts.dialContext(log)
 	t.MaxIdleConnsPerHost = workers
 	t.MaxIdleConns = 4 * workers
-	return &http.Client{Transport: t}
+	return &http.Client{Transport: t, CheckRedirect: refuseRedirect}
 }
+
+// refuseRedirect hands a redirect answer back as it is. A token request
+// must never follow one: a 307 or 308 would send the refresh token, and in
+// post style the client secret, to wherever the answer points.
+func refuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }

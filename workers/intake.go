@@ -252,12 +252,11 @@ func (in *intake) refuse(m *nats.Msg, key events.Key, reason string, code int, d
 // Anything else — a KV key, the JetStream API, another tenant's inbox or
 // subjects — would make the refresher write there with its own rights.
 func replyAllowed(reply, tenant string) bool {
-	for _, prefix := range []string{"_INBOX.", "_INBOX_" + tenant + "."} {
-		if rest, ok := strings.CutPrefix(reply, prefix); ok && rest != "" {
-			return true
-		}
+	if rest, ok := strings.CutPrefix(reply, "_INBOX."); ok && rest != "" {
+		return true
 	}
-	return false
+	rest, ok := strings.CutPrefix(reply, "_INBOX_"+tenant+".")
+	return tenant != "" && ok && rest != ""
 }
 
 // tenantLimits is a token bucket per tenant: how many new events (not

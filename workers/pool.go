@@ -42,6 +42,10 @@ type Pool struct {
 	// release, the schedule's publish ack) so that it costs no round trip
 	// on the refresh path; Run waits for it before returning.
 	bg sync.WaitGroup
+	// serving holds the goroutines that serve auth.register and auth.token
+	// requests (see lanes); Run waits for them before returning.
+	serving  sync.WaitGroup
+	requests []*lanes // of the service's endpoints
 	// flights are the refreshes this pool runs now, by credential.
 	flightsMu sync.Mutex
 	flights   map[events.Key]*flight
@@ -83,8 +87,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		p.serve = nc
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
-	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
-		p.log.Warn("token endpoint breaker changed state", "endpoint", endpoint, "from", from.String(), "to", to.String())
+	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(k breakerKey, from, to gobreaker.State) {
+		p.log.Warn("token endpoint breaker changed state", "scope", k.scope.String(), "endpoint", redactURL(k.endpoint),
+			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
 	})
 	lanes, err := p.provision(ctx)
 	if err != nil {
@@ -127,7 +132,15 @@ func (p *Pool) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer svc.Stop()
+	defer func() {
+		_ = svc.Stop()
+		// A handler that was running when the service stopped may still
+		// hand over a request: close first, then wait for those taken.
+		for _, l := range p.requests {
+			l.close()
+		}
+		p.serving.Wait()
+	}()
 	intake, err := p.startIntake()
 	if err != nil {
 		return err

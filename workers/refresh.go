@@ -90,7 +90,7 @@ func (r *refresh) load(ctx context.Context) (result, bool) {
 	if res, done := r.p.decide(ctx, r.ev, r.cred); done {
 		return res, true
 	}
-	if r.p.breakers.open(r.cred.TokenEndpoint) {
+	if r.p.breakers.open(breakerKeyOf(r.cred)) {
 		return resultOf(outBreakerOpen, r.p.breakerWait(), "token endpoint breaker open"), true
 	}
 	return result{}, false
@@ -214,20 +214,23 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 		// whose refresh token was already redeemed would force a re-login.
 		p.log.Warn("lease lost during the token-endpoint call; storing under compare-and-set only", "key", r.cred.Key.String())
 	}
+	got := inspect(tok, now) // what the answer may be trusted with (classify.go)
+	if got.problem != "" {
+		// The refresh token we sent is spent: keep the one issued, if it
+		// can be kept, so that nothing is lost, and park the credential,
+		// so that no retry presents the spent one or announces the token.
+		if tok.RefreshToken != "" && len(tok.RefreshToken) <= maxRefreshTokenSize {
+			r.cred.RefreshToken = kv.Secret(tok.RefreshToken)
+		}
+		return r.needsReauth(ctx, reasonUnusableToken, got.problem)
+	}
 	c := r.cred.Clone()
 	c.Version++
 	c.AccessToken = kv.Secret(tok.AccessToken)
-	c.TokenType = tok.TokenType
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
+	c.TokenType = got.tokenType
 	c.Fingerprint = events.Fingerprint(tok.AccessToken)
 	c.ReceivedAt = now
-	c.ExpiresAt = time.Time{}
-	if !tok.Expiry.IsZero() {
-		// x/oauth2 turns expires_in into an absolute time when the answer arrives.
-		c.ExpiresAt = tok.Expiry.UTC()
-	}
+	c.ExpiresAt = got.expiresAt
 	if tok.RefreshToken != "" {
 		c.RefreshToken = kv.Secret(tok.RefreshToken)
 	} // else: carry the old one forward (RFC 6749 §6).
@@ -258,7 +261,9 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 func (r *refresh) needsReauth(ctx context.Context, reason, description string) result {
 	p := r.p
 	c := r.cred.Clone()
-	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, scrub(description, r.cred)
+	// Both may come from the server: bounded, so that the event fits.
+	c.State, c.Reason = kv.StateNeedsReauth, events.TruncateText(reason, events.MaxReasonLen)
+	c.Description = events.TruncateText(scrub(description, r.cred), events.MaxErrorDescriptionLen)
 	c.UpdatedAt = time.Now().UTC()
 	if err := r.store(ctx, c); err != nil {
 		if errors.Is(err, kv.ErrConflict) {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -38,12 +37,18 @@ func (p *Pool) startService() (micro.Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start micro service: %w", err)
 	}
+	// Each endpoint serves its requests concurrently, fairly per tenant
+	// (see lanes); token requests are quick, so many more may wait.
+	share := max(1, p.cfg.Requests/4)
+	register := newLanes("auth.register", p.cfg.Requests, share, 2*share, &p.serving)
+	token := newLanes("auth.token", p.cfg.Requests, share, 64*share, &p.serving)
+	p.requests = []*lanes{register, token}
 	for _, ep := range []struct {
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"register", p.subj.RegisterWildcard(), p.traced(p.subj.RegisterWildcard(), p.handleRegister)},
-		{"token", p.subj.TokenWildcard(), p.traced(p.subj.TokenWildcard(), p.handleToken)},
+		{"register", p.subj.RegisterWildcard(), p.concurrently(register, p.traced(p.subj.RegisterWildcard(), p.handleRegister))},
+		{"token", p.subj.TokenWildcard(), p.concurrently(token, p.traced(p.subj.TokenWildcard(), p.handleToken))},
 	} {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
 			_ = svc.Stop()
@@ -53,19 +58,44 @@ func (p *Pool) startService() (micro.Service, error) {
 	return svc, nil
 }
 
+// concurrently hands each request to its tenant's lane in l, to be served
+// on a goroutine of its own (or refused, 503, when the tenant or the
+// refresher is busy). A subject without a credential key is answered at
+// once: there is no tenant to queue it for, and the answer is quick.
+func (p *Pool) concurrently(l *lanes, h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		_, k, err := p.subj.Parse(req.Subject())
+		// NATS does not check the reply subject a requester names, and the
+		// refresher answers with its own rights: an answer aimed at a KV
+		// key, the JetStream API or another tenant's subjects would write
+		// there. Answer only on the requester's own inbox (for a subject
+		// without a key, only on the default one), and not at all
+		// otherwise.
+		if !replyAllowed(req.Reply(), k.Tenant) {
+			p.log.Warn("request refused: its reply subject is not the requester's inbox", "subject", req.Subject(), "tenant", k.Tenant)
+			return
+		}
+		if err != nil {
+			h(req)
+			return
+		}
+		d := detach(p.serve, req)
+		l.submit(k.Tenant, job{
+			serve: func() { h(d) },
+			refuse: func(description string) {
+				p.log.Debug("request refused: busy", "subject", d.subject, "reason", description)
+				p.replyError(d, events.CodeUnavailable, description, "")
+			},
+			received: time.Now(),
+		})
+	}
+}
+
 // traced serves a request inside a server span, the child of the
 // requester's span when its headers carry one. The span records the error
 // code of an error reply; the body, which may hold tokens, only by size.
 func (p *Pool) traced(template string, h func(context.Context, micro.Request)) micro.HandlerFunc {
 	return func(req micro.Request) {
-		// NATS does not check the reply subject a requester names, and the
-		// refresher answers with its own rights: an answer aimed at a KV
-		// key, the JetStream API or another tenant's subjects would write
-		// there. Answer only on the requester's own inbox.
-		if _, k, err := p.subj.Parse(req.Subject()); err == nil && !replyAllowed(req.Reply(), k.Tenant) {
-			p.log.Warn("request refused: its reply subject is not the requester's inbox", "subject", req.Subject(), "tenant", k.Tenant)
-			return
-		}
 		ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
 		ctx, span := p.tracer.Start(ctx, "process "+template, trace.WithSpanKind(trace.SpanKindServer),
 			trace.WithAttributes(processAttrs(req.Subject(), len(req.Data()), semconv.MessagingDestinationTemplate(template))...))
@@ -91,10 +121,12 @@ func (p *Pool) replyError(req micro.Request, code, description, reason string) {
 	if tr, ok := req.(tracedRequest); ok {
 		tr.fail(code)
 	}
+	// Descriptions and reasons may repeat what a server or a requester
+	// sent: bounded, and on one line as a header value must be.
+	description = events.TruncateText(description, events.MaxErrorDescriptionLen)
+	reason = events.TruncateText(reason, events.MaxReasonLen)
 	body, _ := json.Marshal(events.ErrorReply{Error: code, ErrorDescription: description, Reason: reason})
-	// Header values must stay on one line.
-	desc := strings.ReplaceAll(description, "\n", " ")
-	if err := req.Error(events.StatusOf(code), desc, body); err != nil {
+	if err := req.Error(events.StatusOf(code), description, body); err != nil {
 		p.log.Warn("reply failed", "subject", req.Subject(), "error", err)
 	}
 }

@@ -909,7 +909,8 @@ func TestOutcomeMetrics(t *testing.T) {
 				return counter(rm, "authbus.events.processed", outcome(tc.want)) >= 1 &&
 					histCount(rm, "authbus.event.duration", outcome(tc.want)) >= 1
 			})
-			calls := histCount(rm, "authbus.token_endpoint.duration", attribute.String("endpoint", o.AS.TokenURL()))
+			// Endpoints are labelled by scheme and host.
+			calls := histCount(rm, "authbus.token_endpoint.duration", attribute.String("endpoint", o.AS.BaseURL()))
 			if tc.tokenResult == "" && calls != 0 {
 				t.Errorf("token-endpoint duration recorded %d calls, want none", calls)
 			}
@@ -927,7 +928,7 @@ func TestOutcomeMetrics(t *testing.T) {
 					t.Error("lease contention not counted")
 				}
 			case "breaker_open":
-				if v, ok := gauge(rm, "authbus.breaker.state", attribute.String("endpoint", o.AS.TokenURL())); !ok || v != 2 {
+				if v, ok := gauge(rm, "authbus.breaker.state", attribute.String("endpoint", o.AS.BaseURL()), attribute.String("scope", "client")); !ok || v != 2 {
 					t.Errorf("breaker state gauge = %d (observed %v), want 2 (open)", v, ok)
 				}
 				o.AS.SetDown(false)
@@ -1143,8 +1144,8 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 	})
 	for _, want := range []string{
 		`authbus_event_duration_seconds_bucket{`,
-		`authbus_token_endpoint_duration_seconds_count{endpoint="` + b.AS.TokenURL() + `"`,
-		`authbus_breaker_state{endpoint="` + b.AS.TokenURL() + `"`,
+		`authbus_token_endpoint_duration_seconds_count{endpoint="` + b.AS.BaseURL() + `"`,
+		`authbus_breaker_state{endpoint="` + b.AS.BaseURL() + `"`,
 		`authbus_consumer_pending{`,
 		`authbus_consumer_ack_pending{`,
 		`http_client_request_duration_seconds_bucket{`,

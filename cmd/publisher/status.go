@@ -99,7 +99,7 @@ type credStatus struct {
 }
 
 // storedRecord is the part of the credential record (kv's stored JSON,
-// schemas 1 and 2, which differ only in how the access token is kept) that
+// schemas 1 to 3, which differ only in how the secrets are kept) that
 // status may show. The access token and the sealed secrets
 // are deliberately not decoded; the refresh token only by presence.
 type storedRecord struct {
@@ -120,8 +120,8 @@ type storedRecord struct {
 }
 
 // recordSchema is the newest layout of the credential record this build
-// reads; schema 1 reads the same for status.
-const recordSchema = 2
+// reads; schemas 1 and 2 read the same for status.
+const recordSchema = 3
 
 // readStatus reads the credentials matching the key patterns, with their
 // leases and schedules.
@@ -163,8 +163,8 @@ func readStatus(ctx context.Context, c *client, patterns []string) ([]credStatus
 		if err := json.Unmarshal(e.Value(), &r); err != nil {
 			return nil, fmt.Errorf("credential %s (revision %d): stored record is not JSON: %w", k, e.Revision(), err)
 		}
-		if r.Schema != 1 && r.Schema != recordSchema {
-			return nil, fmt.Errorf("credential %s: stored record has schema %d, this publisher reads schemas 1 and %d; use the publisher of the refreshers' authbus version", k, r.Schema, recordSchema)
+		if r.Schema < 1 || r.Schema > recordSchema {
+			return nil, fmt.Errorf("credential %s: stored record has schema %d, this publisher reads schemas 1 to %d; use the publisher of the refreshers' authbus version", k, r.Schema, recordSchema)
 		}
 		st := credStatus{
 			Key: k.String(), Version: r.Version, State: r.State, Reason: r.Reason, Description: r.Description,

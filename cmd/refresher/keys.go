@@ -43,7 +43,9 @@ Manages the key ring that seals refresh tokens and client secrets at rest.
   rotate   add a new random key to the key file and make it active; then
            (unless --reseal=false) reseal every credential under it, and
            with --retire drop the keys no credential uses any more
-  reseal   rewrite every credential still sealed with an older key
+  reseal   rewrite every credential still sealed with an older key, or
+           written by an older version (its seals bind less; run it once
+           after upgrading)
   retire   drop the keys that are neither active nor used by a credential
 
 Refreshers load the key file at start. One still running with the old file

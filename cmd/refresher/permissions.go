@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -34,8 +35,21 @@ nats CLI). A JetStream publish needs nothing more: the server sends the
 acknowledgement to the publisher's inbox. The password is a reference to an
 environment variable that nats-server resolves when it loads the file.
 
+Password variables: a tenant's is AUTHBUS_PASSWORD_ followed by the tenant
+name, written so that no two tenants share a variable. A name of lower-case
+letters, digits and '-' that starts with a letter or digit is written in
+upper case with '-' as '_' (acme-corp: AUTHBUS_PASSWORD_ACME_CORP). Any other
+name is written as '_' followed by each of its characters: a lower-case
+letter in upper case, a digit as itself, an upper-case letter as '_' and the
+letter, '-' as '__', '_' as '_0' (Acme: AUTHBUS_PASSWORD___ACME, a_b:
+AUTHBUS_PASSWORD__A_0B). The first form never starts with '_', the second
+always does and reads back one character at a time.
+
+Reserved tenant names, in any letter case, because the deployment's own users
+use them or their variables: %s.
+
 Flags:
-`)
+`, strings.Join(reservedTenants, ", "))
 		fs.PrintDefaults()
 	}
 	env := cli.NewEnvFlags(fs)
@@ -44,7 +58,7 @@ Flags:
 	fs.StringVar(&tenant, "tenant", "", "tenant whose runtime user to print")
 	fs.BoolVar(&refresher, "refresher", false, "print the refreshers' own user instead")
 	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", or "authbus-refresher")`)
-	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_<TENANT>, or AUTHBUS_PASSWORD_REFRESHER)")
+	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_ and the encoded tenant, see above, or AUTHBUS_PASSWORD_REFRESHER)")
 	fs.StringVar(&prefix, "prefix", "auth", "subject prefix")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
 	if err := env.Parse(args); err != nil {
@@ -79,6 +93,18 @@ Flags:
 	if !envName.MatchString(b.passwordEnv) {
 		return fmt.Errorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
 	}
+	if tenant != "" {
+		// A tenant's user must not log in as, or with the password of, one
+		// of the deployment's own users.
+		for _, r := range reservedTenants {
+			if b.passwordEnv == passwordVar(r) {
+				return fmt.Errorf("--password-env %s is the password variable of the deployment's %q user; give tenant %q its own", b.passwordEnv, r, tenant)
+			}
+			if strings.EqualFold(b.user, internalUser(r)) {
+				return fmt.Errorf("--user %q is the name of the deployment's %q user; give tenant %q its own", b.user, r, tenant)
+			}
+		}
+	}
 	_, err = io.WriteString(stdout, b.String())
 	return err
 }
@@ -100,6 +126,10 @@ func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
 	if err := (events.Key{Tenant: tenant, User: "x", Server: "x"}).Validate(); err != nil {
 		return userBlock{}, fmt.Errorf("--tenant %q: must be 1-%d characters of [A-Za-z0-9_-]: %w", tenant, events.MaxKeyPartLen, err)
 	}
+	if i := slices.IndexFunc(reservedTenants, func(r string) bool { return strings.EqualFold(r, tenant) }); i >= 0 {
+		return userBlock{}, fmt.Errorf("--tenant %q: %q is reserved for the deployment's own users (reserved, in any letter case: %s); choose another tenant name",
+			tenant, reservedTenants[i], strings.Join(reservedTenants, ", "))
+	}
 	own := func(word string) string { return subj.Prefix() + "." + word + "." + tenant + ".>" }
 	inbox := TenantInboxPrefix(tenant)
 	return userBlock{
@@ -108,7 +138,7 @@ func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
 			fmt.Sprintf("Its clients must use the inbox prefix %s (Go: nats.CustomInboxPrefix(%q)).", inbox, inbox),
 		},
 		user:        tenant + "-runtime",
-		passwordEnv: "AUTHBUS_PASSWORD_" + envSafe(tenant),
+		passwordEnv: passwordVar(tenant),
 		pubAllow: []string{
 			own(events.Type401.Word()), own(events.TypeExpiring.Word()),
 			own("token"), own("register"),
@@ -129,7 +159,7 @@ func refresherUser(subj events.Subjects) userBlock {
 	return userBlock{
 		comment:     []string{"authbus refresher user: every refresher of the deployment connects as this user."},
 		user:        "authbus-refresher",
-		passwordEnv: "AUTHBUS_PASSWORD_REFRESHER",
+		passwordEnv: passwordVar("refresher"),
 		pubAllow: []string{
 			p + "." + events.TypeRotated.Word() + ".>",
 			p + "." + events.TypeNeedsReauth.Word() + ".>",
@@ -180,7 +210,53 @@ func quoteList(ss []string) string {
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// envSafe turns a tenant into the tail of an environment variable name.
-func envSafe(s string) string {
-	return strings.ToUpper(strings.ReplaceAll(s, "-", "_"))
+// reservedTenants are the names the deployment's own users go by in
+// deploy/nats/accounts.conf: their password variables are
+// AUTHBUS_PASSWORD_<NAME> (the refreshers', the operator's, the load
+// generator's, the system account's admin), and authbus and sys name the
+// accounts. A tenant called "refresher" would otherwise get the
+// refreshers' password variable, and with it their rights. Sorted.
+var reservedTenants = []string{"admin", "authbus", "operator", "refresher", "storm", "sys", "system"}
+
+// internalUser is the NATS user name of a reserved name's user in
+// deploy/nats/accounts.conf.
+func internalUser(reserved string) string {
+	if reserved == "admin" {
+		return "admin"
+	}
+	return "authbus-" + reserved
 }
+
+// passwordVar is the environment variable nats-server reads the password
+// of tenant's user from. The encoding is injective (see the --help text):
+// the common names (lower case, digits, '-') keep the readable form they
+// always had, every other name is escaped behind a leading '_', which the
+// readable form never starts with.
+func passwordVar(tenant string) string {
+	const prefix = "AUTHBUS_PASSWORD_"
+	if plainTenant.MatchString(tenant) {
+		return prefix + strings.ToUpper(strings.ReplaceAll(tenant, "-", "_"))
+	}
+	var sb strings.Builder
+	sb.WriteString(prefix + "_")
+	for _, r := range tenant {
+		switch {
+		case r >= 'a' && r <= 'z':
+			sb.WriteRune(r - 'a' + 'A')
+		case r >= 'A' && r <= 'Z':
+			sb.WriteRune('_')
+			sb.WriteRune(r)
+		case r == '-':
+			sb.WriteString("__")
+		case r == '_':
+			sb.WriteString("_0")
+		default: // a digit; tenants are [A-Za-z0-9_-]
+			sb.WriteRune(r)
+		}
+	}
+	return sb.String()
+}
+
+// plainTenant is a tenant name whose password variable is simply its upper
+// case with '-' as '_'.
+var plainTenant = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -46,6 +47,117 @@ func TestPermissionsRefusesBadInput(t *testing.T) {
 			t.Errorf("permissions %q was accepted", args)
 		}
 	}
+}
+
+// Internal names are refused as tenants, and a tenant cannot be given an
+// internal user's name or password variable: each would log the tenant in
+// with the rights of the deployment's own users.
+func TestPermissionsRefusesReservedNames(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--tenant", "refresher"}, "reserved"},
+		{[]string{"--tenant", "Refresher"}, "reserved"},
+		{[]string{"--tenant", "operator"}, "reserved"},
+		{[]string{"--tenant", "STORM"}, "reserved"},
+		{[]string{"--tenant", "admin"}, "reserved"},
+		{[]string{"--tenant", "authbus"}, "reserved"},
+		{[]string{"--tenant", "sys"}, "reserved"},
+		{[]string{"--tenant", "acme", "--password-env", "AUTHBUS_PASSWORD_REFRESHER"}, "password variable"},
+		{[]string{"--tenant", "acme", "--user", "authbus-refresher"}, "name of the deployment's"},
+		{[]string{"--tenant", "acme", "--user", "admin"}, "name of the deployment's"},
+	} {
+		err := runPermissions(c.args, &bytes.Buffer{}, &bytes.Buffer{})
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("permissions %q: err %v, want one saying %q", c.args, err, c.want)
+		}
+	}
+}
+
+// The tenant names the review found sharing a variable get distinct ones;
+// the readable form of the common names is what it always was.
+func TestPasswordVarDistinct(t *testing.T) {
+	for tenant, want := range map[string]string{
+		"acme":      "AUTHBUS_PASSWORD_ACME",
+		"acme-corp": "AUTHBUS_PASSWORD_ACME_CORP",
+		"a-b":       "AUTHBUS_PASSWORD_A_B",
+		"a_b":       "AUTHBUS_PASSWORD__A_0B",
+		"Acme":      "AUTHBUS_PASSWORD___ACME",
+		"-x":        "AUTHBUS_PASSWORD____X",
+		"1a":        "AUTHBUS_PASSWORD_1A",
+	} {
+		if got := passwordVar(tenant); got != want {
+			t.Errorf("passwordVar(%q) = %s, want %s", tenant, got, want)
+		}
+	}
+	for _, pair := range [][2]string{{"a-b", "a_b"}, {"Acme", "acme"}, {"--0", "_"}, {"-acme", "acme"}} {
+		if a, b := passwordVar(pair[0]), passwordVar(pair[1]); a == b {
+			t.Errorf("tenants %q and %q share the password variable %s", pair[0], pair[1], a)
+		}
+	}
+	for _, r := range reservedTenants {
+		for _, tenant := range []string{r, strings.ToUpper(r)} {
+			if _, err := tenantUser(events.Subjects{}, tenant); err == nil {
+				t.Errorf("reserved name %q was accepted as a tenant", tenant)
+			}
+		}
+	}
+}
+
+// decodePasswordVar reads a tenant back from its password variable,
+// following the --help text; ok is false for a variable no tenant has.
+// Every variable reading back to its tenant proves the encoding injective.
+func decodePasswordVar(v string) (tenant string, ok bool) {
+	s, ok := strings.CutPrefix(v, "AUTHBUS_PASSWORD_")
+	if !ok || s == "" {
+		return "", false
+	}
+	esc, escaped := strings.CutPrefix(s, "_")
+	if !escaped {
+		return strings.ToLower(strings.ReplaceAll(s, "_", "-")), true
+	}
+	var sb strings.Builder
+	for i := 0; i < len(esc); i++ {
+		c := esc[i]
+		switch {
+		case c != '_':
+			sb.WriteByte(byte(unicode.ToLower(rune(c))))
+		case i+1 == len(esc):
+			return "", false
+		default:
+			i++
+			switch n := esc[i]; {
+			case n == '_':
+				sb.WriteByte('-')
+			case n == '0':
+				sb.WriteByte('_')
+			case n >= 'A' && n <= 'Z':
+				sb.WriteByte(n)
+			default:
+				return "", false
+			}
+		}
+	}
+	return sb.String(), true
+}
+
+func FuzzPasswordVar(f *testing.F) {
+	for _, s := range []string{"acme", "a-b", "a_b", "Acme", "ACME", "-", "_", "--0", "a__b", "refresher", "x9-Y_z"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, tenant string) {
+		if (events.Key{Tenant: tenant, User: "x", Server: "x"}).Validate() != nil {
+			return
+		}
+		v := passwordVar(tenant)
+		if !envName.MatchString(v) {
+			t.Fatalf("passwordVar(%q) = %q is not a variable name", tenant, v)
+		}
+		if back, ok := decodePasswordVar(v); !ok || back != tenant {
+			t.Fatalf("passwordVar(%q) = %s reads back as %q (%v): two tenants could share it", tenant, v, back, ok)
+		}
+	})
 }
 
 // tenantConn is a runtime of one tenant, connected as the tenant's user.
