@@ -3,6 +3,7 @@ package workers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -48,6 +49,10 @@ import (
 // each event is taken in by one of them.
 const intakeQueue = "authbus-intake"
 
+// intakeSubscriptions is how many members of the queue group each
+// refresher has per event type.
+const intakeSubscriptions = 4
+
 // Header names the intake copies into the stream: the W3C trace context,
 // so the refresh's process span is a child of the runtime's publish.
 var traceHeaders = []string{"traceparent", "tracestate"}
@@ -57,9 +62,12 @@ type intake struct {
 	p    *Pool
 	subs []*nats.Subscription
 
-	limits *tenantLimits
-	seen   *recentIDs
-	queued [2]*infoCache // both lanes' pending counts, for MaxQueued
+	limits   *tenantLimits
+	seen     *recentIDs
+	queued   [2]*infoCache // both lanes' pending counts, for MaxQueued
+	slowq    chan slowEvent
+	slow     sync.WaitGroup // slowWorker
+	stopOnce sync.Once
 
 	refused metric.Int64Counter // authbus.intake.refused{reason}
 	slowed  metric.Int64Counter // authbus.intake.slowed
@@ -67,7 +75,9 @@ type intake struct {
 
 func (p *Pool) startIntake() (*intake, error) {
 	in := &intake{p: p, limits: newTenantLimits(p.cfg.TenantRate, p.cfg.TenantBurst), seen: newRecentIDs(p.cfg.DuplicateWindow, 1<<16),
-		queued: [2]*infoCache{{cons: p.cons, ttl: time.Second}, {cons: p.slow, ttl: time.Second}}}
+		queued: [2]*infoCache{{cons: p.cons, ttl: time.Second}, {cons: p.slow, ttl: time.Second}},
+		slowq:  make(chan slowEvent, slowQueue)}
+	in.slow.Go(in.slowWorker)
 	var err error
 	in.refused, err = p.cfg.MeterProvider.Meter(instrumentationName).Int64Counter("authbus.intake.refused",
 		metric.WithUnit("{event}"),
@@ -81,7 +91,15 @@ func (p *Pool) startIntake() (*intake, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, t := range []events.Type{events.Type401, events.TypeExpiring} {
+	// Several members of the queue group per event type: NATS delivers to
+	// one subscription in order, so with one a flood of one tenant would
+	// queue another tenant's event behind all of it; with several, behind
+	// a share of it, each share taken in concurrently.
+	var types []events.Type
+	for range intakeSubscriptions {
+		types = append(types, events.Type401, events.TypeExpiring)
+	}
+	for _, t := range types {
 		sub, err := p.serve.QueueSubscribe(p.subj.EventWildcard(t), intakeQueue, in.take)
 		if err != nil {
 			in.stop()
@@ -110,6 +128,7 @@ func (in *intake) stop() {
 	// Drain returns at once; a subscription closes once the events it had
 	// queued are handled. Bounded: a connection that died never closes it.
 	timeout := time.After(10 * time.Second)
+wait:
 	for i, c := range closed {
 		if !in.subs[i].IsValid() {
 			continue
@@ -117,9 +136,11 @@ func (in *intake) stop() {
 		select {
 		case <-c:
 		case <-timeout:
-			return
+			break wait
 		}
 	}
+	in.stopOnce.Do(func() { close(in.slowq) })
+	in.slow.Wait()
 }
 
 // take is the subscription handler: it validates one runtime event and
@@ -153,26 +174,78 @@ func (in *intake) take(m *nats.Msg) {
 			return
 		}
 	}
+	// A tenant over its rate goes to the slow lane, and is decoded and
+	// written there by the slow worker: its flood costs this handler a
+	// subject parse and a bucket check each, so that another tenant's
+	// event behind it in the subscription is taken in at once.
+	if !in.limits.allow(key.Tenant) {
+		select {
+		case in.slowq <- slowEvent{m, typ, key}:
+			in.slowed.Add(context.Background(), 1)
+		default:
+			in.refuse(m, key, "unavailable", 503, fmt.Sprintf(
+				"%d events of tenants over their rate wait to be taken in already; retry later", cap(in.slowq)))
+		}
+		return
+	}
+	in.write(m, typ, key, p.subj.Work(typ, key), func() {})
+}
+
+// slowEvent is an event of a tenant over its rate, waiting for the slow
+// worker.
+type slowEvent struct {
+	m   *nats.Msg
+	typ events.Type
+	key events.Key
+}
+
+// slowQueue is how many events of tenants over their rate may wait to be
+// taken in; beyond it they are refused (503).
+const slowQueue = 16 << 10
+
+// slowWorker takes in the events of tenants over their rate, into the slow
+// lane, until stop closes the queue.
+//
+// It keeps at most slowInFlight of its writes unanswered: the intake's
+// writes share the refresher's connection, and a flood written as fast as
+// it comes would queue every other tenant's write behind it there.
+func (in *intake) slowWorker() {
+	tokens := make(chan struct{}, slowInFlight)
+	for e := range in.slowq {
+		tokens <- struct{}{}
+		in.write(e.m, e.typ, e.key, in.p.subj.Slow(e.typ, e.key), func() { <-tokens })
+	}
+}
+
+// jsDuplicateInProcess is nats-server's answer to a write whose
+// Nats-Msg-Id another write of a replicated stream is committing now.
+const jsDuplicateInProcess jetstream.ErrorCode = 10158
+
+// slowInFlight bounds the slow worker's unanswered writes.
+const slowInFlight = 32
+
+// write decodes and validates m and writes it to subject of the stream, or
+// refuses it, and answers the requester with what the stream answered.
+// done is called once the write is answered or was never made.
+func (in *intake) write(m *nats.Msg, typ events.Type, key events.Key, subject string, done func()) {
+	p := in.p
 	ev, err := events.Decode(typ, key, m.Data)
 	if err != nil {
+		done()
 		in.refuse(m, key, "bad_input", 400, err.Error())
 		return
 	}
 	id := events.MsgID(typ, key, ev.Fingerprint())
 	if ack, ok := in.seen.get(id); ok {
+		done()
 		in.respond(m, ack)
 		return
 	}
 	if in.full() {
+		done()
 		in.refuse(m, key, "unavailable", 503, fmt.Sprintf(
 			"%d events wait for a refresher already; retry shortly", p.cfg.MaxQueued))
 		return
-	}
-	subject := p.subj.Work(typ, key)
-	charge := in.limits.take(key.Tenant)
-	if charge == nil {
-		subject = p.subj.Slow(typ, key)
-		in.slowed.Add(context.Background(), 1)
 	}
 	out := nats.NewMsg(subject)
 	out.Data = m.Data
@@ -181,28 +254,27 @@ func (in *intake) take(m *nats.Msg) {
 			out.Header.Set(h, v)
 		}
 	}
-	cancel := func() {
-		if charge != nil {
-			charge.Cancel()
-		}
-	}
 	future, err := p.js.PublishMsgAsync(out, jetstream.WithMsgID(id))
 	if err != nil {
-		cancel()
+		done()
 		in.refuse(m, key, "unavailable", 503, fmt.Sprintf("the events stream took no write (%v); retry shortly", err))
 		return
 	}
 	p.bg.Go(func() {
+		defer done()
 		select {
 		case ack := <-future.Ok():
-			if ack.Duplicate {
-				// Another refresher wrote it: not a new event of the tenant.
-				cancel()
-			}
 			in.seen.put(id, *ack)
 			in.respond(m, *ack)
 		case err := <-future.Err():
-			cancel()
+			var apiErr *jetstream.APIError
+			if errors.As(err, &apiErr) && apiErr.ErrorCode == jsDuplicateInProcess {
+				// Another refresher's intake is writing the same report
+				// right now (a replicated stream answers so until it has
+				// committed): a duplicate.
+				in.respond(m, jetstream.PubAck{Stream: p.subj.EventsStream(), Duplicate: true})
+				return
+			}
 			in.refuse(m, key, "unavailable", 503, fmt.Sprintf("the events stream took no write (%v); retry shortly", err))
 		}
 	})
@@ -295,18 +367,12 @@ func (t *tenantLimits) limiter(tenant string) *rate.Limiter {
 	return l
 }
 
-// take charges one event to tenant: the reservation to cancel if the
-// event turns out not to be new, or nil when the tenant is over its rate
-// (the event goes to the slow lane).
-func (t *tenantLimits) take(tenant string) *rate.Reservation {
+// allow charges one event to tenant, and reports false when the tenant is
+// over its rate (the event goes to the slow lane).
+func (t *tenantLimits) allow(tenant string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	r := t.limiter(tenant).Reserve()
-	if !r.OK() || r.Delay() > 0 {
-		r.Cancel()
-		return nil
-	}
-	return r
+	return t.limiter(tenant).Allow()
 }
 
 // recentIDs remembers the acknowledgements of the events this intake wrote

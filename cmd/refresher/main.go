@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -93,6 +94,14 @@ Flags (each also read from the environment variable shown):
 	env.Bind("max-deliver", "AUTHBUS_MAX_DELIVER")
 	fs.IntVar(&o.pool.Replicas, "replicas", 0, "replicas of the streams and buckets this refresher creates (3 in a clustered deployment; 0 means 1); existing ones keep theirs")
 	env.Bind("replicas", "AUTHBUS_REPLICAS")
+	fs.Float64Var(&o.pool.TenantRate, "tenant-rate", 100, "new auth.401/auth.expiring events per second one tenant may report into the work lane (more go to the slow lane)")
+	env.Bind("tenant-rate", "AUTHBUS_TENANT_RATE")
+	fs.IntVar(&o.pool.TenantBurst, "tenant-burst", 200, "burst of --tenant-rate")
+	env.Bind("tenant-burst", "AUTHBUS_TENANT_BURST")
+	fs.IntVar(&o.pool.TenantWorkers, "tenant-workers", 0, "refreshes one tenant may run at once in this process (default --workers less an eighth, at least one left for other tenants)")
+	env.Bind("tenant-workers", "AUTHBUS_TENANT_WORKERS")
+	fs.IntVar(&o.pool.MaxQueued, "max-queued", 100_000, "events that may wait in the work queue; beyond it new ones are refused (503) rather than fill the store")
+	env.Bind("max-queued", "AUTHBUS_MAX_QUEUED")
 	fs.StringVar(&o.pool.Instance, "instance", "", "name of this refresher in leases and logs (default hostname-pid)")
 	env.Bind("instance", "AUTHBUS_INSTANCE")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 45*time.Second, "how long a graceful shutdown may take before in-flight work is abandoned")
@@ -179,18 +188,37 @@ func run(args []string, stderr io.Writer) error {
 		connOpts = append(connOpts, nats.InProcessServer(ns))
 		log.Info("embedded NATS server running", "client_url", ns.ClientURL(), "data_dir", o.dataDir)
 	}
-	connOpts = append(connOpts,
-		nats.Name("authbus-refresher"),
-		o.sec.natsAuth(),
-		nats.MaxReconnects(-1),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "error", err) }),
-		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
-	)
-	nc, err := nats.Connect(url, connOpts...)
+	connect := func(name string, auth nats.Option) (*nats.Conn, error) {
+		nc, err := nats.Connect(url, append(slices.Clone(connOpts),
+			nats.Name(name),
+			auth,
+			nats.MaxReconnects(-1),
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "connection", name, "error", err) }),
+			nats.ReconnectHandler(func(nc *nats.Conn) {
+				log.Info("NATS reconnected", "connection", name, "url", nc.ConnectedUrlRedacted())
+			}),
+		)...)
+		if err != nil {
+			return nil, fmt.Errorf("connect to NATS %q as %s: %w; check --nats-url, the user and password, or that the server is running", redactURLs(url), name, err)
+		}
+		return nc, nil
+	}
+	nc, err := connect("authbus-refresher", o.sec.natsAuth())
 	if err != nil {
-		return fmt.Errorf("connect to NATS %q: %w; check --nats-url or that the server is running", redactURLs(url), err)
+		return err
 	}
 	defer nc.Close()
+	if o.sec.natsServeUser != "" {
+		// Serving runtimes on a connection of its own, as a user that may
+		// only answer on inboxes: a request cannot make it write anything
+		// else, whatever reply subject it names (docs/security.md).
+		serve, err := connect("authbus-refresher-serve", o.sec.natsServeAuth())
+		if err != nil {
+			return err
+		}
+		defer serve.Close()
+		o.pool.ServeConn = serve
+	}
 
 	pool, err := newPool(ctx, nc, o.pool, log)
 	if err != nil {
@@ -227,6 +255,11 @@ func run(args []string, stderr io.Writer) error {
 			}
 		case <-time.After(o.shutdownTimeout):
 			return fmt.Errorf("shutdown took longer than %v; in-flight refreshes were abandoned (their leases expire by themselves)", o.shutdownTimeout)
+		}
+	}
+	if o.pool.ServeConn != nil {
+		if err := drain(o.pool.ServeConn, 10*time.Second); err != nil {
+			log.Warn("draining the serving NATS connection", "error", err)
 		}
 	}
 	if err := drain(nc, 10*time.Second); err != nil {

@@ -30,7 +30,8 @@ type securityOptions struct {
 	allowPrivateHosts    bool
 	allowLoopbackHosts   bool
 	natsConfig           string
-	natsUser, natsPasswd string
+	natsUser, natsPasswd           string
+	natsServeUser, natsServePasswd string
 }
 
 func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) {
@@ -38,7 +39,7 @@ func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) 
 	env.Bind("allowed-token-hosts", "AUTHBUS_ALLOWED_TOKEN_HOSTS")
 	fs.BoolVar(&o.allowPrivateHosts, "allow-private-token-hosts", false, "allow token endpoints on private addresses (10/8, 172.16/12, 192.168/16, fc00::/7), for an authorization server inside the network; link-local and metadata addresses stay refused")
 	env.Bind("allow-private-token-hosts", "AUTHBUS_ALLOW_PRIVATE_TOKEN_HOSTS")
-	fs.BoolVar(&o.allowLoopbackHosts, "allow-loopback-token-hosts", false, "allow token endpoints on localhost (always allowed in the embedded dev mode, without --nats-url)")
+	fs.BoolVar(&o.allowLoopbackHosts, "allow-loopback-token-hosts", false, "allow token endpoints on localhost (allowed by default only in the embedded dev mode: without --nats-url and without --nats-config)")
 	env.Bind("allow-loopback-token-hosts", "AUTHBUS_ALLOW_LOOPBACK_TOKEN_HOSTS")
 	fs.StringVar(&o.natsConfig, "nats-config", "", "nats-server configuration file for the embedded server (users and permissions, TLS, limits); see refresher permissions")
 	env.Bind("nats-config", "AUTHBUS_NATS_CONFIG")
@@ -46,16 +47,28 @@ func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) 
 	env.Bind("nats-user", "NATS_USER")
 	fs.StringVar(&o.natsPasswd, "nats-password", "", "password of --nats-user (prefer the environment variable to the flag)")
 	env.Bind("nats-password", "NATS_PASSWORD")
+	fs.StringVar(&o.natsServeUser, "nats-serve-user", "", "NATS user of a second connection that serves runtimes (auth.register, auth.token, the intake of auth.401/auth.expiring), allowed to answer on inboxes only; see refresher permissions --serving")
+	env.Bind("nats-serve-user", "NATS_SERVE_USER")
+	fs.StringVar(&o.natsServePasswd, "nats-serve-password", "", "password of --nats-serve-user (prefer the environment variable to the flag)")
+	env.Bind("nats-serve-password", "NATS_SERVE_PASSWORD")
 }
 
 // tokenHosts is the SSRF policy: loopback is allowed in the embedded dev
-// mode, so the README's quick start with a local test server works.
+// mode, so the README's quick start with a local test server works, but
+// not once --nats-config configures users: then tenants register, and any
+// of them could make the refresher call a service on the refresher's own
+// machine and read parts of its answer back.
 func (o securityOptions) tokenHosts(embedded bool) workers.TokenHostPolicy {
 	return workers.TokenHostPolicy{
 		Allowed:       o.allowedTokenHosts,
-		AllowLoopback: embedded || o.allowLoopbackHosts,
+		AllowLoopback: (embedded && o.natsConfig == "") || o.allowLoopbackHosts,
 		AllowPrivate:  o.allowPrivateHosts,
 	}
+}
+
+// natsServeAuth authenticates the serving connection.
+func (o securityOptions) natsServeAuth() nats.Option {
+	return nats.UserInfo(o.natsServeUser, o.natsServePasswd)
 }
 
 // natsAuth authenticates the refresher's connection when a user is set.
