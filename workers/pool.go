@@ -88,14 +88,14 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	if p.reauth, err = js.Stream(ctx, subj.ReauthStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.ReauthStream(), err)
 	}
-	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.BucketName("CREDENTIALS"), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
+	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.CredentialsBucket(), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("CREDENTIALS"), p.store.Replicas())
-	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.BucketName("LEASES"), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
+	p.warnReplicas("bucket", subj.CredentialsBucket(), p.store.Replicas())
+	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.LeasesBucket(), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("LEASES"), p.leases.Replicas())
+	p.warnReplicas("bucket", subj.LeasesBucket(), p.leases.Replicas())
 	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}

@@ -825,7 +825,7 @@ func TestOutcomeMetrics(t *testing.T) {
 				e.o.publish401(t, e.key, e.fp, "rt", true)
 				<-arrived
 				ctx := context.Background()
-				leases, err := e.o.JS.KeyValue(ctx, e.o.Subj.BucketName("LEASES"))
+				leases, err := e.o.JS.KeyValue(ctx, e.o.Subj.LeasesBucket())
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -846,7 +846,7 @@ func TestOutcomeMetrics(t *testing.T) {
 		{name: "nats_unavailable", want: "nats_unavailable",
 			trigger: func(t *testing.T, e env) {
 				// The credential bucket is gone (an operator deleted it): reads fail.
-				if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.BucketName("CREDENTIALS")); err != nil {
+				if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.CredentialsBucket()); err != nil {
 					t.Fatal(err)
 				}
 				e.o.publish401(t, e.key, e.fp, "rt", true)
@@ -858,7 +858,7 @@ func TestOutcomeMetrics(t *testing.T) {
 				var once atomic.Bool
 				e.o.AS.OnToken(func(*http.Request) {
 					if once.CompareAndSwap(false, true) {
-						if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.BucketName("CREDENTIALS")); err != nil {
+						if err := e.o.JS.DeleteKeyValue(context.Background(), e.o.Subj.CredentialsBucket()); err != nil {
 							t.Error(err)
 						}
 					}

@@ -151,7 +151,7 @@ func TestReportsPublishWithMsgIDAndFingerprint(t *testing.T) {
 
 	r := b.publisher(t, "", "401", "--access-token", tok.AccessToken, "--url", "https://api.example/v1/x?api_key=SECRET#frag", "--json", key).want(t, 0)
 	res := mustJSON[publishResult](t, r.out)
-	if res.Subject != "auth.401."+key || res.MsgID != events.MsgID(events.Type401, k, fp) || res.Fingerprint != fp || res.Stream != "AUTH_EVENTS" || res.Duplicate {
+	if res.Subject != "auth.401."+key || res.MsgID != events.MsgID(events.Type401, k, fp) || res.Fingerprint != fp || res.Stream != b.Subj.EventsStream() || res.Duplicate {
 		t.Errorf("401 --json: %+v", res)
 	}
 	m := next()
@@ -382,7 +382,7 @@ func TestStatusOfKeyAndTenant(t *testing.T) {
 		return b.Cred(t, fleet.MustKey(t, "acme.bob.github")).State == kv.StateNeedsReauth
 	})
 	// A refresher holds alice's lease.
-	leases, err := kv.NewLeases(ctx, b.JS, kv.LeaseConfig{Bucket: b.Subj.BucketName("LEASES"), TTL: 30 * time.Second})
+	leases, err := kv.NewLeases(ctx, b.JS, kv.LeaseConfig{Bucket: b.Subj.LeasesBucket(), TTL: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

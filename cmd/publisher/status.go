@@ -131,11 +131,11 @@ func readStatus(ctx context.Context, c *client, patterns []string) ([]credStatus
 		return nil, err
 	}
 	subj := c.g.subj
-	creds, err := openBucket(ctx, js, subj.BucketName("CREDENTIALS"), subj)
+	creds, err := openBucket(ctx, js, subj.CredentialsBucket(), subj)
 	if err != nil {
 		return nil, err
 	}
-	leases, err := openBucket(ctx, js, subj.BucketName("LEASES"), subj)
+	leases, err := openBucket(ctx, js, subj.LeasesBucket(), subj)
 	if err != nil {
 		return nil, err
 	}

@@ -148,7 +148,7 @@ func runKeys(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--prefix: %w", err)
 	}
-	store, err := kv.OpenStore(ctx, js, subj.BucketName("CREDENTIALS"), ring)
+	store, err := kv.OpenStore(ctx, js, subj.CredentialsBucket(), ring)
 	if err != nil {
 		return err
 	}
@@ -157,7 +157,7 @@ func runKeys(args []string, stdout, stderr io.Writer) error {
 	case "list":
 		return listKeys(ctx, stdout, store, ring)
 	case "rotate", "reseal":
-		leases, err := kv.OpenLeases(ctx, js, subj.BucketName("LEASES"), keysLeaseTTL)
+		leases, err := kv.OpenLeases(ctx, js, subj.LeasesBucket(), keysLeaseTTL)
 		if err != nil {
 			return err
 		}

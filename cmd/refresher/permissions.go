@@ -135,8 +135,8 @@ func refresherUser(subj events.Subjects) userBlock {
 			p + "." + events.TypeNeedsReauth.Word() + ".>",
 			subj.ScheduleWildcard(),
 			"$JS.API.>", "$JS.ACK.>", "$JS.FC.>",
-			"$KV." + subj.BucketName("CREDENTIALS") + ".>",
-			"$KV." + subj.BucketName("LEASES") + ".>",
+			"$KV." + subj.CredentialsBucket() + ".>",
+			"$KV." + subj.LeasesBucket() + ".>",
 			"$SRV.>", "_INBOX.>",
 		},
 		subAll: []string{

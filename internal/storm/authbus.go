@@ -310,7 +310,7 @@ func (a *authbus) cleanup() {
 	if s, err := a.env.js.Stream(ctx, a.subj.EventsStream()); err == nil {
 		_ = s.Purge(ctx, jetstream.WithPurgeSubject(a.subj.Prefix()+".schedule."+a.keys[0].Tenant+".>"))
 	}
-	if b, err := a.env.js.KeyValue(ctx, a.subj.BucketName("CREDENTIALS")); err == nil {
+	if b, err := a.env.js.KeyValue(ctx, a.subj.CredentialsBucket()); err == nil {
 		for _, k := range a.keys {
 			_ = b.Purge(ctx, k.String())
 		}
