@@ -215,24 +215,9 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 		p.log.Warn("lease lost during the token-endpoint call; storing under compare-and-set only", "key", r.cred.Key.String())
 	}
 	c := r.cred.Clone()
-	c.Version++
-	c.AccessToken = kv.Secret(tok.AccessToken)
-	c.TokenType = tok.TokenType
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
-	c.Fingerprint = events.Fingerprint(tok.AccessToken)
-	c.ReceivedAt = now
-	c.ExpiresAt = time.Time{}
-	if !tok.Expiry.IsZero() {
-		// x/oauth2 turns expires_in into an absolute time when the answer arrives.
-		c.ExpiresAt = tok.Expiry.UTC()
-	}
-	if tok.RefreshToken != "" {
-		c.RefreshToken = kv.Secret(tok.RefreshToken)
-	} // else: carry the old one forward (RFC 6749 §6).
-	c.State, c.Reason, c.Description = kv.StateActive, "", ""
-	c.UpdatedAt = now
+	// x/oauth2 turns expires_in into an absolute time when the answer
+	// arrives; a refresh token left out is carried forward.
+	c.NewGeneration(kv.Tokens{AccessToken: tok.AccessToken, TokenType: tok.TokenType, RefreshToken: tok.RefreshToken, ExpiresAt: tok.Expiry}, now)
 
 	err := r.store(ctx, c)
 	if errors.Is(err, kv.ErrConflict) {
