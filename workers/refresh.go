@@ -179,12 +179,29 @@ func (r *refresh) classify(ctx context.Context, tok *oauth2.Token, err error) re
 		if delay == 0 {
 			delay = r.p.backoff(r.attempt)
 		}
-		detail := "token endpoint unreachable or failing"
-		if a.status != 0 {
-			detail = fmt.Sprintf("token endpoint answered HTTP %d", a.status)
-		}
-		return resultOf(outTransient, delay, detail)
+		return r.transientFailure(ctx, failureCause(err, a, r.cred, r.p.cfg.TokenTimeout), delay)
 	}
+}
+
+// transientFailure is step 6 for an answer that a retry may fix: the cause
+// and the pending retry go into the record, where status shows them while
+// the state still says active, and the event goes back to the stream for
+// the retry. Recording is bounded and best effort: only what a person sees
+// is lost when it fails, and it is a write under the lease like any other
+// (UpdateUnder), so the next holder's fence covers it.
+func (r *refresh) transientFailure(ctx context.Context, cause string, delay time.Duration) result {
+	now := time.Now().UTC()
+	c := r.cred.Clone()
+	c.LastFailure = &kv.Failure{At: now, Cause: cause, Attempt: r.attempt}
+	if r.attempt < uint64(r.p.cfg.MaxDeliver) {
+		c.LastFailure.RetryAt = now.Add(delay)
+	}
+	sctx, cancel := context.WithTimeout(ctx, failureNoteTimeout)
+	defer cancel()
+	if err := r.store(sctx, c); err != nil && !errors.Is(err, kv.ErrConflict) {
+		r.p.log.Warn("recording a failed refresh in the credential failed; status will not show it", "key", c.Key.String(), "error", err)
+	}
+	return resultOf(outTransient, delay, cause)
 }
 
 // permanentFailure is step 5 for an OAuth error that no retry can fix,

@@ -413,8 +413,8 @@ func shortDuration(d time.Duration) string {
 		return fmt.Sprintf("%dd", d/(24*time.Hour))
 	case d >= time.Hour:
 		return strings.TrimSuffix((d - d%time.Minute).String(), "0s")
-	case d >= time.Minute:
-		return strings.TrimSuffix(d.String(), "0s")
+	case d >= time.Minute && d%time.Minute == 0:
+		return strings.TrimSuffix(d.String(), "0s") // "4m", not "4m0s"
 	}
 	return d.String()
 }
