@@ -501,7 +501,7 @@ func TestDeleteMakesTokenNotFound(t *testing.T) {
 
 // Every publish and request carries the trace context of a span the
 // publisher starts, under a parent given in TRACEPARENT; requests go out
-// on the --inbox-prefix a tenant user is limited to.
+// on the --nats-inbox-prefix a tenant user is limited to.
 func TestTraceContextAndInboxPrefix(t *testing.T) {
 	// Not parallel: it sets the global tracer provider and the environment.
 	b := setup(t)
@@ -527,7 +527,7 @@ func TestTraceContextAndInboxPrefix(t *testing.T) {
 	if err := b.NC.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	b.publisher(t, "", "--inbox-prefix", "_INBOX_acme", "401", key.String()).want(t, 0)
+	b.publisher(t, "", "--nats-inbox-prefix", "_INBOX_acme", "401", key.String()).want(t, 0)
 
 	spans := map[string]sdktrace.ReadOnlySpan{}
 	for _, s := range rec.Ended() {

@@ -116,7 +116,7 @@ func TestTopLevelHelpListsEveryCommand(t *testing.T) {
 				t.Errorf("%v: no line for %s:\n%s", args, c.name, r.out)
 			}
 		}
-		for _, want := range []string{"--nats-url", "NATS_URL", "--prefix", "--timeout", "--inbox-prefix", "Exit status"} {
+		for _, want := range []string{"--nats-url", "NATS_URL", "--prefix", "--timeout", "--nats-inbox-prefix", "Exit status"} {
 			if !strings.Contains(r.out, want) {
 				t.Errorf("%v: top-level help does not mention %s", args, want)
 			}
@@ -138,7 +138,7 @@ func TestEveryCommandHasHelp(t *testing.T) {
 				t.Errorf("%v: exit %d, stdout:\n%s\nstderr:\n%s", args, r.code, r.out, r.errOut)
 				continue
 			}
-			for _, want := range []string{"--nats-url", "NATS_URL", "--timeout", "--inbox-prefix", "Connection flags:"} {
+			for _, want := range []string{"--nats-url", "NATS_URL", "--timeout", "--nats-inbox-prefix", "NATS connection flags:"} {
 				if !strings.Contains(r.out, want) {
 					t.Errorf("%s --help does not mention %s", c.name, want)
 				}
@@ -166,7 +166,7 @@ func TestBadInputExitsTwoSayingWhatToDo(t *testing.T) {
 		{"bad key", "", []string{"token", "acme..github"}, "user (part 2) is empty; keys are tenant.user.server"},
 		{"bad prefix", "", []string{"token", "--prefix", "a b", "a.b.c"}, "--prefix"},
 		{"bad timeout", "", []string{"token", "--timeout", "-1s", "a.b.c"}, "give a positive duration"},
-		{"bad inbox prefix", "", []string{"token", "--inbox-prefix", "_INBOX.>", "a.b.c"}, "--inbox-prefix"},
+		{"bad inbox prefix", "", []string{"token", "--nats-inbox-prefix", "_INBOX.>", "a.b.c"}, "--nats-inbox-prefix"},
 		{"fingerprint not hex", "", []string{"401", "--fingerprint", "not-a-fingerprint", "a.b.c"}, "16 lowercase hex characters"},
 		{"fingerprint and token", "", []string{"401", "--fingerprint", "0123456789abcdef", "--access-token", "x", "a.b.c"}, "not both"},
 		{"expiring without expiry", "", []string{"expiring", "--fingerprint", "0123456789abcdef", "a.b.c"}, "--expires-at"},
@@ -201,7 +201,7 @@ func TestServiceErrorsAndUnreachableServer(t *testing.T) {
 		t.Errorf("stderr does not name the missing field:\n%s", r.errOut)
 	}
 	r = runCmd(t, context.Background(), "", "token", "--nats-url", "nats://127.0.0.1:1", "--timeout", "500ms", "a.b.c").want(t, 1)
-	if !strings.Contains(r.errOut, "set --nats-url or NATS_URL") {
+	if !strings.Contains(r.errOut, "set --nats-url (NATS_URL)") {
 		t.Errorf("unreachable server: stderr does not say what to set:\n%s", r.errOut)
 	}
 	r = b.publisher(t, "", "--prefix", "other", "token", "a.b.c").want(t, 1)

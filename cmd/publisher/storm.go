@@ -3,13 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"os"
 	"runtime/pprof"
 	"slices"
 
 	"github.com/authbus/authbus/internal/authserver"
+	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/internal/storm"
 )
 
@@ -27,9 +27,11 @@ side for each --mode:
 
 By default everything runs in this process: an embedded NATS server,
 refresher pools, and a test authorization server with refresh-token
-rotation and reuse detection. --nats-url (or NATS_URL) joins a deployment
-instead, whose refreshers do the authbus refreshes (they must reach the
-token endpoint, and allow loopback hosts for the built-in one).
+rotation and reuse detection. --nats-url joins a deployment instead, whose
+refreshers do the authbus refreshes (they must reach the token endpoint,
+and allow loopback hosts for the built-in one); NATS_URL alone is refused,
+so that a variable exported for the other commands never sends a storm to
+a deployment.
 --token-url uses a real token endpoint with the client_credentials grant.
 
 Progress goes to stderr; the table (or --json) to stdout.`, s)
@@ -71,13 +73,25 @@ Progress goes to stderr; the table (or --json) to stdout.`, s)
 	if cfg.Reuse, err = authserver.ParseReuseMode(*reuse); err != nil {
 		return usageErrorf("--reuse: %w", err)
 	}
-	// The default URL means the embedded server: join a deployment only
-	// when asked to.
-	f.Visit(func(fl *flag.Flag) {
-		if fl.Name == "nats-url" {
-			cfg.NATSURL = f.g.url
+	// The default is everything in this process. A deployment is joined
+	// only when the command line says so: a NATS_URL exported for the
+	// other commands must not send a storm of 401s to its refreshers.
+	switch origin := f.env.Origin("nats-url"); origin {
+	case "--nats-url":
+		cfg.NATSURL = f.g.conn.URL
+		if cfg.NATSOptions, err = f.g.conn.Options(); err != nil {
+			return err
 		}
-	})
+	case "":
+		for _, c := range cli.ConnFlags[1:] {
+			if from := f.env.Origin(c.Name); from != "" {
+				return usageErrorf("%s applies to a deployment's NATS, but storm runs its own embedded server without --nats-url: give --nats-url to storm a deployment, or drop %s", from, from)
+			}
+		}
+	default:
+		return usageErrorf("%s is set (%s), but storm joins a deployment only when --nats-url is given on the command line: its refreshers would take K×N 401s. Pass --nats-url to storm that deployment, or unset %s to run everything in this process",
+			origin, cli.RedactURLs(f.g.conn.URL), origin)
+	}
 	cfg.Prefix = f.g.prefix
 	cfg.Progress = s.errOut
 

@@ -110,7 +110,7 @@ func (a *authbus) startPools(ctx context.Context) error {
 		return err
 	}
 	for p := range a.cfg.Pools {
-		nc, err := connect(a.env.url, fmt.Sprintf("pool-%d", p))
+		nc, err := a.env.connect(fmt.Sprintf("pool-%d", p))
 		if err != nil {
 			return err
 		}

@@ -159,7 +159,7 @@ func (c *ceiling) prepare(ctx context.Context) error {
 }
 
 func (c *ceiling) startGroup(ctx context.Context, p int) error {
-	nc, err := connect(c.env.url, fmt.Sprintf("ceiling-%d", p))
+	nc, err := c.env.connect(fmt.Sprintf("ceiling-%d", p))
 	if err != nil {
 		return err
 	}
