@@ -74,6 +74,7 @@ the refreshers refresh it now.`, s)
 	r.define(f, "got 401")
 	host, _ := os.Hostname()
 	runtime := f.String("runtime", "publisher@"+host, "who saw the 401")
+	f.bind("runtime", "AUTHBUS_RUNTIME")
 	status := f.Int("status", 401, "HTTP status seen")
 	rawURL := f.String("url", "", "URL of the request that got 401 (its query and credentials are dropped)")
 	if err := f.parse(args); err != nil {

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"os"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
@@ -162,9 +165,87 @@ func waitForText(t testing.TB, b *fleet.LogBuffer, text string, d time.Duration)
 	}
 }
 
-func TestRedactURLs(t *testing.T) {
-	got := redactURLs("nats://svc:hunter2@n1:4222,nats://n2:4222")
-	if strings.Contains(got, "hunter2") || !strings.Contains(got, "n1:4222") || !strings.Contains(got, "nats://n2:4222") {
-		t.Errorf("redactURLs = %q", got)
+// Flags that the chosen mode would ignore are refused, naming where each
+// came from (a flag, or a variable exported for another command).
+func TestRefresherRefusesFlagsItWouldIgnore(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		want []string
+	}{
+		{name: "listen with nats-url", args: []string{"--nats-url", "nats://n:4222", "--listen", "127.0.0.1:5222"},
+			want: []string{"--listen sets up the embedded NATS server, which --nats-url replaces"}},
+		{name: "nats-config with NATS_URL", env: map[string]string{"NATS_URL": "nats://n:4222"}, args: []string{"--nats-config", "/etc/nats.conf"},
+			want: []string{"--nats-config sets up the embedded NATS server, which NATS_URL replaces"}},
+		{name: "TLS in the embedded mode", args: []string{"--nats-ca", "/dev/null"},
+			want: []string{"--nats-ca applies with --nats-url only", "in process"}},
+		{name: "two ways to authenticate", args: []string{"--nats-url", "nats://n:4222", "--nats-user", "u", "--nats-nkey", "/dev/null"},
+			want: []string{"give one"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := parseFlags(tc.args, &bytes.Buffer{})
+			if !errors.Is(err, cli.ErrUsage) {
+				t.Fatalf("parseFlags(%q): %v, want a usage error (exit 2)", tc.args, err)
+			}
+			for _, want := range tc.want {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not say %q", err, want)
+				}
+			}
+		})
+	}
+	// A variable exported for the embedded mode is not refused when the
+	// command line joins a deployment, but not dropped silently either.
+	t.Setenv("AUTHBUS_LISTEN", "127.0.0.1:5222")
+	o, err := parseFlags([]string{"--nats-url", "nats://n:4222"}, &bytes.Buffer{})
+	if err != nil || len(o.ignored) != 1 || !strings.Contains(o.ignored[0], "AUTHBUS_LISTEN is set but ignored: it sets up the embedded NATS server, which --nats-url replaces") {
+		t.Errorf("AUTHBUS_LISTEN with --nats-url: %v, warnings %q", err, o.ignored)
+	}
+	// The same settings in the mode they belong to are fine.
+	if _, err := parseFlags([]string{"--listen", "127.0.0.1:5222", "--nats-user", "u", "--nats-password", "p"}, &bytes.Buffer{}); err != nil {
+		t.Errorf("embedded mode with --listen and a user: %v", err)
+	}
+	if _, err := parseFlags([]string{"--nats-url", "nats://n:4222", "--nats-ca", "/dev/null"}, &bytes.Buffer{}); err != nil {
+		t.Errorf("--nats-url with --nats-ca: %v", err)
 	}
 }
+
+// A refresher that cannot reach NATS leaves nothing on disk: the seal key
+// file is created only once the connection works.
+func TestNothingIsWrittenBeforeTheRefresherCanRun(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "keys", "seal-keys.json")
+	err := run([]string{"--nats-url", "nats://127.0.0.1:1", "--seal-key-file", keyFile, "--data-dir", filepath.Join(dir, "data"), "--metrics-addr", ""},
+		&bytes.Buffer{}, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "connect to NATS") {
+		t.Fatalf("run against nothing: %v, want a connection error", err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 0 {
+		t.Errorf("a refresher that could not connect wrote %v into %s", entries, dir)
+	}
+}
+
+// --help and help print to stdout and succeed, for the daemon and its
+// subcommands alike; a missing subcommand is a usage error.
+func TestHelpGoesToStdout(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"help", "keys"}, {"keys", "--help"}, {"keys", "list", "--help"}, {"permissions", "--help"}} {
+		var stdout, stderr bytes.Buffer
+		err := dispatch(args, &stdout, &stderr)
+		if err != nil && !errors.Is(err, flag.ErrHelp) {
+			t.Errorf("%q: %v", args, err)
+		}
+		if !strings.HasPrefix(stdout.String(), "Usage: refresher") || stderr.Len() > 0 {
+			t.Errorf("%q: stdout %q, stderr %q; want the usage on stdout only", args, firstLine(stdout.String()), stderr.String())
+		}
+	}
+	if err := dispatch([]string{"keys"}, &bytes.Buffer{}, &bytes.Buffer{}); !errors.Is(err, cli.ErrUsage) {
+		t.Errorf("refresher keys: %v, want a usage error", err)
+	}
+}
+
+func firstLine(s string) string { line, _, _ := strings.Cut(s, "\n"); return line }

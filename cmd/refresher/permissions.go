@@ -19,25 +19,18 @@ import (
 // "Connecting").
 func runPermissions(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("refresher permissions", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `Usage: refresher permissions --tenant T [--user NAME] [flags]
-       refresher permissions --refresher [--user NAME] [flags]
-
+	fs.SetOutput(io.Discard) // errors are returned, help goes to stdout
+	usage := cli.Usage{Synopsis: `refresher permissions --tenant T [--user NAME] [flags]
+       refresher permissions --refresher [--user NAME] [flags]`, About: `
 Prints a user entry for the users list of a nats-server configuration
 (authorization { users: [ ... ] }, or an account's users): a tenant's runtime
 user may publish auth.401 and auth.expiring, request auth.token and
 auth.register, and subscribe to auth.rotated and auth.needs_reauth, all of its
 own tenant only, plus its own inbox prefix _INBOX_<tenant> (clients must set
-it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --inbox-prefix in the
-nats CLI). A JetStream publish needs nothing more: the server sends the
+it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --nats-inbox-prefix
+with authbus's commands, --inbox-prefix with the nats CLI). A JetStream publish needs nothing more: the server sends the
 acknowledgement to the publisher's inbox. The password is a reference to an
-environment variable that nats-server resolves when it loads the file.
-
-Flags:
-`)
-		fs.PrintDefaults()
-	}
+environment variable that nats-server resolves when it loads the file.`}
 	env := cli.NewEnvFlags(fs)
 	var tenant, user, prefix, passwordEnv string
 	var refresher bool
@@ -45,30 +38,35 @@ Flags:
 	fs.BoolVar(&refresher, "refresher", false, "print the refreshers' own user instead")
 	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", or "authbus-refresher")`)
 	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_<TENANT>, or AUTHBUS_PASSWORD_REFRESHER)")
-	fs.StringVar(&prefix, "prefix", "auth", "subject prefix")
+	fs.StringVar(&prefix, "prefix", "", "subject prefix (default auth)")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
-	if err := env.Parse(args); err != nil {
+	err := env.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		usage.Print(stdout, fs)
 		return err
 	}
+	if err != nil {
+		return cli.UsageErrorf("%v; see refresher permissions --help", err)
+	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
+		return cli.UsageErrorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
 	}
 	subj, err := events.NewSubjects(prefix)
 	if err != nil {
-		return fmt.Errorf("--prefix: %w", err)
+		return cli.UsageErrorf("--prefix: %w", err)
 	}
 	var b userBlock
 	switch {
 	case refresher && tenant != "":
-		return errors.New("give either --tenant or --refresher, not both")
+		return cli.UsageErrorf("give either --tenant or --refresher, not both")
 	case refresher:
 		b = refresherUser(subj)
 	case tenant != "":
 		if b, err = tenantUser(subj, tenant); err != nil {
-			return err
+			return cli.UsageErrorf("%w", err)
 		}
 	default:
-		return errors.New("missing --tenant T (a tenant's runtime user) or --refresher (the refreshers' user); see refresher permissions --help")
+		return cli.UsageErrorf("missing --tenant T (a tenant's runtime user) or --refresher (the refreshers' user); see refresher permissions --help")
 	}
 	if user != "" {
 		b.user = user
@@ -77,7 +75,7 @@ Flags:
 		b.passwordEnv = passwordEnv
 	}
 	if !envName.MatchString(b.passwordEnv) {
-		return fmt.Errorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
+		return cli.UsageErrorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
 	}
 	_, err = io.WriteString(stdout, b.String())
 	return err

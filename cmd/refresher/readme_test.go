@@ -192,11 +192,12 @@ func TestREADMEWalkthrough(t *testing.T) {
 		cmd    *exec.Cmd
 		out    *fleet.LogBuffer
 		exited chan error
+		waited bool // exited was received: the process is gone
 	}
 	var daemons []*background
 	t.Cleanup(func() {
 		for _, d := range daemons {
-			if d.cmd.ProcessState == nil {
+			if !d.waited {
 				_ = d.cmd.Process.Kill()
 				<-d.exited
 			}
@@ -222,6 +223,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		_ = d.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case err := <-d.exited:
+			d.waited = true
 			if err != nil && !strings.Contains(what, "watch") {
 				t.Errorf("%s after SIGTERM: %v\n%s", what, err, d.out.String())
 			}
@@ -258,6 +260,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 				approve(t, login.out.String())
 				select {
 				case err := <-login.exited:
+					login.waited = true
 					if err != nil {
 						t.Fatalf("README.md:%d: %s: %v\n%s", b.line, c, err, login.out)
 					}
@@ -293,7 +296,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		t.Errorf("token-endpoint calls = %d, want 1 (the README's one 401)", got)
 	}
 	for _, d := range daemons {
-		if d.cmd.ProcessState == nil {
+		if !d.waited {
 			stop(d, strings.Join(d.cmd.Args, " "))
 		}
 	}
