@@ -25,6 +25,8 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
 )
@@ -171,7 +173,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 	// is current with it.
 	for i, s := range c.servers {
 		u := "http://" + s.MonitorAddr().String() + healthPath
-		eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
+		fleet.Eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
 			resp, err := http.Get(u)
 			if err != nil {
 				return false
@@ -187,7 +189,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 func tryStartCluster(t *testing.T) (*cluster, error) {
 	clusterPorts := make([]int, len(nodeFiles))
 	for i := range clusterPorts {
-		clusterPorts[i] = freePort(t)
+		clusterPorts[i] = cmdtest.FreePort(t)
 	}
 	c := &cluster{}
 	for i, f := range nodeFiles {
@@ -334,7 +336,7 @@ func TestComposeTopology(t *testing.T) {
 		// leaders of its replicated streams may time out; in compose its
 		// restart policy starts it again, here the loop does.
 		var p *workers.Pool
-		eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
+		fleet.Eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
 			var err error
 			if p, err = workers.New(ctx, nc, cfg); err != nil {
 				t.Logf("refresher %d: %v", i+1, err)
@@ -449,7 +451,7 @@ func TestComposeTopology(t *testing.T) {
 			{"Subscription", `"_INBOX.>"`},
 			{"Publish", "$JS.API.STREAM.PURGE"},
 		} {
-			eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
+			fleet.Eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
 				return acmeErrs.has(append([]string{"Permissions Violation"}, want...)...)
 			})
 		}
@@ -461,7 +463,7 @@ func TestComposeTopology(t *testing.T) {
 		if err == nil {
 			t.Error("acme without _INBOX_acme got a reply")
 		}
-		eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
+		fleet.Eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
 			return errs.has("Permissions Violation", "Subscription", "_INBOX.")
 		})
 	})
@@ -481,11 +483,11 @@ func TestComposeTopology(t *testing.T) {
 		t.Logf("stopped %s, the leader of %s", leader, subj.EventsStream())
 		// acme's connection may have been on the stopped node: it
 		// reconnects, and its subscription with it.
-		eventually(t, 30*time.Second, "a new stream leader", func() bool {
+		fleet.Eventually(t, 30*time.Second, "a new stream leader", func() bool {
 			st, err := js.Stream(ctx, subj.EventsStream())
 			return err == nil && st.CachedInfo().Cluster.Leader != "" && st.CachedInfo().Cluster.Leader != leader
 		})
-		eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
+		fleet.Eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
 		publish401(v2.AccessToken)
 		waitRotated(t, rotated, 3)
 	})
@@ -514,31 +516,6 @@ func waitRotated(t *testing.T, ch <-chan events.Rotated, v int64) events.Rotated
 	}
 }
 
-// eventually polls cond until it holds or d has passed.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.After(d)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("not true within %v: %s", d, what)
-		}
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 type tlog struct {
 	t    *testing.T
 	name string
@@ -560,13 +537,13 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bins := buildBinaries(t)
+	bins := cmdtest.Binaries(t)
 	for role, args := range map[string][]string{
 		"refresher": {"--refresher"},
 		"acme":      {"--tenant", "acme"},
 	} {
 		cmd := exec.Command(filepath.Join(bins, "refresher"), append([]string{"permissions"}, args...)...)
-		cmd.Env = cleanEnv()
+		cmd.Env = cmdtest.CleanEnv()
 		block, err := cmd.Output()
 		if err != nil {
 			t.Fatalf("refresher permissions %v: %v", args, err)

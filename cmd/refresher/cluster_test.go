@@ -15,6 +15,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/internal/natstest"
 	"github.com/authbus/authbus/internal/storm"
@@ -38,7 +39,7 @@ type clusterDeployment struct {
 // to every refresher.
 func startClusterDeployment(tb testing.TB, extra ...string) *clusterDeployment {
 	tb.Helper()
-	bin := binaries(tb)
+	bin := cmdtest.Binaries(tb)
 	d := &clusterDeployment{c: natstest.RunCluster(tb, 3, natstest.SyncAlways())}
 	keyFile := filepath.Join(tb.TempDir(), "seal-keys.json")
 	var err error

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/internal/cmdtest"
 )
 
 // oneRun are the flags that may read no environment variable, and why:
@@ -78,7 +79,7 @@ var otherVariable = map[string]string{
 // nats CLI's NATS_X; every other variable is AUTHBUS_*; and a flag name
 // reads the same variable wherever it appears (but for otherVariable).
 func TestEveryCommandSpeaksOneGrammar(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	refresher, publisher := filepath.Join(bin, "refresher"), filepath.Join(bin, "publisher")
 	commands := [][]string{
 		{refresher}, {refresher, "keys"}, {refresher, "permissions"},
@@ -150,7 +151,7 @@ func TestEveryCommandSpeaksOneGrammar(t *testing.T) {
 func help(t *testing.T, cmd ...string) string {
 	t.Helper()
 	c := exec.Command(cmd[0], append(cmd[1:], "--help")...)
-	c.Env = cleanEnv()
+	c.Env = cmdtest.CleanEnv()
 	var stdout, stderr bytes.Buffer
 	c.Stdout, c.Stderr = &stdout, &stderr
 	err := c.Run()

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/authbus/authbus/internal/authtest"
 	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
@@ -24,17 +24,17 @@ import (
 // refresher on the embedded default, then publisher register, 401 and watch,
 // then SIGTERM and a clean exit.
 func TestREADMEQuickStart(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	as.AddClient("demo", "demo-secret")
 	tok := as.Issue("demo")
 
 	dataDir := t.TempDir()
-	addr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
 	natsURL := "nats://" + addr
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr)
 	// Set but empty turns the operations listener off, as --metrics-addr="" does.
-	refresher.Env = append(cleanEnv(), "AUTHBUS_METRICS_ADDR=")
+	refresher.Env = append(cmdtest.CleanEnv(), "AUTHBUS_METRICS_ADDR=")
 	_, refLog, exited := startRefresher(t, refresher)
 	if strings.Contains(refLog.String(), "metrics and health listener running") {
 		t.Errorf("AUTHBUS_METRICS_ADDR= left the operations listener on:\n%s", refLog.String())
@@ -42,7 +42,7 @@ func TestREADMEQuickStart(t *testing.T) {
 
 	publisher := func(stdin string, args ...string) *exec.Cmd {
 		cmd := exec.Command(filepath.Join(bin, "publisher"), args...)
-		cmd.Env = append(cleanEnv(), "NATS_URL="+natsURL, "AUTHBUS_CLIENT_SECRET=demo-secret")
+		cmd.Env = append(cmdtest.CleanEnv(), "NATS_URL="+natsURL, "AUTHBUS_CLIENT_SECRET=demo-secret")
 		cmd.Stdin = strings.NewReader(stdin)
 		return cmd
 	}
@@ -126,28 +126,6 @@ func TestEnvironmentFallbackAndErrors(t *testing.T) {
 	if _, err := parseFlags(nil, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), "AUTHBUS_WORKERS") {
 		t.Errorf("bad AUTHBUS_WORKERS: err %v, want one naming the variable", err)
 	}
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// cleanEnv is the test's environment without authbus settings, so a
-// developer's shell does not change what the test runs.
-func cleanEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "AUTHBUS_") && !strings.HasPrefix(kv, "NATS_") {
-			env = append(env, kv)
-		}
-	}
-	return env
 }
 
 func waitForText(t testing.TB, b *fleet.LogBuffer, text string, d time.Duration) {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/internal/natstest"
 )
@@ -160,7 +161,7 @@ func TestREADMEBlocksAreExercised(t *testing.T) {
 // (AUTHBUS_DEVSERVER_LISTEN). The test plays the person at a login: it opens
 // the printed URL and approves. Every watched credential must rotate.
 func TestREADMEWalkthrough(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	const secret = "readme-client-secret"
 	as.AddClient("my-client", secret)
@@ -172,8 +173,8 @@ func TestREADMEWalkthrough(t *testing.T) {
 	}
 	other := natstest.RunServer(t)
 	secrets := t.TempDir()
-	addr := freeAddr(t)
-	devAddr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
+	devAddr := cmdtest.FreeAddr(t)
 
 	replacer := strings.NewReplacer(
 		"go run ./cmd/refresher", filepath.Join(bin, "refresher"),
@@ -185,7 +186,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		"nats://nats.internal:4222", other.ClientURL(),
 		"/secrets/", secrets+"/",
 	)
-	env := append(cleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"),
+	env := append(cmdtest.CleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"),
 		"AUTHBUS_DEVSERVER_LISTEN="+devAddr, "AUTHBUS_NO_BROWSER=true")
 
 	type background struct {
@@ -207,7 +208,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		t.Helper()
 		cmd := exec.Command("bash", "-c", "exec "+c)
 		// Two refreshers on one machine need their own operations listener.
-		cmd.Dir, cmd.Env = work, append(env, "AUTHBUS_METRICS_ADDR="+freeAddr(t))
+		cmd.Dir, cmd.Env = work, append(env, "AUTHBUS_METRICS_ADDR="+cmdtest.FreeAddr(t))
 		d := &background{cmd: cmd, out: &fleet.LogBuffer{}, exited: make(chan error, 1)}
 		cmd.Stdout, cmd.Stderr = d.out, d.out
 		if err := cmd.Start(); err != nil {
