@@ -65,6 +65,9 @@ command ready to run.`, s)
 	if *wait <= 0 {
 		return usageErrorf("--login-timeout %v: give a positive duration such as 5m", *wait)
 	}
+	if *device && f.env.Origin("no-browser") == "--no-browser" {
+		return usageErrorf("--no-browser is for the browser login; --device opens no browser anyway: drop one of the two")
+	}
 	// Everything but the token, checked before anyone logs in for nothing.
 	probe := req
 	probe.Token.AccessToken = "checked-after-login"
