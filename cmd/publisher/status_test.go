@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -57,28 +56,4 @@ func TestAgoKeepsEverySecond(t *testing.T) {
 			t.Errorf("ago(%v) = %q, want %q", d, got, want)
 		}
 	}
-}
-
-// A flag the rest of the command line makes meaningless is refused.
-func TestIgnoredFlagsAreRefused(t *testing.T) {
-	for _, tc := range []struct {
-		args []string
-		want string
-	}{
-		{[]string{"401", "--recheck", "1s", "a.b.c"}, "--recheck paces the waiting of --wait"},
-		{[]string{"login", "--device", "--no-browser", "--issuer", "http://127.0.0.1:1", "--client-id", "c", "a.b.c"}, "--no-browser is for the browser login"},
-		{[]string{"storm", "--nats-user", "u"}, "--nats-user applies to a deployment's NATS"},
-	} {
-		r := runCmd(t, context.Background(), "", tc.args...).want(t, 2)
-		if !strings.Contains(r.errOut, tc.want) {
-			t.Errorf("%q: stderr %q, want %q", tc.args, r.errOut, tc.want)
-		}
-	}
-	t.Run("storm with NATS_URL alone", func(t *testing.T) {
-		t.Setenv("NATS_URL", "nats://u:secret-pw@127.0.0.1:1")
-		r := runCmd(t, context.Background(), "", "storm").want(t, 2)
-		if !strings.Contains(r.errOut, "NATS_URL is set") || !strings.Contains(r.errOut, "Pass --nats-url") || strings.Contains(r.errOut, "secret-pw") {
-			t.Errorf("storm with NATS_URL exported: %q", r.errOut)
-		}
-	})
 }
