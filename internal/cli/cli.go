@@ -1,6 +1,6 @@
 // Package cli holds what the two authbus commands (refresher and
 // publisher) share: flags with environment fallbacks, the NATS connection
-// grammar (Conn), and --help in one style (PrintUsage).
+// grammar (Conn), and --help in one style (Usage).
 package cli
 
 import (
@@ -34,9 +34,6 @@ func NewEnvFlags(fs *flag.FlagSet) *EnvFlags {
 
 // FlagSet returns the flag set e binds.
 func (e *EnvFlags) FlagSet() *flag.FlagSet { return e.fs }
-
-// Env returns the environment variable bound to the flag name, or "".
-func (e *EnvFlags) Env(name string) string { return e.envs[name].env }
 
 // Origin says where the value of flag name came from after Parse, in the
 // words of an error message: "--listen" when given on the command line,

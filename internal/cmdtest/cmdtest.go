@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -77,7 +78,9 @@ func FreeAddr(t testing.TB) string {
 func FreePort(t testing.TB) int {
 	t.Helper()
 	_, port, _ := net.SplitHostPort(FreeAddr(t))
-	var p int
-	fmt.Sscan(port, &p)
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return p
 }
