@@ -191,6 +191,12 @@ func (r *refresh) classify(ctx context.Context, tok *oauth2.Token, err error) re
 // (UpdateUnder), so the next holder's fence covers it.
 func (r *refresh) transientFailure(ctx context.Context, cause string, delay time.Duration) result {
 	now := time.Now().UTC()
+	if !r.lease.Trusted(now) {
+		// Another worker may hold the lease and be storing a new token:
+		// a note written under CAS now could win and make it discard that
+		// token. The log line still says why.
+		return resultOf(outTransient, delay, cause)
+	}
 	c := r.cred.Clone()
 	c.LastFailure = &kv.Failure{At: now, Cause: cause, Attempt: r.attempt}
 	if r.attempt < uint64(r.p.cfg.MaxDeliver) {
