@@ -212,6 +212,10 @@ func (s Subjects) CredentialsBucket() string { return s.streamBase() + "_CREDENT
 // "AUTH_LEASES" for the default prefix.
 func (s Subjects) LeasesBucket() string { return s.streamBase() + "_LEASES" }
 
+// FailuresBucket returns the name of the KV bucket of the last failed
+// refresh of each credential: "AUTH_FAILURES" for the default prefix.
+func (s Subjects) FailuresBucket() string { return s.streamBase() + "_FAILURES" }
+
 // BucketName returns the name of a KV bucket of this deployment:
 // BucketName("CREDENTIALS") is "AUTH_CREDENTIALS" for the default prefix.
 //

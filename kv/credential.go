@@ -43,22 +43,6 @@ type Credential struct {
 	Reason        string // needs_reauth reason (OAuth error code or our own, e.g. no_refresh_token)
 	Description   string // error_description as the server gave it
 	UpdatedAt     time.Time
-	// LastFailure is the last failed refresh of the current generation,
-	// while the refreshers retry it; nil when the generation has none.
-	LastFailure *Failure
-}
-
-// Failure is a refresh of a credential's current generation that failed
-// and is being retried. It is kept in the credential record, where status
-// reads it without a seal key, so that a person sees why a credential is
-// not rotating while its state still says active (a token endpoint that
-// does not resolve, a server answering 503) and when the next try is. The
-// next generation clears it.
-type Failure struct {
-	At      time.Time `json:"at"`                // when the attempt failed
-	Cause   string    `json:"cause"`             // what failed, in words; never a token or secret
-	Attempt uint64    `json:"attempt"`           // the delivery of the event that failed, 1 for the first
-	RetryAt time.Time `json:"retry_at,omitzero"` // when the event is delivered again; zero when it is not
 }
 
 // Valid reports whether the access token may be served at now: the
@@ -100,7 +84,6 @@ func (c *Credential) NewGeneration(t Tokens, now time.Time) {
 		c.RefreshToken = Secret(t.RefreshToken)
 	}
 	c.State, c.Reason, c.Description = StateActive, "", ""
-	c.LastFailure = nil
 	c.UpdatedAt = now
 }
 
@@ -111,10 +94,6 @@ func (c *Credential) Clone() *Credential {
 	}
 	cp := *c
 	cp.Scopes = slices.Clone(c.Scopes)
-	if c.LastFailure != nil {
-		f := *c.LastFailure
-		cp.LastFailure = &f
-	}
 	return &cp
 }
 
@@ -148,7 +127,6 @@ type record struct {
 	Reason        string    `json:"reason,omitempty"`
 	Description   string    `json:"error_description,omitempty"`
 	UpdatedAt     time.Time `json:"updated_at,omitzero"`
-	LastFailure   *Failure  `json:"last_failure,omitempty"` // added in schema 2; older readers ignore it
 }
 
 // encodeCredential seals c's access token, refresh token and client secret
@@ -194,7 +172,6 @@ func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
 		Reason:        c.Reason,
 		Description:   c.Description,
 		UpdatedAt:     c.UpdatedAt,
-		LastFailure:   c.LastFailure,
 	})
 }
 
@@ -253,6 +230,5 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 		Reason:        r.Reason,
 		Description:   r.Description,
 		UpdatedAt:     r.UpdatedAt,
-		LastFailure:   r.LastFailure,
 	}, nil
 }

@@ -37,15 +37,16 @@ type CredentialInfo struct {
 	Scopes          []string
 	Resource        string
 	HasRefreshToken bool
-	LastFailure     *Failure // the last failed refresh of this generation, if any
+	LastFailure     *Failure // the last failed refresh of the generation in force, if any
 	LeaseHolder     string   // the refresher that holds the refresh lease; "" when free
 }
 
-// Inspector reads CredentialInfo from the credential and lease buckets of
-// a deployment. It needs read access to both buckets and no seal key: it
-// never opens a sealed field. It is safe for concurrent use.
+// Inspector reads CredentialInfo from the credential, lease and failure
+// buckets of a deployment. It needs read access to them and no seal key:
+// it never opens a sealed field. It is safe for concurrent use.
 type Inspector struct {
 	creds, leases jetstream.KeyValue
+	failures      jetstream.KeyValue // nil for a deployment whose refreshers keep none
 }
 
 // OpenInspector opens the credential and lease buckets named by subj. A
@@ -66,6 +67,14 @@ func OpenInspector(ctx context.Context, js jetstream.JetStream, subj events.Subj
 		}
 		*b.kv = bucket
 	}
+	// Refreshers older than the failure bucket do not create it.
+	failures, err := js.KeyValue(ctx, subj.FailuresBucket())
+	switch {
+	case err == nil:
+		in.failures = failures
+	case !errors.Is(err, jetstream.ErrBucketNotFound):
+		return nil, fmt.Errorf("open bucket %s: %w", subj.FailuresBucket(), err)
+	}
 	return in, nil
 }
 
@@ -82,6 +91,12 @@ func (in *Inspector) Inspect(ctx context.Context, patterns ...string) ([]Credent
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", in.leases.Bucket(), err)
 	}
+	failed := map[string]jetstream.KeyValueEntry{}
+	if in.failures != nil {
+		if failed, err = latest(ctx, in.failures, patterns); err != nil {
+			return nil, fmt.Errorf("read %s: %w", in.failures.Bucket(), err)
+		}
+	}
 	list := make([]CredentialInfo, 0, len(records))
 	for _, name := range slices.Sorted(maps.Keys(records)) {
 		e := records[name]
@@ -96,6 +111,14 @@ func (in *Inspector) Inspect(ctx context.Context, patterns ...string) ([]Credent
 		info.Revision = e.Revision()
 		if l, ok := held[name]; ok {
 			info.LeaseHolder = string(l.Value())
+		}
+		if e, ok := failed[name]; ok {
+			var f Failure
+			// Only a note about the generation in force is shown; an
+			// unreadable one is someone else's and skipped.
+			if json.Unmarshal(e.Value(), &f) == nil && f.Version == info.Version && f.Fingerprint == info.Fingerprint {
+				info.LastFailure = &f
+			}
 		}
 		list = append(list, info)
 	}
@@ -117,7 +140,7 @@ func publicInfo(k events.Key, data []byte) (CredentialInfo, error) {
 		Fingerprint: r.Fingerprint, TokenType: r.TokenType,
 		ExpiresAt: r.ExpiresAt.UTC(), ReceivedAt: r.ReceivedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
 		TokenEndpoint: safeURL(r.TokenEndpoint), ClientID: r.ClientID, AuthStyle: r.AuthStyle, Grant: r.Grant,
-		Scopes: r.Scopes, Resource: safeURL(r.Resource), HasRefreshToken: r.RefreshToken != nil, LastFailure: r.LastFailure,
+		Scopes: r.Scopes, Resource: safeURL(r.Resource), HasRefreshToken: r.RefreshToken != nil,
 	}, nil
 }
 

@@ -27,9 +27,26 @@ func TestInspectorNeedsNoSealKey(t *testing.T) {
 	}
 	a, b := testCredential(t, "acme.alice.github"), testCredential(t, "acme.bob.github")
 	a.TokenEndpoint = "https://user:pw@idp.example/token?client_secret=q-secret"
-	a.LastFailure = &Failure{At: time.Now().UTC(), Cause: "token endpoint unreachable: no such host", Attempt: 3, RetryAt: time.Now().Add(time.Minute).UTC()}
 	for _, c := range []*Credential{a, b, testCredential(t, "globex.alice.github")} {
 		if _, err := store.Create(t.Context(), c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	failures, err := NewFailures(t.Context(), js, FailuresConfig{Bucket: subj.FailuresBucket()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// alice's failure is of the generation in force; bob's of an older one,
+	// which status must not show.
+	now := time.Now().UTC()
+	for _, f := range []struct {
+		c *Credential
+		f Failure
+	}{
+		{a, Failure{Version: a.Version, Fingerprint: a.Fingerprint, At: now, Cause: "token endpoint unreachable: no such host", Attempt: 3, RetryAt: now.Add(time.Minute)}},
+		{b, Failure{Version: b.Version - 1, Fingerprint: "fedcba9876543210", At: now, Cause: "old", Attempt: 1}},
+	} {
+		if err := failures.Record(t.Context(), f.c.Key, f.f); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -64,6 +64,6 @@ func truncate(s string, n int) string {
 	return s[:n] + "…"
 }
 
-// failureNoteTimeout bounds the write that records a failed refresh: in a
-// NATS outage the retry must not wait for it.
+// failureNoteTimeout bounds the note of a failed refresh: in a NATS
+// outage the retry must not wait for it.
 const failureNoteTimeout = 2 * time.Second

@@ -33,6 +33,7 @@ type Pool struct {
 	subj     events.Subjects
 	store    *kv.Store
 	leases   *kv.Leases
+	failures *kv.Failures // the last failed refresh of each credential, for status
 	cons     jetstream.Consumer
 	work     jetstream.Stream // AUTH_EVENTS: events and pending schedules
 	reauth   jetstream.Stream
@@ -96,6 +97,9 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		return nil, err
 	}
 	p.warnReplicas("bucket", subj.LeasesBucket(), p.leases.Replicas())
+	if p.failures, err = kv.NewFailures(ctx, js, kv.FailuresConfig{Bucket: subj.FailuresBucket(), Replicas: cfg.Replicas}); err != nil {
+		return nil, err
+	}
 	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}

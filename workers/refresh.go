@@ -184,28 +184,21 @@ func (r *refresh) classify(ctx context.Context, tok *oauth2.Token, err error) re
 }
 
 // transientFailure is step 6 for an answer that a retry may fix: the cause
-// and the pending retry go into the record, where status shows them while
-// the state still says active, and the event goes back to the stream for
-// the retry. Recording is bounded and best effort: only what a person sees
-// is lost when it fails, and it is a write under the lease like any other
-// (UpdateUnder), so the next holder's fence covers it.
+// and the pending retry are noted for status, which shows them while the
+// state still says active, and the event goes back to the stream for the
+// retry. The note goes to the failure bucket, not the record: it must not
+// bump the record's revision under a refresh in flight. Noting is bounded
+// and best effort: only what a person sees is lost when it fails.
 func (r *refresh) transientFailure(ctx context.Context, cause string, delay time.Duration) result {
 	now := time.Now().UTC()
-	if !r.lease.Trusted(now) {
-		// Another worker may hold the lease and be storing a new token:
-		// a note written under CAS now could win and make it discard that
-		// token. The log line still says why.
-		return resultOf(outTransient, delay, cause)
-	}
-	c := r.cred.Clone()
-	c.LastFailure = &kv.Failure{At: now, Cause: cause, Attempt: r.attempt}
+	f := kv.Failure{Version: r.cred.Version, Fingerprint: r.cred.Fingerprint, At: now, Cause: cause, Attempt: r.attempt}
 	if r.attempt < uint64(r.p.cfg.MaxDeliver) {
-		c.LastFailure.RetryAt = now.Add(delay)
+		f.RetryAt = now.Add(delay)
 	}
-	sctx, cancel := context.WithTimeout(ctx, failureNoteTimeout)
+	nctx, cancel := context.WithTimeout(ctx, failureNoteTimeout)
 	defer cancel()
-	if err := r.store(sctx, c); err != nil && !errors.Is(err, kv.ErrConflict) {
-		r.p.log.Warn("recording a failed refresh in the credential failed; status will not show it", "key", c.Key.String(), "error", err)
+	if err := r.p.failures.Record(nctx, r.in.key, f); err != nil {
+		r.p.log.Warn("noting a failed refresh failed; status will not show it", "key", r.in.key.String(), "error", err)
 	}
 	return resultOf(outTransient, delay, cause)
 }

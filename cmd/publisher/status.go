@@ -27,8 +27,8 @@ With one KEY, the details of that credential (exit 3 if it is not
 registered); with a tenant (acme) or a pattern (acme.*.github, acme.>), one
 line per credential; with nothing, every credential.
 
-status is an operator command: it reads the authbus buckets (credentials
-and leases) and the events stream directly, so it
+status is an operator command: it reads the authbus buckets (credentials,
+leases, failures) and the events stream directly, so it
 needs a NATS user with JetStream access to them, but no seal key and no
 running refresher.`, s)
 	asJSON := f.Bool("json", false, "print a JSON array with one object per credential")

@@ -19,7 +19,7 @@ func TestStatusShowsTheLastFailureAndTheRetry(t *testing.T) {
 	b.AS.SetDown(true)
 	b.publisher(t, "", "401", "--access-token", tok.AccessToken, key).want(t, 0)
 	fleet.Eventually(t, 30*time.Second, "a failed refresh recorded", func() bool {
-		return b.Cred(t, fleet.MustKey(t, key)).LastFailure != nil
+		return b.LastFailure(t, fleet.MustKey(t, key)) != nil
 	})
 
 	r := b.publisher(t, "", "status", key).want(t, 0)

@@ -135,6 +135,7 @@ func refresherUser(subj events.Subjects) userBlock {
 			"$JS.API.>", "$JS.ACK.>", "$JS.FC.>",
 			"$KV." + subj.CredentialsBucket() + ".>",
 			"$KV." + subj.LeasesBucket() + ".>",
+			"$KV." + subj.FailuresBucket() + ".>",
 			"$SRV.>", "_INBOX.>",
 		},
 		subAll: []string{
