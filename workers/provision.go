@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
 )
 
 // consumerName is the durable pull consumer every refresher shares.
@@ -123,7 +124,7 @@ func (p *Pool) warnReplicas(kind, name string, deployed int) {
 // streamOf names the stream behind a stream or bucket.
 func streamOf(kind, name string) string {
 	if kind == "bucket" {
-		return "KV_" + name
+		return kv.BucketStream(name)
 	}
 	return name
 }

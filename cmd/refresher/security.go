@@ -4,8 +4,6 @@ import (
 	"flag"
 	"io"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/workers"
 )
@@ -18,19 +16,23 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 			return runKeys(args[1:], stdout, stderr)
 		case "permissions":
 			return runPermissions(args[1:], stdout, stderr)
+		case "help":
+			if len(args) > 1 {
+				return dispatch(append(args[1:2], "--help"), stdout, stderr)
+			}
+			args = []string{"--help"}
 		}
 	}
-	return run(args, stderr)
+	return run(args, stdout, stderr)
 }
 
 // securityOptions are the daemon's flags about what it may reach and who it
 // is on NATS.
 type securityOptions struct {
-	allowedTokenHosts    cli.StringList
-	allowPrivateHosts    bool
-	allowLoopbackHosts   bool
-	natsConfig           string
-	natsUser, natsPasswd string
+	allowedTokenHosts  cli.StringList
+	allowPrivateHosts  bool
+	allowLoopbackHosts bool
+	natsConfig         string
 }
 
 func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) {
@@ -42,10 +44,6 @@ func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) 
 	env.Bind("allow-loopback-token-hosts", "AUTHBUS_ALLOW_LOOPBACK_TOKEN_HOSTS")
 	fs.StringVar(&o.natsConfig, "nats-config", "", "nats-server configuration file for the embedded server (users and permissions, TLS, limits); see refresher permissions")
 	env.Bind("nats-config", "AUTHBUS_NATS_CONFIG")
-	fs.StringVar(&o.natsUser, "nats-user", "", "NATS user the refresher connects as")
-	env.Bind("nats-user", "NATS_USER")
-	fs.StringVar(&o.natsPasswd, "nats-password", "", "password of --nats-user (prefer the environment variable to the flag)")
-	env.Bind("nats-password", "NATS_PASSWORD")
 }
 
 // tokenHosts is the SSRF policy: loopback is allowed in the embedded dev
@@ -56,12 +54,4 @@ func (o securityOptions) tokenHosts(embedded bool) workers.TokenHostPolicy {
 		AllowLoopback: embedded || o.allowLoopbackHosts,
 		AllowPrivate:  o.allowPrivateHosts,
 	}
-}
-
-// natsAuth authenticates the refresher's connection when a user is set.
-func (o securityOptions) natsAuth() nats.Option {
-	if o.natsUser == "" {
-		return func(*nats.Options) error { return nil }
-	}
-	return nats.UserInfo(o.natsUser, o.natsPasswd)
 }
