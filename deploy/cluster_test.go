@@ -26,6 +26,8 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
 )
@@ -172,7 +174,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 	// is current with it.
 	for i, s := range c.servers {
 		u := "http://" + s.MonitorAddr().String() + healthPath
-		eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
+		fleet.Eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
 			resp, err := http.Get(u)
 			if err != nil {
 				return false
@@ -188,7 +190,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 func tryStartCluster(t *testing.T) (*cluster, error) {
 	clusterPorts := make([]int, len(nodeFiles))
 	for i := range clusterPorts {
-		clusterPorts[i] = freePort(t)
+		clusterPorts[i] = cmdtest.FreePort(t)
 	}
 	c := &cluster{}
 	for i, f := range nodeFiles {
@@ -335,7 +337,7 @@ func TestComposeTopology(t *testing.T) {
 		// leaders of its replicated streams may time out; in compose its
 		// restart policy starts it again, here the loop does.
 		var p *workers.Pool
-		eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
+		fleet.Eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
 			var err error
 			if p, err = workers.New(ctx, nc, cfg); err != nil {
 				t.Logf("refresher %d: %v", i+1, err)
@@ -356,7 +358,7 @@ func TestComposeTopology(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{subj.EventsStream(), subj.ReauthStream(), "KV_" + subj.BucketName("CREDENTIALS"), "KV_" + subj.BucketName("LEASES")} {
+	for _, name := range []string{subj.EventsStream(), subj.ReauthStream(), kv.BucketStream(subj.CredentialsBucket()), kv.BucketStream(subj.LeasesBucket())} {
 		st, err := js.Stream(ctx, name)
 		if err != nil {
 			t.Fatalf("stream %s: %v", name, err)
@@ -450,7 +452,7 @@ func TestComposeTopology(t *testing.T) {
 			{"Subscription", `"_INBOX.>"`},
 			{"Publish", "$JS.API.STREAM.PURGE"},
 		} {
-			eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
+			fleet.Eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
 				return acmeErrs.has(append([]string{"Permissions Violation"}, want...)...)
 			})
 		}
@@ -462,7 +464,7 @@ func TestComposeTopology(t *testing.T) {
 		if err == nil {
 			t.Error("acme without _INBOX_acme got a reply")
 		}
-		eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
+		fleet.Eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
 			return errs.has("Permissions Violation", "Subscription", "_INBOX.")
 		})
 	})
@@ -482,11 +484,11 @@ func TestComposeTopology(t *testing.T) {
 		t.Logf("stopped %s, the leader of %s", leader, subj.EventsStream())
 		// acme's connection may have been on the stopped node: it
 		// reconnects, and its subscription with it.
-		eventually(t, 30*time.Second, "a new stream leader", func() bool {
+		fleet.Eventually(t, 30*time.Second, "a new stream leader", func() bool {
 			st, err := js.Stream(ctx, subj.EventsStream())
 			return err == nil && st.CachedInfo().Cluster.Leader != "" && st.CachedInfo().Cluster.Leader != leader
 		})
-		eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
+		fleet.Eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
 		publish401(v2.AccessToken)
 		waitRotated(t, rotated, 3)
 	})
@@ -515,31 +517,6 @@ func waitRotated(t *testing.T, ch <-chan events.Rotated, v int64) events.Rotated
 	}
 }
 
-// eventually polls cond until it holds or d has passed.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.After(d)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("not true within %v: %s", d, what)
-		}
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 type tlog struct {
 	t    *testing.T
 	name string
@@ -561,13 +538,13 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bins := buildBinaries(t)
+	bins := cmdtest.Binaries(t)
 	for role, args := range map[string][]string{
 		"refresher": {"--refresher"},
 		"acme":      {"--tenant", "acme"},
 	} {
 		cmd := exec.Command(filepath.Join(bins, "refresher"), append([]string{"permissions"}, args...)...)
-		cmd.Env = cleanEnv()
+		cmd.Env = cmdtest.CleanEnv()
 		block, err := cmd.Output()
 		if err != nil {
 			t.Fatalf("refresher permissions %v: %v", args, err)
@@ -620,7 +597,7 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 		// The readable form of a password variable: upper case, '-' as '_'.
 		tenant := strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(nu.passwordEnv, "AUTHBUS_PASSWORD_"), "_", "-"))
 		cmd := exec.Command(filepath.Join(bins, "refresher"), "permissions", "--tenant", tenant)
-		cmd.Env = cleanEnv()
+		cmd.Env = cmdtest.CleanEnv()
 		out, err := cmd.CombinedOutput()
 		if err == nil || !strings.Contains(string(out), "reserved") {
 			t.Errorf("%s: refresher permissions --tenant %s printed a user with the password variable of %s (%v):\n%s",

@@ -238,7 +238,21 @@ func (s Subjects) EventsStream() string { return s.streamBase() + "_EVENTS" }
 // auth.needs_reauth per key: "AUTH_REAUTH" for the default prefix.
 func (s Subjects) ReauthStream() string { return s.streamBase() + "_REAUTH" }
 
+// CredentialsBucket returns the name of the KV bucket of the credential
+// records: "AUTH_CREDENTIALS" for the default prefix.
+func (s Subjects) CredentialsBucket() string { return s.streamBase() + "_CREDENTIALS" }
+
+// LeasesBucket returns the name of the KV bucket of the refresh leases:
+// "AUTH_LEASES" for the default prefix.
+func (s Subjects) LeasesBucket() string { return s.streamBase() + "_LEASES" }
+
+// FailuresBucket returns the name of the KV bucket of the last failed
+// refresh of each credential: "AUTH_FAILURES" for the default prefix.
+func (s Subjects) FailuresBucket() string { return s.streamBase() + "_FAILURES" }
+
 // BucketName returns the name of a KV bucket of this deployment:
 // BucketName("CREDENTIALS") is "AUTH_CREDENTIALS" for the default prefix.
-// suffix must itself be a valid bucket name part ([A-Za-z0-9_-]).
+//
+// Deprecated: use CredentialsBucket or LeasesBucket, which keep the names
+// of the deployment's buckets in one place.
 func (s Subjects) BucketName(suffix string) string { return s.streamBase() + "_" + suffix }

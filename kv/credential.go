@@ -51,6 +51,42 @@ func (c *Credential) Valid(now time.Time) bool {
 	return c.State == StateActive && (c.ExpiresAt.IsZero() || now.Before(c.ExpiresAt))
 }
 
+// Tokens are the tokens of a new generation of a credential, as a token
+// endpoint or a login handed them over.
+type Tokens struct {
+	AccessToken  string
+	TokenType    string    // "" means "Bearer"
+	RefreshToken string    // "" keeps the current one (RFC 6749 §6)
+	ExpiresAt    time.Time // absolute; zero means no expiry
+}
+
+// NewGeneration puts t in force as c's next generation, received at now:
+// the version grows by one, the fingerprint, expiry and receipt time are
+// t's, and the credential is active again (a needs_reauth is repaired by
+// the new tokens). It is the one place that says what a new generation is,
+// for a rotation and a registration alike; a registration builds c afresh,
+// so an empty refresh token stays empty there.
+func (c *Credential) NewGeneration(t Tokens, now time.Time) {
+	now = now.UTC()
+	c.Version++
+	c.AccessToken = Secret(t.AccessToken)
+	c.TokenType = t.TokenType
+	if c.TokenType == "" {
+		c.TokenType = "Bearer"
+	}
+	c.Fingerprint = events.Fingerprint(t.AccessToken)
+	c.ReceivedAt = now
+	c.ExpiresAt = time.Time{}
+	if !t.ExpiresAt.IsZero() {
+		c.ExpiresAt = t.ExpiresAt.UTC()
+	}
+	if t.RefreshToken != "" {
+		c.RefreshToken = Secret(t.RefreshToken)
+	}
+	c.State, c.Reason, c.Description = StateActive, "", ""
+	c.UpdatedAt = now
+}
+
 // Clone returns a deep copy of c.
 func (c *Credential) Clone() *Credential {
 	if c == nil {

@@ -231,8 +231,8 @@ func TestLeaseDoneOnTakeover(t *testing.T) {
 	defer other.Release(b.ctx)
 	select {
 	case <-l.Done():
-	case <-time.After(b.leases.TTL() * 2):
-		t.Fatal("Done not closed within two TTLs of a takeover")
+	case <-time.After(liveness):
+		t.Fatalf("Done not closed within %v of a takeover", liveness)
 	}
 	if !l.Lost() || l.Trusted(time.Now()) {
 		t.Fatal("a lease taken over is not lost, or still trusted")
@@ -557,7 +557,7 @@ func TestLeaseGivesUpAfterMaxHold(t *testing.T) {
 	l := b.claim(t, "stuck")
 	select {
 	case <-l.Done():
-	case <-time.After((maxHoldTTLs + 3) * b.leases.TTL()):
+	case <-time.After(maxHoldTTLs*b.leases.TTL() + liveness):
 		t.Fatalf("the lease still lives %v after its claim", time.Since(start))
 	}
 	if held := time.Since(start); held < maxHoldTTLs*b.leases.TTL() {

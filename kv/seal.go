@@ -154,6 +154,18 @@ func LoadOrCreateKeyRing(path string) (ring *KeyRing, created bool, err error) {
 	return ring, created && err == nil, err
 }
 
+// LoadKeyRing reads the key file at path without creating it: a missing
+// file is an error wrapping fs.ErrNotExist, so that a command can check
+// the file before it knows that it can run, and create it only then (with
+// LoadOrCreateKeyRing). Other errors are LoadOrCreateKeyRing's.
+func LoadKeyRing(path string) (*KeyRing, error) {
+	ring, err := loadKeyRing(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("seal key file %s: %w", path, err)
+	}
+	return ring, err
+}
+
 func loadKeyRing(path string) (*KeyRing, error) {
 	kf, err := readKeyFile(path)
 	if err != nil {

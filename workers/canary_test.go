@@ -162,7 +162,7 @@ func TestCanaryEveryChannel(t *testing.T) {
 	// Errors of the store itself: a key ring without the key, and one with
 	// another key under the same id.
 	for _, ring := range []*kv.KeyRing{mustRing(t, "other", 9), mustRing(t, "k1", 9)} {
-		s, err := kv.OpenStore(ctx, o.JS, o.Subj.BucketName("CREDENTIALS"), ring)
+		s, err := kv.OpenStore(ctx, o.JS, o.Subj.CredentialsBucket(), ring)
 		if err != nil {
 			t.Fatal(err)
 		}

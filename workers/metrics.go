@@ -269,7 +269,7 @@ func (p *Pool) Ready(ctx context.Context) error {
 			return fmt.Errorf("stream %s: %w; restart the refresher to create it, or check JetStream", s, err)
 		}
 	}
-	for _, b := range []string{p.subj.BucketName("CREDENTIALS"), p.subj.BucketName("LEASES")} {
+	for _, b := range []string{p.subj.CredentialsBucket(), p.subj.LeasesBucket(), p.subj.FailuresBucket()} {
 		if _, err := p.js.KeyValue(ctx, b); err != nil {
 			return fmt.Errorf("KV bucket %s: %w; restart the refresher to create it, or check JetStream", b, err)
 		}

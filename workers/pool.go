@@ -33,6 +33,7 @@ type Pool struct {
 	subj     events.Subjects
 	store    *kv.Store
 	leases   *kv.Leases
+	failures *kv.Failures       // the last failed refresh of each credential, for status
 	cons     jetstream.Consumer // the work lane
 	slow     jetstream.Consumer // the slow lane (see intake.go)
 	work     jetstream.Stream   // AUTH_EVENTS: events and pending schedules
@@ -102,14 +103,17 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	if p.reauth, err = js.Stream(ctx, subj.ReauthStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.ReauthStream(), err)
 	}
-	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.BucketName("CREDENTIALS"), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
+	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.CredentialsBucket(), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("CREDENTIALS"), p.store.Replicas())
-	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.BucketName("LEASES"), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
+	p.warnReplicas("bucket", subj.CredentialsBucket(), p.store.Replicas())
+	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.LeasesBucket(), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("LEASES"), p.leases.Replicas())
+	p.warnReplicas("bucket", subj.LeasesBucket(), p.leases.Replicas())
+	if p.failures, err = kv.NewFailures(ctx, js, kv.FailuresConfig{Bucket: subj.FailuresBucket(), Replicas: cfg.Replicas}); err != nil {
+		return nil, err
+	}
 	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}

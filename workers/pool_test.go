@@ -505,7 +505,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 			t.Errorf("an error reply contains a secret (%.6s…)", c)
 		}
 	}
-	kvb, err := b.JS.KeyValue(context.Background(), b.Subj.BucketName("CREDENTIALS"))
+	kvb, err := b.JS.KeyValue(context.Background(), b.Subj.CredentialsBucket())
 	if err != nil {
 		t.Fatal(err)
 	}

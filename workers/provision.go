@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
 )
 
 // The durable pull consumers every refresher shares: the work lane and the
@@ -174,7 +175,7 @@ func (p *Pool) warnReplicas(kind, name string, deployed int) {
 // streamOf names the stream behind a stream or bucket.
 func streamOf(kind, name string) string {
 	if kind == "bucket" {
-		return "KV_" + name
+		return kv.BucketStream(name)
 	}
 	return name
 }

@@ -179,12 +179,28 @@ func (r *refresh) classify(ctx context.Context, tok *oauth2.Token, err error) re
 		if delay == 0 {
 			delay = r.p.backoff(r.attempt)
 		}
-		detail := "token endpoint unreachable or failing"
-		if a.status != 0 {
-			detail = fmt.Sprintf("token endpoint answered HTTP %d", a.status)
-		}
-		return resultOf(outTransient, delay, detail)
+		return r.transientFailure(ctx, failureCause(err, a, r.cred, r.p.cfg.TokenTimeout), delay)
 	}
+}
+
+// transientFailure is step 6 for an answer that a retry may fix: the cause
+// and the pending retry are noted for status, which shows them while the
+// state still says active, and the event goes back to the stream for the
+// retry. The note goes to the failure bucket, not the record: it must not
+// bump the record's revision under a refresh in flight. Noting is bounded
+// and best effort: only what a person sees is lost when it fails.
+func (r *refresh) transientFailure(ctx context.Context, cause string, delay time.Duration) result {
+	now := time.Now().UTC()
+	f := kv.Failure{Version: r.cred.Version, Fingerprint: r.cred.Fingerprint, At: now, Cause: cause, Attempt: r.attempt}
+	if r.attempt < uint64(r.p.cfg.MaxDeliver) {
+		f.RetryAt = now.Add(delay)
+	}
+	nctx, cancel := context.WithTimeout(ctx, failureNoteTimeout)
+	defer cancel()
+	if err := r.p.failures.Record(nctx, r.in.key, f); err != nil {
+		r.p.log.Warn("noting a failed refresh failed; status will not show it", "key", r.in.key.String(), "error", err)
+	}
+	return resultOf(outTransient, delay, cause)
 }
 
 // permanentFailure is step 5 for an OAuth error that no retry can fix,
@@ -225,17 +241,8 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 		return r.needsReauth(ctx, reasonUnusableToken, got.problem)
 	}
 	c := r.cred.Clone()
-	c.Version++
-	c.AccessToken = kv.Secret(tok.AccessToken)
-	c.TokenType = got.tokenType
-	c.Fingerprint = events.Fingerprint(tok.AccessToken)
-	c.ReceivedAt = now
-	c.ExpiresAt = got.expiresAt
-	if tok.RefreshToken != "" {
-		c.RefreshToken = kv.Secret(tok.RefreshToken)
-	} // else: carry the old one forward (RFC 6749 §6).
-	c.State, c.Reason, c.Description = kv.StateActive, "", ""
-	c.UpdatedAt = now
+	// A refresh token left out is carried forward (RFC 6749 §6).
+	c.NewGeneration(kv.Tokens{AccessToken: tok.AccessToken, TokenType: got.tokenType, RefreshToken: tok.RefreshToken, ExpiresAt: got.expiresAt}, now)
 
 	err := r.store(ctx, c)
 	if errors.Is(err, kv.ErrConflict) {

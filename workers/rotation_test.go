@@ -46,7 +46,7 @@ func TestRotationUnderStorm(t *testing.T) {
 		keys[i] = fleet.MustKey(t, fmt.Sprintf("acme.u%d.api", i))
 	}
 	registerAll(t, b, keys)
-	store, err := kv.OpenStore(ctx, b.JS, b.Subj.BucketName("CREDENTIALS"), oldRing)
+	store, err := kv.OpenStore(ctx, b.JS, b.Subj.CredentialsBucket(), oldRing)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +76,7 @@ func TestRotationUnderStorm(t *testing.T) {
 	b.StopPools(t)
 	b.Ring = newRing
 	b.StartPools(t, 2, nil)
-	store, err = kv.OpenStore(ctx, b.JS, b.Subj.BucketName("CREDENTIALS"), newRing)
+	store, err = kv.OpenStore(ctx, b.JS, b.Subj.CredentialsBucket(), newRing)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestRotationUnderStorm(t *testing.T) {
 	rot := watchRotations(t, b)
 
 	// 3. The reseal, with the storm published while it runs.
-	leases, err := kv.OpenLeases(ctx, b.JS, b.Subj.BucketName("LEASES"), 2*time.Second)
+	leases, err := kv.OpenLeases(ctx, b.JS, b.Subj.LeasesBucket(), 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -79,7 +79,7 @@ func BenchmarkScale(b *testing.B) {
 	fps, version := register(n)
 	b.Logf("registered %d credentials in %v", n, time.Since(start).Round(time.Millisecond))
 	runtime.GC()
-	kvs, err := bd.JS.KeyValue(b.Context(), bd.Subj.BucketName("CREDENTIALS"))
+	kvs, err := bd.JS.KeyValue(b.Context(), bd.Subj.CredentialsBucket())
 	if err != nil {
 		b.Fatal(err)
 	}

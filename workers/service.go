@@ -176,12 +176,6 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 	now := time.Now().UTC()
 	c := &kv.Credential{
 		Key:           key,
-		AccessToken:   kv.Secret(rr.Token.AccessToken),
-		TokenType:     rr.Token.TokenType,
-		Fingerprint:   events.Fingerprint(rr.Token.AccessToken),
-		ReceivedAt:    now,
-		ExpiresAt:     rr.Token.ExpiresAt.UTC(),
-		RefreshToken:  kv.Secret(rr.Token.RefreshToken),
 		ClientSecret:  kv.Secret(rr.ClientSecret),
 		TokenEndpoint: rr.TokenEndpoint,
 		ClientID:      rr.ClientID,
@@ -189,15 +183,9 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 		Grant:         rr.Grant,
 		Scopes:        rr.Scopes,
 		Resource:      rr.Resource,
-		State:         kv.StateActive,
-		UpdatedAt:     now,
 	}
-	if rr.Token.ExpiresIn > 0 {
-		c.ExpiresAt = now.Add(time.Duration(rr.Token.ExpiresIn) * time.Second)
-	}
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
+	c.NewGeneration(kv.Tokens{AccessToken: rr.Token.AccessToken, TokenType: rr.Token.TokenType,
+		RefreshToken: rr.Token.RefreshToken, ExpiresAt: rr.Token.Expiry(now)}, now)
 	if c.AuthStyle == "" {
 		c.AuthStyle = events.AuthStyleBasic
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
@@ -27,7 +28,7 @@ import (
 // SIGTERM, `refresher keys list` starts its own embedded server on the same
 // data directory and configuration and finds the credential.
 func TestRefresherWithNATSConfig(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	as.AddClient(fleet.ClientID, fleet.ClientSecret)
 	passwords := []string{"AUTHBUS_PASSWORD_ACME=pw-acme", "AUTHBUS_PASSWORD_REFRESHER=pw-refresher"}
@@ -43,13 +44,13 @@ func TestRefresherWithNATSConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	dataDir := filepath.Join(dir, "data")
-	addr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr,
 		"--nats-config", confPath, "--metrics-addr", "",
 		// With users configured loopback token endpoints are refused,
 		// unless asked for: the test authorization server is one.
 		"--allow-loopback-token-hosts")
-	refresher.Env = append(append(cleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
+	refresher.Env = append(append(cmdtest.CleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
 	_, refLog, exited := startRefresher(t, refresher)
 
 	if nc, err := nats.Connect("nats://" + addr); err == nil {

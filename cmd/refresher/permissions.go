@@ -20,18 +20,16 @@ import (
 // "Connecting").
 func runPermissions(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("refresher permissions", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `Usage: refresher permissions --tenant T [--user NAME] [flags]
-       refresher permissions --refresher [--user NAME] [flags]
-
+	fs.SetOutput(io.Discard) // errors are returned, help goes to stdout
+	usage := cli.Usage{Synopsis: `refresher permissions --tenant T [--user NAME] [flags]
+       refresher permissions --refresher [--user NAME] [flags]`, About: `
 Prints a user entry for the users list of a nats-server configuration
 (authorization { users: [ ... ] }, or an account's users): a tenant's runtime
 user may publish auth.401 and auth.expiring, request auth.token and
 auth.register, and subscribe to auth.rotated and auth.needs_reauth, all of its
 own tenant only, plus its own inbox prefix _INBOX_<tenant> (clients must set
-it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --inbox-prefix in the
-nats CLI). A JetStream publish needs nothing more: the server sends the
+it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --nats-inbox-prefix
+with authbus's commands, --inbox-prefix with the nats CLI). A JetStream publish needs nothing more: the server sends the
 acknowledgement to the publisher's inbox. The password is a reference to an
 environment variable that nats-server resolves when it loads the file.
 
@@ -46,12 +44,7 @@ AUTHBUS_PASSWORD__A_0B). The first form never starts with '_', the second
 always does and reads back one character at a time.
 
 Reserved tenant names, in any letter case, because the deployment's own users
-use them or their variables: %s.
-
-Flags:
-`, strings.Join(reservedTenants, ", "))
-		fs.PrintDefaults()
-	}
+use them or their variables: ` + strings.Join(reservedTenants, ", ") + `.`}
 	env := cli.NewEnvFlags(fs)
 	var tenants cli.StringList
 	var user, prefix, passwordEnv string
@@ -61,21 +54,26 @@ Flags:
 	fs.BoolVar(&serving, "serving", false, "print the refreshers' serving user instead: it answers runtimes on their inboxes and nothing else (refresher --nats-serve-user); with --refresher, one user for both")
 	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", "authbus-refresher" or "authbus-serve")`)
 	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_ and the encoded tenant, see above, AUTHBUS_PASSWORD_REFRESHER or AUTHBUS_PASSWORD_SERVE)")
-	fs.StringVar(&prefix, "prefix", "auth", "subject prefix")
+	fs.StringVar(&prefix, "prefix", "", "subject prefix (default auth)")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
-	if err := env.Parse(args); err != nil {
+	err := env.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		usage.Print(stdout, fs)
 		return err
 	}
+	if err != nil {
+		return cli.UsageErrorf("%v; see refresher permissions --help", err)
+	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
+		return cli.UsageErrorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
 	}
 	subj, err := events.NewSubjects(prefix)
 	if err != nil {
-		return fmt.Errorf("--prefix: %w", err)
+		return cli.UsageErrorf("--prefix: %w", err)
 	}
 	for _, t := range tenants {
 		if err := checkTenant(t); err != nil {
-			return err
+			return cli.UsageErrorf("%w", err)
 		}
 	}
 	var b userBlock
@@ -95,7 +93,7 @@ Flags:
 	case len(tenants) > 1:
 		return errors.New("give one --tenant: a runtime user is one tenant's (several only with --serving)")
 	default:
-		return errors.New("missing --tenant T (a tenant's runtime user), --refresher (the refreshers' user) or --serving (their serving user); see refresher permissions --help")
+		return cli.UsageErrorf("missing --tenant T (a tenant's runtime user), --refresher (the refreshers' user) or --serving (their serving user); see refresher permissions --help")
 	}
 	if user != "" {
 		b.user = user
@@ -104,7 +102,7 @@ Flags:
 		b.passwordEnv = passwordEnv
 	}
 	if !envName.MatchString(b.passwordEnv) {
-		return fmt.Errorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
+		return cli.UsageErrorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
 	}
 	if tenant != "" {
 		// A tenant's user must not log in as, or with the password of, one
@@ -188,8 +186,9 @@ func refresherUser(subj events.Subjects) userBlock {
 			subj.ScheduleWildcard(),
 			p + ".work.>", p + ".slow.>",
 			"$JS.API.>", "$JS.ACK.>", "$JS.FC.>",
-			"$KV." + subj.BucketName("CREDENTIALS") + ".>",
-			"$KV." + subj.BucketName("LEASES") + ".>",
+			"$KV." + subj.CredentialsBucket() + ".>",
+			"$KV." + subj.LeasesBucket() + ".>",
+			"$KV." + subj.FailuresBucket() + ".>",
 			"_INBOX.>",
 		},
 		subAll: []string{"_INBOX.>"},

@@ -4,8 +4,6 @@ import (
 	"flag"
 	"io"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/workers"
 )
@@ -18,19 +16,23 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 			return runKeys(args[1:], stdout, stderr)
 		case "permissions":
 			return runPermissions(args[1:], stdout, stderr)
+		case "help":
+			if len(args) > 1 {
+				return dispatch(append(args[1:2], "--help"), stdout, stderr)
+			}
+			args = []string{"--help"}
 		}
 	}
-	return run(args, stderr)
+	return run(args, stdout, stderr)
 }
 
 // securityOptions are the daemon's flags about what it may reach and who it
 // is on NATS.
 type securityOptions struct {
-	allowedTokenHosts    cli.StringList
-	allowPrivateHosts    bool
-	allowLoopbackHosts   bool
-	natsConfig           string
-	natsUser, natsPasswd           string
+	allowedTokenHosts              cli.StringList
+	allowPrivateHosts              bool
+	allowLoopbackHosts             bool
+	natsConfig                     string
 	natsServeUser, natsServePasswd string
 }
 
@@ -43,10 +45,6 @@ func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) 
 	env.Bind("allow-loopback-token-hosts", "AUTHBUS_ALLOW_LOOPBACK_TOKEN_HOSTS")
 	fs.StringVar(&o.natsConfig, "nats-config", "", "nats-server configuration file for the embedded server (users and permissions, TLS, limits); see refresher permissions")
 	env.Bind("nats-config", "AUTHBUS_NATS_CONFIG")
-	fs.StringVar(&o.natsUser, "nats-user", "", "NATS user the refresher connects as")
-	env.Bind("nats-user", "NATS_USER")
-	fs.StringVar(&o.natsPasswd, "nats-password", "", "password of --nats-user (prefer the environment variable to the flag)")
-	env.Bind("nats-password", "NATS_PASSWORD")
 	fs.StringVar(&o.natsServeUser, "nats-serve-user", "", "NATS user of a second connection that serves runtimes (auth.register, auth.token, the intake of auth.401/auth.expiring), allowed to answer on inboxes only; see refresher permissions --serving")
 	env.Bind("nats-serve-user", "NATS_SERVE_USER")
 	fs.StringVar(&o.natsServePasswd, "nats-serve-password", "", "password of --nats-serve-user (prefer the environment variable to the flag)")
@@ -64,17 +62,4 @@ func (o securityOptions) tokenHosts(embedded bool) workers.TokenHostPolicy {
 		AllowLoopback: (embedded && o.natsConfig == "") || o.allowLoopbackHosts,
 		AllowPrivate:  o.allowPrivateHosts,
 	}
-}
-
-// natsServeAuth authenticates the serving connection.
-func (o securityOptions) natsServeAuth() nats.Option {
-	return nats.UserInfo(o.natsServeUser, o.natsServePasswd)
-}
-
-// natsAuth authenticates the refresher's connection when a user is set.
-func (o securityOptions) natsAuth() nats.Option {
-	if o.natsUser == "" {
-		return func(*nats.Options) error { return nil }
-	}
-	return nats.UserInfo(o.natsUser, o.natsPasswd)
 }

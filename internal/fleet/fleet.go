@@ -347,6 +347,21 @@ func (b *Fleet) Cred(t testing.TB, key events.Key) *kv.Credential {
 	return c
 }
 
+// LastFailure returns the failed refresh of key's generation in force that
+// status would show, or nil: read as an operator reads it (kv.Inspector).
+func (b *Fleet) LastFailure(t testing.TB, key events.Key) *kv.Failure {
+	t.Helper()
+	in, err := kv.OpenInspector(context.Background(), b.JS, b.Subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	infos, err := in.Inspect(context.Background(), key.String())
+	if err != nil || len(infos) != 1 {
+		t.Fatalf("inspect %s: %d credentials, %v", key, len(infos), err)
+	}
+	return infos[0].LastFailure
+}
+
 // MustKey parses a credential key or fails the test.
 func MustKey(t testing.TB, s string) events.Key {
 	k, err := events.ParseKey(s)
