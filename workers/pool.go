@@ -52,6 +52,7 @@ type Pool struct {
 	flights   map[events.Key]*flight
 	// handlers are the refreshes the dispatcher started; Run waits for them.
 	handlers sync.WaitGroup
+	started  chan struct{} // closed once Run serves (see Started)
 	log      *slog.Logger
 	tracer   trace.Tracer
 	metrics  *metrics
@@ -80,6 +81,7 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		js:      js,
 		subj:    subj,
 		flights: make(map[events.Key]*flight),
+		started: make(chan struct{}),
 		serve:   cfg.ServeConn,
 		log:     cfg.Logger,
 		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
@@ -119,6 +121,11 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	}
 	return p, nil
 }
+
+// Started returns a channel that is closed once Run serves: the
+// auth.register and auth.token service answers, the intake takes events in
+// and both lanes are consumed. Run closes it at most once; a Pool runs once.
+func (p *Pool) Started() <-chan struct{} { return p.started }
 
 // Store returns the credential store the pool uses.
 func (p *Pool) Store() *kv.Store { return p.store }
@@ -184,6 +191,12 @@ func (p *Pool) Run(ctx context.Context) error {
 	})
 	defer stop()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
+	// Subscriptions reach the server asynchronously: once a round trip
+	// has, a request sent from anywhere finds them.
+	if err := p.serve.Flush(); err != nil {
+		p.log.Warn("confirming the service's subscriptions", "error", err)
+	}
+	close(p.started)
 
 	workLane, slowLane := make(chan jetstream.Msg), make(chan jetstream.Msg)
 	var readers sync.WaitGroup

@@ -313,9 +313,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}()
 		log.Info("metrics and health listener running", "addr", ops.Addr())
 	}
-	log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
 	runErr := make(chan error, 1)
 	go func() { runErr <- pool.Run(ctx) }()
+	// Ready means serving: the service answers and the intake takes
+	// reports in, so a runtime started on this line is not refused.
+	select {
+	case <-pool.Started():
+		log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
+	case err := <-runErr:
+		if err == nil {
+			err = errors.New("the refresh pool stopped before it served")
+		}
+		return err
+	}
 	select {
 	case err := <-runErr:
 		if err != nil {
