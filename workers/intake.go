@@ -66,6 +66,7 @@ type intake struct {
 	seen     *recentIDs
 	queued   [2]*infoCache // both lanes' pending counts, for MaxQueued
 	slowq    chan slowEvent
+	quit     chan struct{}  // closed by stop: the slow worker ends
 	slow     sync.WaitGroup // slowWorker
 	stopOnce sync.Once
 
@@ -76,7 +77,7 @@ type intake struct {
 func (p *Pool) startIntake() (*intake, error) {
 	in := &intake{p: p, limits: newTenantLimits(p.cfg.TenantRate, p.cfg.TenantBurst), seen: newRecentIDs(p.cfg.DuplicateWindow, 1<<16),
 		queued: [2]*infoCache{{cons: p.cons, ttl: time.Second}, {cons: p.slow, ttl: time.Second}},
-		slowq:  make(chan slowEvent, slowQueue)}
+		slowq:  make(chan slowEvent, slowQueue), quit: make(chan struct{})}
 	in.slow.Go(in.slowWorker)
 	var err error
 	in.refused, err = p.cfg.MeterProvider.Meter(instrumentationName).Int64Counter("authbus.intake.refused",
@@ -139,7 +140,9 @@ wait:
 			break wait
 		}
 	}
-	in.stopOnce.Do(func() { close(in.slowq) })
+	// The queue itself is never closed: a handler still running on a
+	// subscription that did not drain may still hand an event over.
+	in.stopOnce.Do(func() { close(in.quit) })
 	in.slow.Wait()
 }
 
@@ -204,16 +207,32 @@ type slowEvent struct {
 const slowQueue = 16 << 10
 
 // slowWorker takes in the events of tenants over their rate, into the slow
-// lane, until stop closes the queue.
+// lane, until stop ends it.
 //
 // It keeps at most slowInFlight of its writes unanswered: the intake's
 // writes share the refresher's connection, and a flood written as fast as
 // it comes would queue every other tenant's write behind it there.
 func (in *intake) slowWorker() {
 	tokens := make(chan struct{}, slowInFlight)
-	for e := range in.slowq {
+	take := func(e slowEvent) {
 		tokens <- struct{}{}
 		in.write(e.m, e.typ, e.key, in.p.subj.Slow(e.typ, e.key), func() { <-tokens })
+	}
+	for {
+		select {
+		case e := <-in.slowq:
+			take(e)
+		case <-in.quit:
+			// What was handed over before the intake stopped is taken in.
+			for {
+				select {
+				case e := <-in.slowq:
+					take(e)
+				default:
+					return
+				}
+			}
+		}
 	}
 }
 

@@ -156,6 +156,8 @@ func (p *Pool) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Also when Run ends without ctx (its connection closed under it).
+	defer intake.stop()
 	pull := func(c jetstream.Consumer, batch int) (jetstream.MessagesContext, error) {
 		return c.Messages(
 			// A pull batch near the worker count: the default of 500 lets
