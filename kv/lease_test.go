@@ -497,14 +497,16 @@ func TestClaimProvesReplicated(t *testing.T) {
 	}
 	ctx := context.Background()
 	name := bucketName(t)
-	store, err := NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, testRing(t))
-	if err != nil {
-		t.Fatalf("NewStore: %v", err)
-	}
-	leases, err := NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
-	if err != nil {
-		t.Fatalf("NewLeases: %v", err)
-	}
+	var store *Store
+	var leases *Leases
+	ring := testRing(t)
+	// A fresh cluster may not place replicated streams at once.
+	eventually(t, 20*time.Second, "buckets created", func() bool {
+		var err1, err2 error
+		store, err1 = NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, ring)
+		leases, err2 = NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
+		return err1 == nil && err2 == nil
+	})
 	if _, err := store.Create(ctx, testCredential(t, leaseKey.String())); err != nil {
 		t.Fatal(err)
 	}
