@@ -68,8 +68,8 @@ func TestTraceOfOneRefresh(t *testing.T) {
 		t.Errorf("process span parent %v, want the remote publish span %v", proc.Parent(), pub)
 	}
 	for k, want := range map[string]string{
-		"messaging.system":               "nats",
-		"messaging.operation.type":       "process",
+		"messaging.system":         "nats",
+		"messaging.operation.type": "process",
 		// Received from the work queue the intake wrote it to; named
 		// after the runtime's subject.
 		"messaging.destination.name":     o.Subj.Work(events.Type401, key),
