@@ -40,6 +40,7 @@ var nodeFiles = []string{"nats/nats-1.conf", "nats/nats-2.conf", "nats/nats-3.co
 // compose.yaml passes them to every node.
 var natsPasswords = map[string]string{
 	"AUTHBUS_PASSWORD_REFRESHER": "refresher-test-pw",
+	"AUTHBUS_PASSWORD_SERVE":     "serve-test-pw",
 	"AUTHBUS_PASSWORD_ACME":      "acme-test-pw",
 	"AUTHBUS_PASSWORD_OPERATOR":  "operator-test-pw",
 	"AUTHBUS_PASSWORD_STORM":     "storm-test-pw",
@@ -50,6 +51,7 @@ var natsPasswords = map[string]string{
 // variable of each one's password.
 var natsUsers = map[string]struct{ user, passwordEnv string }{
 	"refresher": {"authbus-refresher", "AUTHBUS_PASSWORD_REFRESHER"},
+	"serve":     {"authbus-serve", "AUTHBUS_PASSWORD_SERVE"},
 	"acme":      {"acme-runtime", "AUTHBUS_PASSWORD_ACME"},
 	"operator":  {"authbus-operator", "AUTHBUS_PASSWORD_OPERATOR"},
 	"storm":     {"authbus-storm", "AUTHBUS_PASSWORD_STORM"},
@@ -332,6 +334,8 @@ func TestComposeTopology(t *testing.T) {
 			// is at a private address (--allow-private-token-hosts).
 			TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
 			Logger:     slog.New(slog.DiscardHandler),
+			// As compose starts them: serving as the serving user.
+			ServeConn: c.connect(t, i, "serve"),
 		}
 		// A refresher that starts while the new cluster still elects the
 		// leaders of its replicated streams may time out; in compose its
@@ -541,6 +545,7 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 	bins := cmdtest.Binaries(t)
 	for role, args := range map[string][]string{
 		"refresher": {"--refresher"},
+		"serve":     {"--serving", "--tenant", "acme"},
 		"acme":      {"--tenant", "acme"},
 	} {
 		cmd := exec.Command(filepath.Join(bins, "refresher"), append([]string{"permissions"}, args...)...)

@@ -343,6 +343,9 @@ func TestComposeTopologyWiring(t *testing.T) {
 		if user, _ := flagValue(s.Command, "nats-user"); user != natsUsers["refresher"].user || s.Environment["NATS_PASSWORD"] != natsEnv[natsUsers["refresher"].passwordEnv] {
 			t.Errorf("%s: logs in as %q, want user %s with the password the NATS servers get as %s", r, user, natsUsers["refresher"].user, natsUsers["refresher"].passwordEnv)
 		}
+		if user, _ := flagValue(s.Command, "nats-serve-user"); user != natsUsers["serve"].user || s.Environment["NATS_SERVE_PASSWORD"] != natsEnv[natsUsers["serve"].passwordEnv] {
+			t.Errorf("%s: serves as %q, want user %s with the password the NATS servers get as %s", r, user, natsUsers["serve"].user, natsUsers["serve"].passwordEnv)
+		}
 		if !slices.Equal(hosts, []string{"nats-1:4222", "nats-2:4222", "nats-3:4222"}) {
 			t.Errorf("%s: --nats-url hosts %v, want all three nodes", r, hosts)
 		}

@@ -163,7 +163,7 @@ func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential) (*nats.Msg, []
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	subject, target := p.subj.Schedule(c.Key), p.subj.Event(events.TypeExpiring, c.Key)
+	subject, target := p.subj.Schedule(c.Key), p.subj.Work(events.TypeExpiring, c.Key)
 	ctx, span := p.tracer.Start(ctx, "send "+p.subj.ScheduleWildcard(), trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
 			semconv.MessagingSystemKey.String("nats"),

@@ -55,7 +55,7 @@ func breakerOpened(b *fleet.Fleet, scope string) bool {
 // settledAs reports whether an event of key was settled with outcome on
 // its first delivery.
 func settledAs(b *fleet.Fleet, key events.Key, outcome string) bool {
-	return len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Event(events.Type401, key),
+	return len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Work(events.Type401, key),
 		"outcome": outcome, "attempt": "1"})) > 0
 }
 
@@ -81,7 +81,7 @@ func TestBreakerOfOneTenantsClientSparesOthers(t *testing.T) {
 	if breakerOpened(b, "endpoint") || breakerOpened(b, "tenant") {
 		t.Error("one client's 429s opened a breaker beyond its own")
 	}
-	if n := len(b.Logs.Records(map[string]string{"outcome": "breaker_open", "subject": b.Subj.Event(events.Type401, bravo.key)})); n != 0 {
+	if n := len(b.Logs.Records(map[string]string{"outcome": "breaker_open", "subject": b.Subj.Work(events.Type401, bravo.key)})); n != 0 {
 		t.Errorf("bravo's event was refused by a breaker %d times", n)
 	}
 }
@@ -130,7 +130,7 @@ func TestBreakerOfEndpointDownForEveryone(t *testing.T) {
 		fleet.Eventually(t, 20*time.Second, "bravo's 401 meets the open breaker", func() bool {
 			return settledAs(b, bravo.key, "breaker_open")
 		})
-		if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Event(events.Type401, bravo.key), "outcome": "transient"})); n != 0 {
+		if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Work(events.Type401, bravo.key), "outcome": "transient"})); n != 0 {
 			t.Errorf("bravo tried the dead endpoint %d times", n)
 		}
 	})

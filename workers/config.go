@@ -2,12 +2,15 @@ package workers
 
 import (
 	"errors"
+
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
 	"runtime"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
@@ -69,6 +72,34 @@ type Config struct {
 	Replicas int
 	// replicasSet records that Replicas was given, not defaulted.
 	replicasSet bool
+	// TenantRate is how many new auth.401 and auth.expiring events (not
+	// duplicates) the intake of this process takes in per second from one
+	// tenant, with a burst of TenantBurst; more are refused with 429. 0
+	// means 100 per second, and 200 for the burst. It bounds what one
+	// tenant's flood can put in front of another tenant's events, and what
+	// it can put into the store.
+	TenantRate  float64
+	TenantBurst int
+	// TenantWorkers is how many of this process's refreshes one tenant may
+	// run at once: a tenant whose token endpoint hangs holds no more, and
+	// the rest of the workers stay free for the other tenants. Its further
+	// events wait in the process, without a worker. 0 means Workers less an
+	// eighth of them (at least one left for the others).
+	TenantWorkers int
+	// MaxQueued bounds the events waiting in the stream for a refresher:
+	// beyond it the intake refuses new ones (503) rather than let them fill
+	// the store. The stream itself cannot be bounded (JetStream refuses
+	// discard-new on a stream with schedules, and discard-old would drop
+	// schedules), so the intake checks the consumer's pending count, at
+	// most a second old. 0 means 100 000.
+	MaxQueued int
+	// ServeConn, when set, is the connection that serves runtimes: the
+	// auth.register and auth.token service and the intake of auth.401 and
+	// auth.expiring. Give it a NATS user that may answer on inboxes only,
+	// and the Pool's own connection the user that writes JetStream, so
+	// that a request cannot make the serving side write anything else (see
+	// docs/security.md). nil means the Pool's connection serves too.
+	ServeConn *nats.Conn
 	// Instance names this process in leases and logs; "" means hostname-pid.
 	Instance string
 	// Source is the CloudEvents source of events this pool publishes; ""
@@ -148,6 +179,18 @@ func (c Config) withDefaults() Config {
 	if c.BreakerOpenFor == 0 {
 		c.BreakerOpenFor = 30 * time.Second
 	}
+	if c.TenantRate == 0 {
+		c.TenantRate = 100
+	}
+	if c.TenantBurst == 0 {
+		c.TenantBurst = 200
+	}
+	if c.TenantWorkers == 0 {
+		c.TenantWorkers = max(1, c.Workers-max(1, c.Workers/8))
+	}
+	if c.MaxQueued == 0 {
+		c.MaxQueued = 100_000
+	}
 	if c.Requests == 0 {
 		c.Requests = 64
 	}
@@ -202,6 +245,10 @@ func (c Config) validate() error {
 	}
 	if c.MaxDeliver < 2 {
 		errs = append(errs, fmt.Errorf("MaxDeliver is %d: set at least 2 so a transient failure can be retried", c.MaxDeliver))
+	}
+	if c.TenantRate < 0 || c.TenantBurst < 1 || c.TenantWorkers < 1 || c.MaxQueued < 1 {
+		errs = append(errs, fmt.Errorf("TenantRate %g, TenantBurst %d, TenantWorkers %d, MaxQueued %d: rates and counts must be positive",
+			c.TenantRate, c.TenantBurst, c.TenantWorkers, c.MaxQueued))
 	}
 	if c.Replicas < 1 || c.Replicas > 5 {
 		errs = append(errs, fmt.Errorf("Replicas is %d: use 1, 3 or 5", c.Replicas))

@@ -91,7 +91,7 @@ func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
 	if err := errors.Join(errs[:]...); err != nil {
 		return nil, fmt.Errorf("pool metrics: %w", err)
 	}
-	info := &infoCache{cons: p.cons}
+	info := &infoCache{cons: p.cons, ttl: consumerInfoTTL}
 	if _, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
 		worst := map[[2]string]gobreaker.State{}
 		for k, state := range p.breakers.states() {
@@ -210,10 +210,11 @@ func redactURL(raw string) string {
 	return u.String()
 }
 
-// infoCache reuses the consumer's info for consumerInfoTTL. Safe for
+// infoCache reuses the consumer's info for ttl. Safe for
 // concurrent use; concurrent callers wait for one request.
 type infoCache struct {
 	cons jetstream.Consumer
+	ttl  time.Duration
 
 	mu   sync.Mutex
 	at   time.Time
@@ -225,7 +226,7 @@ type infoCache struct {
 func (c *infoCache) get(ctx context.Context) *jetstream.ConsumerInfo {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.at.IsZero() && time.Since(c.at) < consumerInfoTTL {
+	if !c.at.IsZero() && time.Since(c.at) < c.ttl {
 		return c.info
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)

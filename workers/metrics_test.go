@@ -178,7 +178,9 @@ func TestOutcomeMetrics(t *testing.T) {
 			trigger: func(t *testing.T, e env) { e.o.publish401(t, e.key, e.fp, "rt", true) }},
 		{name: "bad_input", want: "bad_input", terminated: "bad_input",
 			trigger: func(t *testing.T, e env) {
-				if _, err := e.o.JS.Publish(context.Background(), e.o.Subj.Event(events.Type401, e.key), []byte("not json")); err != nil {
+				// Straight into the work queue: the intake refuses it at
+				// the door (TestMalformedEventsAreTerminated).
+				if _, err := e.o.JS.Publish(context.Background(), e.o.Subj.Work(events.Type401, e.key), []byte("not json")); err != nil {
 					t.Fatal(err)
 				}
 			}},
@@ -237,12 +239,13 @@ func TestConsumerPendingGauges(t *testing.T) {
 	nc := natstest.Connect(t, o.Srv)
 	cfg := o.TestConfig()
 	cfg.MeterProvider = o.mp
-	// A pool that is created but not running: events stay pending.
+	// A pool that is created but not running: events stay pending. With
+	// no intake running, they are written straight into the work queue.
 	if _, err := workers.New(context.Background(), nc, cfg); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
-		o.Publish401(t, key, events.Fingerprint(fmt.Sprint("token-", i)), "rt", true)
+		o.Publish401(t, key, events.Fingerprint(fmt.Sprint("token-", i)), "rt", false)
 	}
 	// The server counts pending messages asynchronously: wait until it
 	// says 3 before the first collection fills the cache.
@@ -267,7 +270,7 @@ func TestConsumerPendingGauges(t *testing.T) {
 	}
 	// Within the cache lifetime a new event does not show: no API request
 	// per collection.
-	o.Publish401(t, key, events.Fingerprint("token-3"), "rt", true)
+	o.Publish401(t, key, events.Fingerprint("token-3"), "rt", false)
 	serverCounts(4)
 	if v, _ := gauge(collect(t, o.reader), "authbus.consumer.pending"); v != 3 {
 		t.Errorf("pending = %d right after the previous collection, want the cached 3", v)
@@ -296,7 +299,10 @@ func TestMetricsEndpointAndReadiness(t *testing.T) {
 	w.WaitFor(t, "rotation", fleet.RotatedVersion(2))
 	// A bad event and a 401 that finds the lease held, so that every
 	// metric the dashboard shows has a series.
-	if _, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), []byte("not json")); err != nil {
+	if _, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), []byte("not json")); err == nil {
+		t.Fatal("the intake took a report that is not JSON")
+	}
+	if _, err := b.JS.Publish(context.Background(), b.Subj.Work(events.Type401, key), []byte("not json")); err != nil {
 		t.Fatal(err)
 	}
 	held := fleet.MustKey(t, "acme.held.github")

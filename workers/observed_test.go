@@ -76,13 +76,16 @@ func (o *observed) publish401(t testing.TB, key events.Key, fp, runtime string, 
 	}
 	ctx, span := o.tp.Tracer("test-runtime").Start(context.Background(), "send auth.401.*.*.*", trace.WithSpanKind(trace.SpanKindProducer))
 	defer span.End()
-	msg := nats.NewMsg(o.Subj.Event(events.Type401, key))
-	msg.Data = data
-	msg.Header = telemetry.Inject(ctx, msg.Header)
+	// Without Nats-Msg-Id: straight into the work queue, as reports the
+	// intake cannot de-duplicate (outside the duplicate window) reach it.
+	msg := nats.NewMsg(o.Subj.Work(events.Type401, key))
 	var opts []jetstream.PublishOpt
 	if withMsgID {
+		msg.Subject = o.Subj.Event(events.Type401, key)
 		opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, key, fp)))
 	}
+	msg.Data = data
+	msg.Header = telemetry.Inject(ctx, msg.Header)
 	ack, err := o.JS.PublishMsg(ctx, msg, opts...)
 	if err != nil {
 		t.Fatalf("publish 401: %v", err)

@@ -28,6 +28,7 @@ const (
 	outStoreFailed                // a redeemed token could not be stored
 	outLeaseLost                  // the lease was lost before a permanent failure could be recorded
 	outRequeued                   // the refresh this event joined did not finish: decided again on redelivery
+	outTenantBusy                 // the event's tenant has as many events waiting in this refresher as it may
 )
 
 // How an event is settled.
@@ -78,6 +79,7 @@ var outcomes = [...]struct {
 	outStoreFailed: {"store_failed", actionNak, slog.LevelWarn, true, joinedRequeue},
 	outLeaseLost:   {"lease_lost", actionNak, slog.LevelInfo, false, joinedRequeue},
 	outRequeued:    {"requeued", actionNak, slog.LevelDebug, false, joinedRequeue},
+	outTenantBusy:  {"tenant_busy", actionNak, slog.LevelDebug, false, joinedRequeue},
 }
 
 func (o outcome) String() string { return outcomes[o].name }

@@ -16,7 +16,6 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
@@ -28,14 +27,16 @@ import (
 // with Run; any number of pools may share one NATS deployment.
 type Pool struct {
 	cfg      Config
-	nc       *nats.Conn
+	nc       *nats.Conn // writes JetStream and announces
+	serve    *nats.Conn // serves runtimes: the service and the intake (cfg.ServeConn, or nc)
 	js       jetstream.JetStream
 	subj     events.Subjects
 	store    *kv.Store
 	leases   *kv.Leases
-	failures *kv.Failures // the last failed refresh of each credential, for status
-	cons     jetstream.Consumer
-	work     jetstream.Stream // AUTH_EVENTS: events and pending schedules
+	failures *kv.Failures       // the last failed refresh of each credential, for status
+	cons     jetstream.Consumer // the work lane
+	slow     jetstream.Consumer // the slow lane (see intake.go)
+	work     jetstream.Stream   // AUTH_EVENTS: events and pending schedules
 	reauth   jetstream.Stream
 	breakers *breakers
 	// bg holds the work a refresh leaves behind after its ack (lease
@@ -49,9 +50,12 @@ type Pool struct {
 	// flights are the refreshes this pool runs now, by credential.
 	flightsMu sync.Mutex
 	flights   map[events.Key]*flight
-	log       *slog.Logger
-	tracer    trace.Tracer
-	metrics   *metrics
+	// handlers are the refreshes the dispatcher started; Run waits for them.
+	handlers sync.WaitGroup
+	started  chan struct{} // closed once Run serves (see Started)
+	log      *slog.Logger
+	tracer   trace.Tracer
+	metrics  *metrics
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -77,17 +81,24 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		js:      js,
 		subj:    subj,
 		flights: make(map[events.Key]*flight),
+		started: make(chan struct{}),
+		serve:   cfg.ServeConn,
 		log:     cfg.Logger,
 		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
+	}
+	if p.serve == nil {
+		p.serve = nc
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
 	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(k breakerKey, from, to gobreaker.State) {
 		p.log.Warn("token endpoint breaker changed state", "scope", k.scope.String(), "endpoint", redactURL(k.endpoint),
 			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
 	})
-	if p.cons, err = p.provision(ctx); err != nil {
+	lanes, err := p.provision(ctx)
+	if err != nil {
 		return nil, err
 	}
+	p.cons, p.slow = lanes[0], lanes[1]
 	if p.work, err = js.Stream(ctx, subj.EventsStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.EventsStream(), err)
 	}
@@ -111,15 +122,20 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 	return p, nil
 }
 
+// Started returns a channel that is closed once Run serves: the
+// auth.register and auth.token service answers, the intake takes events in
+// and both lanes are consumed. Run closes it at most once; a Pool runs once.
+func (p *Pool) Started() <-chan struct{} { return p.started }
+
 // Store returns the credential store the pool uses.
 func (p *Pool) Store() *kv.Store { return p.store }
 
 // Leases returns the refresh leases the pool uses.
 func (p *Pool) Leases() *kv.Leases { return p.leases }
 
-// Run consumes events and serves requests until ctx is done, then shuts down
-// gracefully: it stops taking work, hands the events it had fetched but not
-// started back to the stream, and waits for in-flight refreshes to finish
+// Run takes in runtimes' events (see intake.go), consumes them and serves
+// requests until ctx is done, then shuts down gracefully: it stops taking
+// work, hands the events it had fetched but not started back to the stream, and waits for in-flight refreshes to finish
 // (each bounded by TokenTimeout) and release their leases. It returns nil
 // after a clean shutdown. The caller drains and closes the connection.
 func (p *Pool) Run(ctx context.Context) error {
@@ -136,66 +152,94 @@ func (p *Pool) Run(ctx context.Context) error {
 		}
 		p.serving.Wait()
 	}()
-	msgs, err := p.cons.Messages(
-		// A pull batch near the worker count: the default of 500 lets one
-		// process hoard a storm while the others idle.
-		jetstream.PullMaxMessages(p.cfg.Workers),
-		// Pull requests lost in a consumer leader change are noticed by
-		// missed heartbeats (twice the interval) and re-issued: with the
-		// defaults (30s expiry, 15s heartbeat) a failover stalls a pool
-		// for 30s; with these, for about 4s, at the cost of a small
-		// heartbeat message every 2s.
-		jetstream.PullExpiry(10*time.Second),
-		jetstream.PullHeartbeat(2*time.Second),
-	)
+	intake, err := p.startIntake()
 	if err != nil {
+		return err
+	}
+	// Also when Run ends without ctx (its connection closed under it).
+	defer intake.stop()
+	pull := func(c jetstream.Consumer, batch int) (jetstream.MessagesContext, error) {
+		return c.Messages(
+			// A pull batch near the worker count: the default of 500 lets
+			// one process hoard a storm while the others idle.
+			jetstream.PullMaxMessages(batch),
+			// Pull requests lost in a consumer leader change are noticed
+			// by missed heartbeats (twice the interval) and re-issued: with
+			// the defaults (30s expiry, 15s heartbeat) a failover stalls a
+			// pool for 30s; with these, for about 4s, at the cost of a
+			// small heartbeat message every 2s.
+			jetstream.PullExpiry(10*time.Second),
+			jetstream.PullHeartbeat(2*time.Second),
+		)
+	}
+	msgs, err := pull(p.cons, p.cfg.Workers)
+	if err != nil {
+		intake.stop()
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), consumerName, err)
+	}
+	// The slow lane's batch is small: its messages may wait in this process
+	// while the work lane is busy, and their ack wait runs meanwhile.
+	slowMsgs, err := pull(p.slow, max(1, p.cfg.Workers/4))
+	if err != nil {
+		intake.stop()
+		msgs.Stop()
+		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), slowConsumerName, err)
 	}
 	stop := context.AfterFunc(ctx, func() {
 		_ = svc.Stop()
+		intake.stop()
 		msgs.Drain()
+		slowMsgs.Drain()
 	})
 	defer stop()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
+	// Subscriptions reach the server asynchronously: once a round trip
+	// has, a request sent from anywhere finds them.
+	if err := p.serve.Flush(); err != nil {
+		p.log.Warn("confirming the service's subscriptions", "error", err)
+	}
+	close(p.started)
+
+	workLane, slowLane := make(chan jetstream.Msg), make(chan jetstream.Msg)
+	var readers sync.WaitGroup
+	readers.Go(func() { p.read(msgs, workLane) })
+	readers.Go(func() { p.read(slowMsgs, slowLane) })
 
 	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
 	// half-way may burn a rotating refresh token.
-	work := context.WithoutCancel(ctx)
-	var g errgroup.Group
-	g.SetLimit(p.cfg.Workers)
+	newDispatcher(p, ctx, context.WithoutCancel(ctx)).run(workLane, slowLane)
+	readers.Wait()
+	p.handlers.Wait()
+	p.bg.Wait()
+	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)
+	return nil
+}
+
+// read hands the events of one lane to the dispatcher until the lane's
+// iterator is closed (shutdown), then closes ch.
+func (p *Pool) read(it jetstream.MessagesContext, ch chan<- jetstream.Msg) {
+	defer close(ch)
 	for {
-		msg, err := msgs.Next()
+		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			break
+			return
 		}
 		if err != nil {
 			// Missed heartbeats and the like: the iterator recovers by itself.
 			p.log.Warn("consumer hiccup", "error", err)
 			continue
 		}
-		if ctx.Err() != nil {
-			// Fetched but not started: let another refresher have it now.
-			_ = msg.Nak()
-			continue
-		}
-		g.Go(func() error {
-			p.handle(work, msg)
-			return nil
-		})
+		ch <- msg
 	}
-	_ = g.Wait()
-	p.bg.Wait()
-	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)
-	return nil
 }
 
 // handle processes one event and settles it: ack, nak with a delay, or
 // terminate with a reason.
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	start := time.Now()
-	var attempt uint64 = 1
+	attempt, group := uint64(1), consumerName
 	if md, err := msg.Metadata(); err == nil {
-		attempt = md.NumDelivered
+		attempt, group = md.NumDelivered, md.Consumer
 	}
 	in := p.receive(msg)
 	if p.join(msg, in, attempt, start) {
@@ -214,7 +258,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 			trace.WithLinks(trace.Link{SpanContext: trace.SpanContextFromContext(ctx)}))
 	}
 	ctx, span := p.tracer.Start(ctx, "process", append(opts,
-		trace.WithAttributes(processAttrs(msg.Subject(), len(msg.Data()), semconv.MessagingConsumerGroupName(consumerName))...))...)
+		trace.WithAttributes(processAttrs(msg.Subject(), len(msg.Data()), semconv.MessagingConsumerGroupName(group))...))...)
 	defer span.End()
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		span.SetAttributes(semconv.MessagingMessageID(id))
@@ -297,7 +341,7 @@ type inbound struct {
 // event can join a flight).
 func (p *Pool) receive(msg jetstream.Msg) inbound {
 	in := inbound{subject: msg.Subject()}
-	typ, key, err := p.subj.ParseEvent(in.subject)
+	typ, key, err := p.subj.ParseWork(in.subject)
 	if err != nil {
 		in.refused = err.Error()
 		return in

@@ -75,8 +75,8 @@ func (r *refresh) validate(ctx context.Context) (result, bool) {
 // load is step 2: read the credential and decide without a lease when the
 // stored record answers the event (stale, needs_reauth, not due); most
 // events of a storm end here. This read is a direct get any replica may
-// answer: it decides only "answer from the store or not", and step 3
-// fences it before a refresh token is presented.
+// answer: step 3 fences it before a refresh token is presented, and an
+// event it would turn away is judged again on the leader's record.
 func (r *refresh) load(ctx context.Context) (result, bool) {
 	var err error
 	r.cred, r.read, err = r.p.store.Load(ctx, r.in.key)
@@ -85,6 +85,18 @@ func (r *refresh) load(ctx context.Context) (result, bool) {
 	}
 	if err != nil {
 		return resultOf(outNATS, r.p.backoff(r.attempt), err.Error()), true
+	}
+	if o := r.p.verdict(r.ev, r.cred, time.Now()); (o == outStale || o == outNeedsReauth) && !r.read.Current() {
+		// A replica may lag: the event may be about a token newer than
+		// the one it showed, which would make the runtime's genuine 401
+		// look stale and drop it. Only the leader's record turns it away.
+		r.cred, r.read, err = r.p.store.LoadLatest(ctx, r.in.key)
+		if errors.Is(err, kv.ErrNotFound) {
+			return resultOf(outUnknownCred, 0, fmt.Sprintf("credential %s is not registered; register it first", r.in.key)), true
+		}
+		if err != nil {
+			return resultOf(outNATS, r.p.backoff(r.attempt), err.Error()), true
+		}
 	}
 	r.rev = r.read.Revision
 	if res, done := r.p.decide(ctx, r.ev, r.cred); done {
@@ -322,23 +334,35 @@ func (r *refresh) release(ctx context.Context) {
 // decide answers an event from the stored credential alone when it can: in
 // the order stale, needs_reauth, not due.
 func (p *Pool) decide(ctx context.Context, ev *events.Event, c *kv.Credential) (result, bool) {
-	now := time.Now()
-	if ev.Fingerprint() != c.Fingerprint && c.Valid(now) {
+	switch p.verdict(ev, c, time.Now()) {
+	case outStale:
 		if err := p.announceRotated(ctx, c); err != nil {
 			return resultOf(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
 		}
 		return answered(outStale, c.Version), true
-	}
-	if c.State == kv.StateNeedsReauth {
+	case outNeedsReauth:
 		if err := p.announceNeedsReauth(ctx, c); err != nil {
 			return resultOf(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
 		}
 		return answered(outNeedsReauth, c.Version), true
-	}
-	if ev.Type == events.TypeExpiring && !p.due(c, now) {
+	case outNotDue:
 		return resultOf(outNotDue, 0, ""), true
 	}
 	return result{}, false
+}
+
+// verdict is what the stored credential says of an event, in the order
+// stale, needs_reauth, not due; outRotated when it needs a refresh.
+func (p *Pool) verdict(ev *events.Event, c *kv.Credential, now time.Time) outcome {
+	switch {
+	case ev.Fingerprint() != c.Fingerprint && c.Valid(now):
+		return outStale
+	case c.State == kv.StateNeedsReauth:
+		return outNeedsReauth
+	case ev.Type == events.TypeExpiring && !p.due(c, now):
+		return outNotDue
+	}
+	return outRotated
 }
 
 // due reports whether the proactive refresh of c should happen now. A token

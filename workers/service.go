@@ -29,7 +29,7 @@ const requestTimeout = 10 * time.Second
 // NATS micro service. Every refresher joins the same queue group, so each
 // request is answered once.
 func (p *Pool) startService() (micro.Service, error) {
-	svc, err := micro.AddService(p.nc, micro.Config{
+	svc, err := micro.AddService(p.serve, micro.Config{
 		Name:        "authbus",
 		Version:     Version,
 		Description: "authbus token service: register credentials and read current access tokens",
@@ -65,11 +65,21 @@ func (p *Pool) startService() (micro.Service, error) {
 func (p *Pool) concurrently(l *lanes, h micro.HandlerFunc) micro.HandlerFunc {
 	return func(req micro.Request) {
 		_, k, err := p.subj.Parse(req.Subject())
+		// NATS does not check the reply subject a requester names, and the
+		// refresher answers with its own rights: an answer aimed at a KV
+		// key, the JetStream API or another tenant's subjects would write
+		// there. Answer only on the requester's own inbox (for a subject
+		// without a key, only on the default one), and not at all
+		// otherwise.
+		if !replyAllowed(req.Reply(), k.Tenant) {
+			p.log.Warn("request refused: its reply subject is not the requester's inbox", "subject", req.Subject(), "tenant", k.Tenant)
+			return
+		}
 		if err != nil {
 			h(req)
 			return
 		}
-		d := detach(p.nc, req)
+		d := detach(p.serve, req)
 		l.submit(k.Tenant, job{
 			serve: func() { h(d) },
 			refuse: func(description string) {

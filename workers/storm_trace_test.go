@@ -410,11 +410,14 @@ func runTracedStorm(b *testing.B, traced, msgID bool, creds, publishers int) {
 				binary.LittleEndian.PutUint64(sid[:], rand.Uint64())
 				ctx := trace.ContextWithRemoteSpanContext(context.Background(),
 					trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid, TraceFlags: trace.FlagsSampled}))
-				msg := nats.NewMsg(bd.Subj.Event(events.Type401, keys[i]))
+				// Without Nats-Msg-Id straight into the work queue, so
+				// that every publish reaches a pool.
+				msg := nats.NewMsg(bd.Subj.Work(events.Type401, keys[i]))
 				msg.Data = datas[i]
 				msg.Header = telemetry.Inject(ctx, msg.Header)
 				var opts []jetstream.PublishOpt
 				if msgID {
+					msg.Subject = bd.Subj.Event(events.Type401, keys[i])
 					opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, keys[i], fps[i])))
 				}
 				if _, err := bd.JS.PublishMsg(ctx, msg, opts...); err != nil {

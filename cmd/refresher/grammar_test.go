@@ -39,6 +39,7 @@ var oneRun = map[string]string{
 	"retire":       "what one key rotation does",
 	"tenant":       "what permissions prints",
 	"refresher":    "what permissions prints",
+	"serving":      "what permissions prints",
 	"user":         "what permissions prints (import's --user reads AUTHBUS_USER)",
 	"password-env": "what permissions prints",
 	"mode":         "the size and shape of one storm",
@@ -69,6 +70,10 @@ var otherVariable = map[string]string{
 	"storm --workers": "",
 	// storm's --reuse configures its built-in server like devserver's.
 	"storm --reuse": "",
+	// The refresher's second NATS connection, the one that serves
+	// runtimes: named like the connection's own NATS_USER and NATS_PASSWORD.
+	"--nats-serve-user":     "NATS_SERVE_USER",
+	"--nats-serve-password": "NATS_SERVE_PASSWORD",
 }
 
 // TestEveryCommandSpeaksOneGrammar runs --help of every command and

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -104,6 +105,14 @@ func parseFlags(args []string, stdout io.Writer) (options, error) {
 	env.Bind("max-deliver", "AUTHBUS_MAX_DELIVER")
 	fs.IntVar(&o.pool.Replicas, "replicas", 0, "replicas of the streams and buckets this refresher creates (3 in a clustered deployment; 0 means 1); existing ones keep theirs")
 	env.Bind("replicas", "AUTHBUS_REPLICAS")
+	fs.Float64Var(&o.pool.TenantRate, "tenant-rate", 0, "new auth.401/auth.expiring events per second one tenant may report into the work lane; more go to the slow lane (default 100)")
+	env.Bind("tenant-rate", "AUTHBUS_TENANT_RATE")
+	fs.IntVar(&o.pool.TenantBurst, "tenant-burst", 0, "burst of --tenant-rate (default 200)")
+	env.Bind("tenant-burst", "AUTHBUS_TENANT_BURST")
+	fs.IntVar(&o.pool.TenantWorkers, "tenant-workers", 0, "refreshes one tenant may run at once in this process (default --workers less an eighth, at least one left for other tenants)")
+	env.Bind("tenant-workers", "AUTHBUS_TENANT_WORKERS")
+	fs.IntVar(&o.pool.MaxQueued, "max-queued", 0, "events that may wait in the work queue; beyond it new ones are refused (503) rather than fill the store (default 100000)")
+	env.Bind("max-queued", "AUTHBUS_MAX_QUEUED")
 	fs.StringVar(&o.pool.Instance, "instance", "", "name of this refresher in leases and logs (default hostname-pid)")
 	env.Bind("instance", "AUTHBUS_INSTANCE")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 45*time.Second, "how long a graceful shutdown may take before in-flight work is abandoned")
@@ -241,17 +250,36 @@ func run(args []string, stdout, stderr io.Writer) error {
 		connOpts = append(connOpts, nats.InProcessServer(ns))
 		log.Info("embedded NATS server running", "client_url", ns.ClientURL(), "data_dir", o.dataDir)
 	}
-	connOpts = append(connOpts,
-		nats.Name("authbus-refresher"),
-		nats.MaxReconnects(-1),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "error", err) }),
-		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }),
-	)
-	nc, err := nats.Connect(url, connOpts...)
+	connect := func(name string, extra ...nats.Option) (*nats.Conn, error) {
+		nc, err := nats.Connect(url, append(append(slices.Clone(connOpts),
+			nats.Name(name),
+			nats.MaxReconnects(-1),
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("NATS disconnected", "connection", name, "error", err) }),
+			nats.ReconnectHandler(func(nc *nats.Conn) {
+				log.Info("NATS reconnected", "connection", name, "url", nc.ConnectedUrlRedacted())
+			}),
+		), extra...)...)
+		if err != nil {
+			return nil, fmt.Errorf("connect to NATS %q as %s: %w; check --nats-url (NATS_URL), the credentials, or that the server is running", cli.RedactURLs(url), name, err)
+		}
+		return nc, nil
+	}
+	nc, err := connect("authbus-refresher")
 	if err != nil {
-		return fmt.Errorf("connect to NATS %q: %w; check --nats-url (NATS_URL), the credentials, or that the server is running", cli.RedactURLs(url), err)
+		return err
 	}
 	defer nc.Close()
+	if o.sec.natsServeUser != "" {
+		// Serving runtimes on a connection of its own, as a user that may
+		// only answer on inboxes: a request cannot make it write anything
+		// else, whatever reply subject it names (docs/security.md).
+		serve, err := connect("authbus-refresher-serve", nats.UserInfo(o.sec.natsServeUser, o.sec.natsServePasswd))
+		if err != nil {
+			return err
+		}
+		defer serve.Close()
+		o.pool.ServeConn = serve
+	}
 
 	if keyMissing {
 		var created bool
@@ -285,9 +313,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}()
 		log.Info("metrics and health listener running", "addr", ops.Addr())
 	}
-	log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
 	runErr := make(chan error, 1)
 	go func() { runErr <- pool.Run(ctx) }()
+	// Ready means serving: the service answers and the intake takes
+	// reports in, so a runtime started on this line is not refused.
+	select {
+	case <-pool.Started():
+		log.Info("refresher ready", "startup", time.Since(start).Round(time.Millisecond))
+	case err := <-runErr:
+		if err == nil {
+			err = errors.New("the refresh pool stopped before it served")
+		}
+		return err
+	}
 	select {
 	case err := <-runErr:
 		if err != nil {
@@ -302,6 +340,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 			}
 		case <-time.After(o.shutdownTimeout):
 			return fmt.Errorf("shutdown took longer than %v; in-flight refreshes were abandoned (their leases expire by themselves)", o.shutdownTimeout)
+		}
+	}
+	if o.pool.ServeConn != nil {
+		if err := drain(o.pool.ServeConn, 10*time.Second); err != nil {
+			log.Warn("draining the serving NATS connection", "error", err)
 		}
 	}
 	if err := drain(nc, 10*time.Second); err != nil {

@@ -23,7 +23,7 @@ import (
 
 // The refresher binary with --nats-config: its embedded server enforces the
 // file's users, the refresher connects as its own user (NATS_USER and
-// NATS_PASSWORD), and a tenant's runtime, with the printed permissions and
+// NATS_PASSWORD), one that stores and serves, and a tenant's runtime, with the printed permissions and
 // inbox prefix, registers, reports a 401 and gets the rotation. After
 // SIGTERM, `refresher keys list` starts its own embedded server on the same
 // data directory and configuration and finds the credential.
@@ -39,14 +39,17 @@ func TestRefresherWithNATSConfig(t *testing.T) {
 	dir := t.TempDir()
 	confPath := filepath.Join(dir, "nats.conf")
 	conf := fmt.Sprintf("authorization {\n  users: [\n%s\n%s\n  ]\n}\n",
-		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--refresher"))
+		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--refresher", "--serving", "--tenant", "acme"))
 	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	dataDir := filepath.Join(dir, "data")
 	addr := cmdtest.FreeAddr(t)
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr,
-		"--nats-config", confPath, "--metrics-addr", "")
+		"--nats-config", confPath, "--metrics-addr", "",
+		// With users configured loopback token endpoints are refused,
+		// unless asked for: the test authorization server is one.
+		"--allow-loopback-token-hosts")
 	refresher.Env = append(append(cmdtest.CleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
 	_, refLog, exited := startRefresher(t, refresher)
 

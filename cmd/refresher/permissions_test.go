@@ -4,13 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
-	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 	"unicode"
@@ -19,11 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/internal/authtest"
-	"github.com/authbus/authbus/internal/embedded"
 	"github.com/authbus/authbus/internal/fleet"
-	"github.com/authbus/authbus/kv"
-	"github.com/authbus/authbus/workers"
 )
 
 func permissionsBlock(t *testing.T, args ...string) string {
@@ -98,7 +88,7 @@ func TestPasswordVarDistinct(t *testing.T) {
 	}
 	for _, r := range reservedTenants {
 		for _, tenant := range []string{r, strings.ToUpper(r)} {
-			if _, err := tenantUser(events.Subjects{}, tenant); err == nil {
+			if err := checkTenant(tenant); err == nil {
 				t.Errorf("reserved name %q was accepted as a tenant", tenant)
 			}
 		}
@@ -161,125 +151,18 @@ func FuzzPasswordVar(f *testing.F) {
 }
 
 // tenantConn is a runtime of one tenant, connected as the tenant's user.
-type tenantConn struct {
-	nc *nats.Conn
-	js jetstream.JetStream
-
-	mu         sync.Mutex
-	violations []string
-}
-
-func (c *tenantConn) denied(what string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, v := range c.violations {
-		if strings.Contains(v, what) {
-			return true
-		}
-	}
-	return false
-}
-
 // The printed blocks, loaded by the embedded server through --nats-config,
 // isolate tenants: A's user registers, publishes 401s, reads tokens and
 // watches its own keys, with its own inbox prefix and with the refreshers
-// running as their own user; it can neither publish, request nor subscribe
-// on B's subjects, nor on everyone's at once.
+// running as their own users; it can neither publish, request nor
+// subscribe on B's subjects, nor on everyone's at once.
 func TestTenantPermissions(t *testing.T) {
-	for _, v := range []string{"AUTHBUS_PASSWORD_ACME", "AUTHBUS_PASSWORD_BRAVO", "AUTHBUS_PASSWORD_REFRESHER"} {
-		t.Setenv(v, "pw-"+strings.ToLower(v))
-	}
-	conf := fmt.Sprintf("authorization {\n  users: [\n%s\n%s\n%s\n  ]\n}\n",
-		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--tenant", "bravo"), permissionsBlock(t, "--refresher"))
-	dir := t.TempDir()
-	confPath := filepath.Join(dir, "nats.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ns, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir, ConfigFile: confPath})
-	if err != nil {
-		t.Fatalf("embedded server with the printed config: %v\n%s", err, conf)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-
-	if _, err := nats.Connect(ns.ClientURL()); err == nil {
+	d := startTenantDeployment(t, nil)
+	if _, err := nats.Connect(d.ns.ClientURL()); err == nil {
 		t.Fatal("an anonymous connection was accepted: the config's users are not in force")
 	}
-
-	as := authtest.New(t)
-	as.AddClient(fleet.ClientID, fleet.ClientSecret)
-	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{1}, 32)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	refresherNC, err := nats.Connect(ns.ClientURL(), nats.UserInfo("authbus-refresher", "pw-authbus_password_refresher"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(refresherNC.Close)
-	var logs fleet.LogBuffer
-	pool, err := workers.New(context.Background(), refresherNC, workers.Config{
-		Workers: 4, TokenTimeout: 5 * time.Second, LeaseTTL: 3 * time.Second, AckWait: 3 * time.Second,
-		RetryBase: 50 * time.Millisecond, RetryMax: time.Second, LeaseWait: 100 * time.Millisecond,
-		Seal: ring, TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
-		Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
-	})
-	if err != nil {
-		t.Fatalf("a pool as the refresher user: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("pool: %v", err)
-		}
-	})
-
-	connect := func(tenant string) *tenantConn {
-		c := &tenantConn{}
-		nc, err := nats.Connect(ns.ClientURL(),
-			nats.UserInfo(tenant+"-runtime", "pw-authbus_password_"+tenant),
-			nats.CustomInboxPrefix(TenantInboxPrefix(tenant)),
-			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-				c.mu.Lock()
-				c.violations = append(c.violations, err.Error())
-				c.mu.Unlock()
-			}))
-		if err != nil {
-			t.Fatalf("connect as %s: %v", tenant, err)
-		}
-		t.Cleanup(nc.Close)
-		c.nc = nc
-		c.js, _ = jetstream.New(nc)
-		return c
-	}
-	a, b := connect("acme"), connect("bravo")
-	subj, _ := events.NewSubjects("")
-
-	register := func(c *tenantConn, key events.Key) (events.RegisterReply, error) {
-		tok := as.Issue(fleet.ClientID)
-		body, _ := json.Marshal(events.RegisterRequest{
-			Token:         events.RegisterToken{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresIn: tok.ExpiresIn},
-			TokenEndpoint: as.TokenURL(), ClientID: fleet.ClientID, ClientSecret: fleet.ClientSecret,
-		})
-		var reply events.RegisterReply
-		var msg *nats.Msg
-		var err error
-		// The service starts asynchronously: retry while nobody answers.
-		fleet.Eventually(t, 10*time.Second, "the token service answers", func() bool {
-			msg, err = c.nc.Request(subj.Register(key), body, 2*time.Second)
-			return !errors.Is(err, nats.ErrNoResponders)
-		})
-		if err != nil {
-			return reply, err
-		}
-		if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
-			return reply, fmt.Errorf("%s: %s", code, msg.Data)
-		}
-		return reply, json.Unmarshal(msg.Data, &reply)
-	}
+	a, b, as, subj, logs := d.a, d.b, d.as, d.subj, d.logs
+	register := func(c *tenantConn, key events.Key) (events.RegisterReply, error) { return d.register(t, c, key, nil) }
 	aKey, bKey := fleet.MustKey(t, "acme.alice.github"), fleet.MustKey(t, "bravo.bob.github")
 
 	// A watches its own rotations, and tries to watch B's and everyone's.

@@ -189,19 +189,25 @@ func (b *Fleet) TryRegister(key events.Key, tok authtest.Tokens, tune func(*even
 	return reply, json.Unmarshal(msg.Data, &reply)
 }
 
-// Publish401 publishes a 401 as a runtime following the protocol does:
-// through JetStream, with the Nats-Msg-Id that de-duplicates a storm.
+// Publish401 publishes a 401. With withMsgID it is a runtime following the
+// protocol: a JetStream publish on the key's auth.401 subject, with the
+// Nats-Msg-Id that de-duplicates a storm, taken in by a refresher's intake.
+// Without, it is a report the de-duplication does not catch (one outside
+// the duplicate window): written straight into the work queue, as only
+// refreshers may, so that it reaches a worker whatever was reported before.
 func (b *Fleet) Publish401(t testing.TB, key events.Key, fingerprint, runtime string, withMsgID bool) *jetstream.PubAck {
 	t.Helper()
 	data, err := events.Encode(key, "test/"+runtime, events.Unauthorized{Fingerprint: fingerprint, Runtime: runtime, Status: 401})
 	if err != nil {
 		t.Fatal(err)
 	}
+	subject := b.Subj.Work(events.Type401, key)
 	var opts []jetstream.PublishOpt
 	if withMsgID {
+		subject = b.Subj.Event(events.Type401, key)
 		opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, key, fingerprint)))
 	}
-	ack, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), data, opts...)
+	ack, err := b.JS.Publish(context.Background(), subject, data, opts...)
 	if err != nil {
 		t.Fatalf("publish 401: %v", err)
 	}
@@ -306,18 +312,29 @@ func Eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 func (b *Fleet) Settled(t testing.TB) {
 	t.Helper()
 	Eventually(t, 30*time.Second, "all events processed", func() bool {
-		info, err := b.JS.Consumer(context.Background(), b.Subj.EventsStream(), "refreshers")
-		if err != nil {
-			return false
-		}
-		ci, err := info.Info(context.Background())
-		return err == nil && ci.NumPending == 0 && ci.NumAckPending == 0 && ci.NumWaiting >= 0
+		return QueueEmpty(b.JS, b.Subj)
 	})
 	// Announcements are published before the ack; a flush round trip on
 	// the subscriber's connection delivers what is in flight.
 	if err := b.NC.Flush(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// QueueEmpty reports whether both lanes of the work queue (the consumers
+// "refreshers" and "refreshers-slow") hold no pending or unacked event.
+func QueueEmpty(js jetstream.JetStream, subj events.Subjects) bool {
+	for _, name := range []string{"refreshers", "refreshers-slow"} {
+		c, err := js.Consumer(context.Background(), subj.EventsStream(), name)
+		if err != nil {
+			return false
+		}
+		ci, err := c.Info(context.Background())
+		if err != nil || ci.NumPending != 0 || ci.NumAckPending != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Cred returns the stored credential of key.
