@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,6 +26,8 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
+	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
 )
@@ -37,6 +40,7 @@ var nodeFiles = []string{"nats/nats-1.conf", "nats/nats-2.conf", "nats/nats-3.co
 // compose.yaml passes them to every node.
 var natsPasswords = map[string]string{
 	"AUTHBUS_PASSWORD_REFRESHER": "refresher-test-pw",
+	"AUTHBUS_PASSWORD_SERVE":     "serve-test-pw",
 	"AUTHBUS_PASSWORD_ACME":      "acme-test-pw",
 	"AUTHBUS_PASSWORD_OPERATOR":  "operator-test-pw",
 	"AUTHBUS_PASSWORD_STORM":     "storm-test-pw",
@@ -47,6 +51,7 @@ var natsPasswords = map[string]string{
 // variable of each one's password.
 var natsUsers = map[string]struct{ user, passwordEnv string }{
 	"refresher": {"authbus-refresher", "AUTHBUS_PASSWORD_REFRESHER"},
+	"serve":     {"authbus-serve", "AUTHBUS_PASSWORD_SERVE"},
 	"acme":      {"acme-runtime", "AUTHBUS_PASSWORD_ACME"},
 	"operator":  {"authbus-operator", "AUTHBUS_PASSWORD_OPERATOR"},
 	"storm":     {"authbus-storm", "AUTHBUS_PASSWORD_STORM"},
@@ -171,7 +176,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 	// is current with it.
 	for i, s := range c.servers {
 		u := "http://" + s.MonitorAddr().String() + healthPath
-		eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
+		fleet.Eventually(t, 30*time.Second, fmt.Sprintf("%s answers %s with 200", nodeFiles[i], healthPath), func() bool {
 			resp, err := http.Get(u)
 			if err != nil {
 				return false
@@ -187,7 +192,7 @@ func startCluster(t *testing.T, healthPath string) *cluster {
 func tryStartCluster(t *testing.T) (*cluster, error) {
 	clusterPorts := make([]int, len(nodeFiles))
 	for i := range clusterPorts {
-		clusterPorts[i] = freePort(t)
+		clusterPorts[i] = cmdtest.FreePort(t)
 	}
 	c := &cluster{}
 	for i, f := range nodeFiles {
@@ -329,12 +334,14 @@ func TestComposeTopology(t *testing.T) {
 			// is at a private address (--allow-private-token-hosts).
 			TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
 			Logger:     slog.New(slog.DiscardHandler),
+			// As compose starts them: serving as the serving user.
+			ServeConn: c.connect(t, i, "serve"),
 		}
 		// A refresher that starts while the new cluster still elects the
 		// leaders of its replicated streams may time out; in compose its
 		// restart policy starts it again, here the loop does.
 		var p *workers.Pool
-		eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
+		fleet.Eventually(t, 60*time.Second, fmt.Sprintf("refresher %d starts as NATS user refresher", i+1), func() bool {
 			var err error
 			if p, err = workers.New(ctx, nc, cfg); err != nil {
 				t.Logf("refresher %d: %v", i+1, err)
@@ -355,7 +362,7 @@ func TestComposeTopology(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{subj.EventsStream(), subj.ReauthStream(), "KV_" + subj.BucketName("CREDENTIALS"), "KV_" + subj.BucketName("LEASES")} {
+	for _, name := range []string{subj.EventsStream(), subj.ReauthStream(), kv.BucketStream(subj.CredentialsBucket()), kv.BucketStream(subj.LeasesBucket())} {
 		st, err := js.Stream(ctx, name)
 		if err != nil {
 			t.Fatalf("stream %s: %v", name, err)
@@ -449,7 +456,7 @@ func TestComposeTopology(t *testing.T) {
 			{"Subscription", `"_INBOX.>"`},
 			{"Publish", "$JS.API.STREAM.PURGE"},
 		} {
-			eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
+			fleet.Eventually(t, 10*time.Second, "permissions violation "+strings.Join(want, " "), func() bool {
 				return acmeErrs.has(append([]string{"Permissions Violation"}, want...)...)
 			})
 		}
@@ -461,7 +468,7 @@ func TestComposeTopology(t *testing.T) {
 		if err == nil {
 			t.Error("acme without _INBOX_acme got a reply")
 		}
-		eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
+		fleet.Eventually(t, 10*time.Second, "permissions violation for the default inbox", func() bool {
 			return errs.has("Permissions Violation", "Subscription", "_INBOX.")
 		})
 	})
@@ -481,11 +488,11 @@ func TestComposeTopology(t *testing.T) {
 		t.Logf("stopped %s, the leader of %s", leader, subj.EventsStream())
 		// acme's connection may have been on the stopped node: it
 		// reconnects, and its subscription with it.
-		eventually(t, 30*time.Second, "a new stream leader", func() bool {
+		fleet.Eventually(t, 30*time.Second, "a new stream leader", func() bool {
 			st, err := js.Stream(ctx, subj.EventsStream())
 			return err == nil && st.CachedInfo().Cluster.Leader != "" && st.CachedInfo().Cluster.Leader != leader
 		})
-		eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
+		fleet.Eventually(t, 30*time.Second, "acme connected", acme.IsConnected)
 		publish401(v2.AccessToken)
 		waitRotated(t, rotated, 3)
 	})
@@ -514,31 +521,6 @@ func waitRotated(t *testing.T, ch <-chan events.Rotated, v int64) events.Rotated
 	}
 }
 
-// eventually polls cond until it holds or d has passed.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.After(d)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("not true within %v: %s", d, what)
-		}
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 type tlog struct {
 	t    *testing.T
 	name string
@@ -560,13 +542,14 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bins := buildBinaries(t)
+	bins := cmdtest.Binaries(t)
 	for role, args := range map[string][]string{
 		"refresher": {"--refresher"},
+		"serve":     {"--serving", "--tenant", "acme"},
 		"acme":      {"--tenant", "acme"},
 	} {
 		cmd := exec.Command(filepath.Join(bins, "refresher"), append([]string{"permissions"}, args...)...)
-		cmd.Env = cleanEnv()
+		cmd.Env = cmdtest.CleanEnv()
 		block, err := cmd.Output()
 		if err != nil {
 			t.Fatalf("refresher permissions %v: %v", args, err)
@@ -593,6 +576,37 @@ func TestNATSUsersMatchRefresherPermissions(t *testing.T) {
 			t.Errorf("%s: user %s reads its password from another variable than refresher permissions %v", role, want.Username, args)
 		case !reflect.DeepEqual(got.Permissions, want.Permissions):
 			t.Errorf("%s: user %s has other permissions than refresher permissions %v prints:\n%s", role, want.Username, args, block)
+		}
+	}
+
+	// Every password variable of the deployment belongs to a user listed in
+	// natsUsers, and no tenant can be given one of the deployment's own:
+	// the tenant whose variable it would be is refused as reserved.
+	conf, err := os.ReadFile("nats/accounts.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	known := map[string]bool{}
+	for _, nu := range natsUsers {
+		known[nu.passwordEnv] = true
+	}
+	for _, m := range regexp.MustCompile(`\$(AUTHBUS_PASSWORD_\w+)`).FindAllStringSubmatch(string(conf), -1) {
+		if !known[m[1]] {
+			t.Errorf("deploy/nats/accounts.conf reads $%s, which natsUsers does not list: add its user there", m[1])
+		}
+	}
+	for role, nu := range natsUsers {
+		if strings.HasSuffix(nu.user, "-runtime") {
+			continue // a tenant's own user
+		}
+		// The readable form of a password variable: upper case, '-' as '_'.
+		tenant := strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(nu.passwordEnv, "AUTHBUS_PASSWORD_"), "_", "-"))
+		cmd := exec.Command(filepath.Join(bins, "refresher"), "permissions", "--tenant", tenant)
+		cmd.Env = cmdtest.CleanEnv()
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "reserved") {
+			t.Errorf("%s: refresher permissions --tenant %s printed a user with the password variable of %s (%v):\n%s",
+				role, tenant, nu.user, err, out)
 		}
 	}
 }

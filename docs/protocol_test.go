@@ -277,8 +277,8 @@ func checkEventHeaders(t *testing.T, where string, subj events.Subjects, kind st
 	t.Helper()
 	switch {
 	case kind == "schedule":
-		if hdr["Nats-Schedule-Target"] != subj.Event(events.TypeExpiring, key) || !strings.HasPrefix(hdr["Nats-Schedule"], "@at ") {
-			t.Errorf("%s: schedule headers %q: want Nats-Schedule \"@at <time>\" and Nats-Schedule-Target %s", where, hdr, subj.Event(events.TypeExpiring, key))
+		if hdr["Nats-Schedule-Target"] != subj.Work(events.TypeExpiring, key) || !strings.HasPrefix(hdr["Nats-Schedule"], "@at ") {
+			t.Errorf("%s: schedule headers %q: want Nats-Schedule \"@at <time>\" and Nats-Schedule-Target %s", where, hdr, subj.Work(events.TypeExpiring, key))
 		}
 	case ev.Type == events.Type401 || ev.Type == events.TypeExpiring:
 		if want := events.MsgID(ev.Type, key, ev.Fingerprint()); hdr["Nats-Msg-Id"] != want {

@@ -79,7 +79,7 @@ func ExampleParseKey() {
 
 func ExampleSubjects_EventsStream() {
 	s, _ := events.NewSubjects("acme.auth")
-	fmt.Println(s.EventsStream(), s.ReauthStream(), s.BucketName("LEASES"))
+	fmt.Println(s.EventsStream(), s.ReauthStream(), s.LeasesBucket())
 	fmt.Println(s.EventWildcard(events.TypeExpiring), s.ScheduleWildcard())
 	// Output:
 	// ACME_AUTH_EVENTS ACME_AUTH_REAUTH ACME_AUTH_LEASES

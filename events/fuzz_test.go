@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/authbus/authbus/events"
@@ -224,4 +225,41 @@ func checkOneLine(t *testing.T, err error) {
 	if strings.ContainsAny(err.Error(), "\r\n") {
 		t.Fatalf("error message spans lines: %q", err)
 	}
+}
+
+// FuzzTruncateText: whatever a server writes as error code and description,
+// cut to MaxReasonLen and MaxErrorDescriptionLen they fit an
+// auth.needs_reauth for the longest key, read back as written, stay on one
+// line, and are what was given when it was short and clean.
+func FuzzTruncateText(f *testing.F) {
+	f.Add("invalid_grant", "refresh token reused")
+	f.Add(strings.Repeat("<", 300), strings.Repeat("<&>\"\\", 5000))
+	f.Add("x\n", strings.Repeat("\x00\xff\u2028é", 3000))
+	long := strings.Repeat("k", events.MaxKeyPartLen)
+	key := events.Key{Tenant: long, User: long, Server: long}
+	f.Fuzz(func(t *testing.T, reason, description string) {
+		r := events.TruncateText(reason, events.MaxReasonLen)
+		d := events.TruncateText(description, events.MaxErrorDescriptionLen)
+		if len(r) > events.MaxReasonLen || len(d) > events.MaxErrorDescriptionLen {
+			t.Fatalf("cut to %d and %d bytes", len(r), len(d))
+		}
+		if !utf8.ValidString(d) || strings.ContainsAny(d, "\r\n\u2028") {
+			t.Fatalf("description %q is not one line of UTF-8", d)
+		}
+		if utf8.ValidString(description) && len(description) <= events.MaxErrorDescriptionLen &&
+			!strings.ContainsFunc(description, unicode.IsControl) && !strings.ContainsAny(description, "\u2028\u2029") && d != description {
+			t.Fatalf("a short clean description was changed: %q → %q", description, d)
+		}
+		if r == "" {
+			r = "x"
+		}
+		data, err := events.Encode(key, "authbus/refresher/fuzz", events.NeedsReauth{Reason: r, ErrorDescription: d, Version: 1})
+		if err != nil {
+			t.Fatalf("a cut needs_reauth does not encode: %v", err)
+		}
+		ev, err := events.Decode(events.TypeNeedsReauth, key, data)
+		if err != nil || ev.NeedsReauth.Reason != r || ev.NeedsReauth.ErrorDescription != d {
+			t.Fatalf("a cut needs_reauth does not read back: %v", err)
+		}
+	})
 }

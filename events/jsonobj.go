@@ -5,23 +5,33 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"reflect"
-	"strconv"
 	"strings"
-	"sync"
 	"time"
 	"unicode/utf8"
+
+	jsonv2 "github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
 )
 
-// This file decodes JSON objects into structs more strictly than
-// encoding/json, because the wire protocol is read by many languages:
+// The wire protocol is read by many languages, so its JSON objects are
+// decoded more strictly than encoding/json does, with
+// github.com/go-json-experiment/json (the encoding/json v2 API):
 //
 //   - member names match json tags exactly; encoding/json would also accept
 //     "Subject" or "SUBJECT" for "subject", which another decoder ignores;
 //   - a member that appears twice is refused; encoding/json keeps the last,
 //     other decoders the first, so the two would act on different values;
-//   - every problem names its field path ("token.expires_in"), which
-//     encoding/json does not do for unknown fields or time formats.
+//   - invalid UTF-8 is refused; encoding/json replaces it, another decoder
+//     may keep the bytes;
+//   - an error carries the JSON pointer of the member it is about.
+//
+// What this file adds is the message layer: each error becomes a problem
+// that names the field by its path ("token.expires_in") and says what to
+// send instead; and a member whose name differs from a known one only in
+// case is refused even where unknown members are allowed (CloudEvents
+// extensions), because another decoder may take it for the known one.
 
 // problem is one thing wrong with an input, tied to its field path.
 type problem struct {
@@ -36,329 +46,207 @@ func (p problem) String() string {
 	return p.field + " " + p.msg
 }
 
-// member is one name/value pair of a JSON object, in input order.
-type member struct {
-	name string
-	raw  json.RawMessage
-}
-
-// objectMembers splits b, which must be exactly one JSON object, into its
-// members. The values are sub-slices of b.
-// A trusted b is part of an input that was checked already.
-func objectMembers(b []byte, trusted bool) ([]member, error) {
-	if !trusted {
-		// encoding/json silently replaces invalid UTF-8 with U+FFFD; another
-		// language's decoder may refuse it or keep the bytes, so refuse it here.
-		if !utf8.Valid(b) {
-			return nil, errors.New("is not valid UTF-8; JSON must be UTF-8 (RFC 8259)")
-		}
-		// Validate everything once, then walk the known-good object by
-		// hand: json.Decoder would cost three times as much, building and
-		// dropping an error for every scalar member. Only invalid input
-		// pays for json.Unmarshal, for encoding/json's syntax error text.
-		if !json.Valid(b) {
-			var whole json.RawMessage
-			return nil, jsonErr(json.Unmarshal(b, &whole))
-		}
-	}
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return nil, errors.New("is not a JSON object")
-	}
-	i++
-	var ms []member
-	seen := make(map[string]bool) // not a scan of ms: a 64 KiB body has thousands of members
-	for {
-		i = skipSpace(b, i)
-		if i >= len(b) || b[i] == '}' {
-			break
-		}
-		if b[i] == ',' {
-			i = skipSpace(b, i+1)
-		}
-		keyEnd := endOfValue(b, i)
-		name, err := unquote(b[i:keyEnd])
-		if err != nil {
-			return nil, jsonErr(err)
-		}
-		i = skipSpace(b, keyEnd) + 1 // past the ':'
-		i = skipSpace(b, i)
-		valueEnd := endOfValue(b, i)
-		if seen[name] {
-			return nil, fmt.Errorf("has the field %s twice; send each field once", quote(name))
-		}
-		seen[name] = true
-		ms = append(ms, member{name: name, raw: b[i:valueEnd]})
-		i = valueEnd
-	}
-	return ms, nil
-}
-
-// The scanners below run on JSON that json.Unmarshal has accepted, so they
-// need not check syntax; they only stay inside b whatever happens.
-
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
-}
-
-// endOfValue returns the index just past the JSON value that starts at i.
-func endOfValue(b []byte, i int) int {
-	if i >= len(b) {
-		return len(b)
-	}
-	switch b[i] {
-	case '"':
-		return endOfString(b, i)
-	case '{', '[':
-		depth := 0
-		for i < len(b) {
-			switch b[i] {
-			case '"':
-				i = endOfString(b, i)
-				continue
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return i + 1
-				}
+// decodeObject decodes the JSON object b into *v and returns what is wrong
+// with it; path is the field path of b ("" at the top). Unknown members are
+// ignored when allowUnknown (CloudEvents extensions, payload fields of a
+// newer version) and refused otherwise; members whose name differs from a
+// known one only in case are always refused. A JSON null leaves its field
+// at the zero value.
+func decodeObject[T any](path string, b []byte, v *T, allowUnknown bool) []problem {
+	err := jsonv2.Unmarshal(b, v, jsonv2.RejectUnknownMembers(true))
+	var sem *jsonv2.SemanticError
+	if allowUnknown && errors.As(err, &sem) && errors.Is(sem.Err, jsonv2.ErrUnknownName) {
+		// Unknown members are allowed here, but not one that spells a known
+		// name in another case: decode again without refusing them, then
+		// look at the names. Only an input with unknown members pays for
+		// the second pass.
+		var zero T
+		*v = zero
+		if err = jsonv2.Unmarshal(b, v); err == nil {
+			if ps := caseVariants(path, reflect.TypeFor[T](), b); len(ps) > 0 {
+				return ps
 			}
-			i++
-		}
-		return len(b)
-	}
-	for i < len(b) && !strings.ContainsRune(",}] \t\r\n", rune(b[i])) {
-		i++
-	}
-	return i
-}
-
-// endOfString returns the index just past the string that starts at i.
-func endOfString(b []byte, i int) int {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1
 		}
 	}
-	return len(b)
-}
-
-func unquote(s []byte) (string, error) {
-	if len(s) >= 2 && bytes.IndexByte(s, '\\') < 0 {
-		return string(s[1 : len(s)-1]), nil
+	if err != nil {
+		return []problem{explain(path, reflect.TypeFor[T](), b, err)}
 	}
-	var name string
-	err := json.Unmarshal(s, &name)
-	return name, err
-}
-
-func jsonErr(err error) error {
-	var se *json.SyntaxError
-	if errors.As(err, &se) && strings.Contains(se.Error(), "unexpected end") {
-		return errors.New("is not valid JSON: it ends too early")
-	}
-	return fmt.Errorf("is not valid JSON: %v", err)
-}
-
-// fieldInfo describes one JSON-tagged field of a struct.
-type fieldInfo struct {
-	name   string // the json tag name
-	index  int
-	typ    reflect.Type
-	nested bool // a plain struct decoded member by member, recursively
-}
-
-type structInfo struct {
-	fields []fieldInfo // in declaration order
-}
-
-func (si *structInfo) field(name string) *fieldInfo {
-	for i := range si.fields {
-		if si.fields[i].name == name {
-			return &si.fields[i]
-		}
+	if i := bytes.IndexFunc(b, func(r rune) bool { return !isSpace(r) }); i < 0 || b[i] != '{' {
+		return []problem{{field: path, msg: "is not a JSON object"}} // a null, which Unmarshal accepts
 	}
 	return nil
 }
 
-func (si *structInfo) names() string {
-	names := make([]string, len(si.fields))
-	for i, f := range si.fields {
-		names[i] = f.name
-	}
-	return strings.Join(names, ", ")
-}
+func isSpace(r rune) bool { return r == ' ' || r == '\t' || r == '\n' || r == '\r' }
 
-var (
-	structInfos     sync.Map // reflect.Type → *structInfo
-	timeType        = reflect.TypeFor[time.Time]()
-	unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
-)
-
-func structInfoOf(t reflect.Type) *structInfo {
-	if si, ok := structInfos.Load(t); ok {
-		return si.(*structInfo)
-	}
-	si := &structInfo{}
-	for i := range t.NumField() {
-		sf := t.Field(i)
-		name, _, _ := strings.Cut(sf.Tag.Get("json"), ",")
-		if !sf.IsExported() || name == "" || name == "-" {
-			continue
-		}
-		nested := sf.Type.Kind() == reflect.Struct && !reflect.PointerTo(sf.Type).Implements(unmarshalerType)
-		si.fields = append(si.fields, fieldInfo{name: name, index: i, typ: sf.Type, nested: nested})
-	}
-	structInfos.Store(t, si)
-	return si
-}
-
-// decodeObject decodes the JSON object b into the struct v points to, member
-// by member, and returns every problem found. path is the field path of b
-// ("" at the top). Unknown members are ignored when allowUnknown (CloudEvents
-// extensions, payload fields of a newer version) and refused otherwise;
-// members whose name differs from a known one only in case are always
-// refused. A JSON null leaves its field at the zero value.
-func decodeObject(path string, b []byte, v any, allowUnknown bool) []problem {
-	return decodeMembers(path, b, v, allowUnknown, false)
-}
-
-func decodeMembers(path string, b []byte, v any, allowUnknown, trusted bool) []problem {
-	ms, err := objectMembers(b, trusted)
-	if err != nil {
-		return []problem{{field: path, msg: err.Error()}}
-	}
-	rv := reflect.ValueOf(v).Elem()
-	si := structInfoOf(rv.Type())
+// caseVariants returns a problem for each member name of the valid JSON
+// object b that differs from a field of t only in case.
+func caseVariants(path string, t reflect.Type, b []byte) []problem {
 	var ps []problem
-	for _, m := range ms {
-		if len(ps) > maxProblems {
-			break // joinProblems shows no more; do not spend work on them
+	known := fieldNames(t)
+	// b was decoded already: its names are unique and its strings UTF-8.
+	dec := jsontext.NewDecoder(bytes.NewReader(b), jsontext.AllowDuplicateNames(true), jsontext.AllowInvalidUTF8(true))
+	if _, err := dec.ReadToken(); err != nil { // the '{'
+		return nil
+	}
+	for dec.PeekKind() == '"' && len(ps) <= maxProblems {
+		tok, err := dec.ReadToken()
+		if err != nil {
+			break
 		}
-		f := si.field(m.name)
-		if f == nil {
-			fpath := joinPath(path, m.name)
-			if known := si.foldMatch(m.name); known != "" {
-				ps = append(ps, problem{field: quote(fpath), msg: fmt.Sprintf("is not a field (names are case-sensitive); use %q", known)})
-			} else if !allowUnknown {
-				ps = append(ps, problem{field: quote(fpath), msg: fmt.Sprintf("is not a known field; remove it (the fields here are %s)", si.names())})
+		name := tok.String() // before SkipValue voids tok
+		if dec.SkipValue() != nil {
+			break
+		}
+		for _, k := range known {
+			if k != name && strings.EqualFold(k, name) {
+				ps = append(ps, problem{field: quote(joinPath(path, name)),
+					msg: fmt.Sprintf("is not a field (names are case-sensitive); use %q", k)})
 			}
-			continue
-		}
-		fv := rv.Field(f.index).Addr().Interface()
-		if f.nested {
-			if !isNull(m.raw) {
-				ps = append(ps, decodeMembers(joinPath(path, m.name), m.raw, fv, allowUnknown, true)...)
-			}
-			continue
-		}
-		if assignFast(fv, m.raw) {
-			continue
-		}
-		if err := json.Unmarshal(m.raw, fv); err != nil {
-			ps = append(ps, problem{field: joinPath(path, m.name), msg: typeMismatch(err, f.typ, m.raw)})
 		}
 	}
 	return ps
 }
 
-// assignFast stores the valid JSON value raw into v, as json.Unmarshal
-// would, for the common kinds of an event's fields, and reports whether it
-// did; otherwise json.Unmarshal does it (and explains a mismatch). It keeps
-// decoding an event from paying for reflection and a validation pass per
-// field.
-func assignFast(v any, raw []byte) bool {
-	switch p := v.(type) {
-	case *string:
-		// Valid JSON without escapes: the bytes between the quotes are the
-		// string (control characters cannot occur; UTF-8 was checked).
-		if len(raw) >= 2 && raw[0] == '"' && raw[len(raw)-1] == '"' && bytes.IndexByte(raw, '\\') < 0 {
-			*p = string(raw[1 : len(raw)-1])
-			return true
+// explain turns an error of jsonv2.Unmarshal of b into t into a problem.
+func explain(path string, t reflect.Type, b []byte, err error) problem {
+	var syn *jsontext.SyntacticError
+	var sem *jsonv2.SemanticError
+	switch {
+	case errors.As(err, &syn):
+		where := ""
+		if at := pointerPath(syn.JSONPointer); at != "" {
+			where = " (at " + quote(at) + ")"
 		}
-	case *time.Time:
-		// What json.Unmarshal calls for a time; on error it runs again
-		// through json.Unmarshal for the same error.
-		return p.UnmarshalJSON(raw) == nil
-	case *int:
-		if n, ok := plainInt(raw); ok && (strconv.IntSize == 64 || int64(int32(n)) == int64(n)) {
-			*p = n
-			return true
+		switch {
+		case errors.Is(err, jsontext.ErrDuplicateName):
+			return problem{field: joinPath(path, pointerPath(syn.JSONPointer.Parent())),
+				msg: fmt.Sprintf("has the field %s twice; send each field once", quote(syn.JSONPointer.LastToken()))}
+		case !utf8.Valid(b):
+			return problem{field: path, msg: "is not valid UTF-8" + where + "; JSON must be UTF-8 (RFC 8259)"}
+		case errors.Is(syn.Err, io.ErrUnexpectedEOF):
+			return problem{field: path, msg: "is not valid JSON: it ends too early"}
 		}
-	case *int64:
-		if n, ok := plainInt(raw); ok {
-			*p = int64(n)
-			return true
+		return problem{field: path, msg: "is not valid JSON: " + syn.Err.Error() + where}
+	case errors.As(err, &sem):
+		field := joinPath(path, pointerPath(sem.JSONPointer))
+		if errors.Is(sem.Err, jsonv2.ErrUnknownName) {
+			parent, name := typeAt(t, sem.JSONPointer.Parent()), sem.JSONPointer.LastToken()
+			if known := foldMatch(parent, name); known != "" {
+				return problem{field: quote(field), msg: fmt.Sprintf("is not a field (names are case-sensitive); use %q", known)}
+			}
+			return problem{field: quote(field), msg: fmt.Sprintf("is not a known field; remove it (the fields here are %s)", strings.Join(fieldNames(parent), ", "))}
 		}
+		return problem{field: field, msg: mismatch(t, sem)}
 	}
-	return false
+	return problem{field: path, msg: "is not valid: " + err.Error()}
 }
 
-// plainInt parses a JSON number written as a plain integer of at most 18
-// digits (so that it cannot overflow); anything else is left to
-// json.Unmarshal.
-func plainInt(raw []byte) (int, bool) {
-	neg := len(raw) > 0 && raw[0] == '-'
-	digits := raw
-	if neg {
-		digits = raw[1:]
+// mismatch explains a JSON value of the wrong kind for its field.
+func mismatch(t reflect.Type, sem *jsonv2.SemanticError) string {
+	goType, element := sem.GoType, false
+	if container := typeAt(t, sem.JSONPointer.Parent()); container != nil && container.Kind() == reflect.Slice {
+		goType, element = container, true
 	}
-	if len(digits) == 0 || len(digits) > 18 {
-		return 0, false
+	want := describeType(goType)
+	switch {
+	case goType == nil:
+		return "is not valid: " + sem.Error()
+	case goType == timeType:
+		return "is not " + want
+	case goType.Kind() == reflect.Struct && goType != timeType:
+		return "is not a JSON object"
+	case element:
+		return fmt.Sprintf("has an element that is %s; want %s", describeKind(sem), want)
 	}
-	n := 0
-	for _, c := range digits {
-		if c < '0' || c > '9' {
-			return 0, false
-		}
-		n = n*10 + int(c-'0')
-	}
-	if neg {
-		n = -n
-	}
-	return n, true
+	return fmt.Sprintf("is %s; want %s", describeKind(sem), want)
 }
 
-func (si *structInfo) foldMatch(name string) string {
-	for _, f := range si.fields {
-		if strings.EqualFold(f.name, name) {
-			return f.name
+// pointerPath turns a JSON pointer ("/token/scopes/0") into the field path
+// of the protocol's messages ("token.scopes"): array indexes are left out,
+// the message says "element".
+func pointerPath(p jsontext.Pointer) string {
+	var parts []string
+	for tok := range p.Tokens() {
+		if tok != "" && strings.Trim(tok, "0123456789") == "" {
+			continue
+		}
+		parts = append(parts, tok)
+	}
+	return strings.Join(parts, ".")
+}
+
+// typeAt returns the Go type that the JSON pointer p reaches from t, or
+// nil when p leaves the tagged fields.
+func typeAt(t reflect.Type, p jsontext.Pointer) reflect.Type {
+	for tok := range p.Tokens() {
+		switch {
+		case t == nil:
+			return nil
+		case t.Kind() == reflect.Slice:
+			t = t.Elem()
+		case t.Kind() == reflect.Struct:
+			t = fieldType(t, tok)
+		default:
+			return nil
+		}
+	}
+	return t
+}
+
+var timeType = reflect.TypeFor[time.Time]()
+
+// jsonName is the member name of a struct field, "" when it has none.
+func jsonName(sf reflect.StructField) string {
+	name, _, _ := strings.Cut(sf.Tag.Get("json"), ",")
+	if !sf.IsExported() || name == "-" {
+		return ""
+	}
+	return name
+}
+
+func fieldType(t reflect.Type, name string) reflect.Type {
+	for i := range t.NumField() {
+		if sf := t.Field(i); jsonName(sf) == name {
+			return sf.Type
+		}
+	}
+	return nil
+}
+
+// fieldNames lists the member names of struct type t, in declaration order.
+func fieldNames(t reflect.Type) []string {
+	var names []string
+	if t == nil || t.Kind() != reflect.Struct {
+		return nil
+	}
+	for i := range t.NumField() {
+		if name := jsonName(t.Field(i)); name != "" {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// foldMatch returns the member name of t that name spells in another case.
+func foldMatch(t reflect.Type, name string) string {
+	for _, known := range fieldNames(t) {
+		if known != name && strings.EqualFold(known, name) {
+			return known
 		}
 	}
 	return ""
 }
 
 func joinPath(path, name string) string {
-	if path == "" {
-		return name
+	if path == "" || name == "" {
+		return path + name
 	}
 	return path + "." + name
 }
 
 func isNull(raw json.RawMessage) bool {
 	return string(bytes.TrimSpace(raw)) == "null"
-}
-
-// typeMismatch explains why a member could not be decoded into a field of
-// type t. The members are valid JSON by now, so it is always the kind of
-// value that is wrong.
-func typeMismatch(err error, t reflect.Type, raw json.RawMessage) string {
-	want := describeType(t)
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
-		if t.Kind() == reflect.Slice && bytes.HasPrefix(bytes.TrimSpace(raw), []byte("[")) {
-			return fmt.Sprintf("has an element that is %s; want %s", describeJSONValue(te.Value), want)
-		}
-		return fmt.Sprintf("is %s; want %s", describeJSONValue(te.Value), want)
-	}
-	return "is not " + want
 }
 
 func describeType(t reflect.Type) string {
@@ -377,23 +265,27 @@ func describeType(t reflect.Type) string {
 	return "a JSON " + t.Kind().String()
 }
 
-// describeJSONValue turns encoding/json's UnmarshalTypeError.Value ("string",
-// "number 1.5", …) into words, bounded in length.
-func describeJSONValue(v string) string {
-	kind, literal, _ := strings.Cut(v, " ")
-	switch kind {
-	case "number":
-		if literal != "" {
+// describeKind words the JSON value an error is about, bounded in length.
+func describeKind(sem *jsonv2.SemanticError) string {
+	switch sem.JSONKind {
+	case '"':
+		return "a string"
+	case '0':
+		if literal := string(sem.JSONValue); literal != "" {
 			if len(literal) > maxQuoted {
 				literal = literal[:maxQuoted] + "…"
 			}
 			return "the number " + literal
 		}
 		return "a number"
-	case "string", "bool":
-		return "a " + kind
-	case "object", "array":
-		return "an " + kind
+	case 't', 'f':
+		return "a bool"
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case 'n':
+		return "null"
 	}
-	return "a JSON " + quote(v)
+	return "a JSON value"
 }

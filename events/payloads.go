@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Limits on payload fields. They keep every event under MaxEventSize.
@@ -19,7 +21,39 @@ const (
 	MaxAccessTokenSize = 12 << 10
 	// maxTokenTypeLen bounds token_type, which is a short word ("Bearer").
 	maxTokenTypeLen = 128
+	// MaxReasonLen and MaxErrorDescriptionLen bound, in bytes, the reason
+	// and error_description refreshers announce in auth.needs_reauth (and
+	// in auth.token error replies). Both come from the authorization
+	// server, which may send anything: TruncateText them to these lengths,
+	// and the event fits MaxEventSize whatever the characters (JSON may
+	// write each byte as six).
+	MaxReasonLen           = 128
+	MaxErrorDescriptionLen = 2048
 )
+
+// TruncateText makes text from outside (an authorization server's error
+// description, a value it echoed) safe to announce and log in at most
+// maxLen bytes: invalid UTF-8 becomes U+FFFD, control characters and line or
+// paragraph separators become spaces (they would break a header or a log
+// line), and a longer text is cut at a character boundary and ends in "…".
+// maxLen below 3 is treated as 3.
+func TruncateText(text string, maxLen int) string {
+	maxLen = max(maxLen, len("…"))
+	clean := strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
+			return ' '
+		}
+		return r
+	}, strings.ToValidUTF8(text, "\uFFFD"))
+	if len(clean) <= maxLen {
+		return clean
+	}
+	cut := maxLen - len("…")
+	for cut > 0 && !utf8.RuneStart(clean[cut]) {
+		cut--
+	}
+	return clean[:cut] + "…"
+}
 
 // Payload is the data of one of the four events: Unauthorized, Expiring,
 // Rotated or NeedsReauth (values or pointers). Encode takes any of them.

@@ -59,6 +59,8 @@ const (
 	wordToken    = "token"
 	wordRegister = "register"
 	wordSchedule = "schedule"
+	wordWork     = "work"
+	wordSlow     = "slow"
 )
 
 // DefaultPrefix is the first subject token of every authbus subject unless
@@ -130,6 +132,38 @@ func (s Subjects) Register(k Key) string { return s.subject(wordRegister, k) }
 // Schedule returns "<prefix>.schedule.<key>", where the pending proactive
 // refresh of k waits in the events stream.
 func (s Subjects) Schedule(k Key) string { return s.subject(wordSchedule, k) }
+
+// Work returns "<prefix>.work.<word>.<tenant>.<user>.<server>", where an
+// auth.401 or auth.expiring waits in the events stream for a refresher.
+// Only refreshers write these subjects: runtimes publish on Event subjects,
+// and the refreshers' intake puts what it took in here (see
+// docs/security.md); the schedules fire here too.
+func (s Subjects) Work(t Type, k Key) string { return s.subject(wordWork+"."+t.Word(), k) }
+
+// Slow returns "<prefix>.slow.<word>.<tenant>.<user>.<server>": Work for
+// the events of a tenant that reports more new events than its rate. The
+// refreshers take them only when no Work event waits, so a flood of one
+// tenant never delays another's.
+func (s Subjects) Slow(t Type, k Key) string { return s.subject(wordSlow+"."+t.Word(), k) }
+
+// WorkWildcard returns "<prefix>.work.<word>.*.*.*", matching the queued
+// events of type t for every key.
+func (s Subjects) WorkWildcard(t Type) string { return s.wildcard(wordWork + "." + t.Word()) }
+
+// SlowWildcard returns "<prefix>.slow.<word>.*.*.*".
+func (s Subjects) SlowWildcard(t Type) string { return s.wildcard(wordSlow + "." + t.Word()) }
+
+// ParseWork splits a subject built by Work or Slow. Errors wrap
+// ErrInvalidSubject.
+func (s Subjects) ParseWork(subject string) (Type, Key, error) {
+	for _, lane := range []string{wordWork, wordSlow} {
+		if rest, ok := strings.CutPrefix(subject, s.Prefix()+"."+lane+"."); ok {
+			return s.ParseEvent(s.Prefix() + "." + rest)
+		}
+	}
+	return "", Key{}, fmt.Errorf("subject %s: does not start with %q or %q: %w", quote(subject),
+		s.Prefix()+"."+wordWork+".", s.Prefix()+"."+wordSlow+".", ErrInvalidSubject)
+}
 
 // EventWildcard returns "<prefix>.<word>.*.*.*", matching events of type t
 // for every key.
@@ -204,7 +238,21 @@ func (s Subjects) EventsStream() string { return s.streamBase() + "_EVENTS" }
 // auth.needs_reauth per key: "AUTH_REAUTH" for the default prefix.
 func (s Subjects) ReauthStream() string { return s.streamBase() + "_REAUTH" }
 
+// CredentialsBucket returns the name of the KV bucket of the credential
+// records: "AUTH_CREDENTIALS" for the default prefix.
+func (s Subjects) CredentialsBucket() string { return s.streamBase() + "_CREDENTIALS" }
+
+// LeasesBucket returns the name of the KV bucket of the refresh leases:
+// "AUTH_LEASES" for the default prefix.
+func (s Subjects) LeasesBucket() string { return s.streamBase() + "_LEASES" }
+
+// FailuresBucket returns the name of the KV bucket of the last failed
+// refresh of each credential: "AUTH_FAILURES" for the default prefix.
+func (s Subjects) FailuresBucket() string { return s.streamBase() + "_FAILURES" }
+
 // BucketName returns the name of a KV bucket of this deployment:
 // BucketName("CREDENTIALS") is "AUTH_CREDENTIALS" for the default prefix.
-// suffix must itself be a valid bucket name part ([A-Za-z0-9_-]).
+//
+// Deprecated: use CredentialsBucket or LeasesBucket, which keep the names
+// of the deployment's buckets in one place.
 func (s Subjects) BucketName(suffix string) string { return s.streamBase() + "_" + suffix }

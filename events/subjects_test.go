@@ -68,7 +68,8 @@ func TestSubjects(t *testing.T) {
 			"ScheduleWildcard": "auth.schedule.*.*.*",
 			"EventsStream":     "AUTH_EVENTS",
 			"ReauthStream":     "AUTH_REAUTH",
-			"BucketName":       "AUTH_CREDENTIALS",
+			"Credentials":      "AUTH_CREDENTIALS",
+			"Leases":           "AUTH_LEASES",
 		}},
 		{prefix: "acme.auth", want: map[string]string{
 			"Prefix":           "acme.auth",
@@ -85,7 +86,8 @@ func TestSubjects(t *testing.T) {
 			"ScheduleWildcard": "acme.auth.schedule.*.*.*",
 			"EventsStream":     "ACME_AUTH_EVENTS",
 			"ReauthStream":     "ACME_AUTH_REAUTH",
-			"BucketName":       "ACME_AUTH_CREDENTIALS",
+			"Credentials":      "ACME_AUTH_CREDENTIALS",
+			"Leases":           "ACME_AUTH_LEASES",
 		}},
 	}
 	for _, tt := range tests {
@@ -107,7 +109,8 @@ func TestSubjects(t *testing.T) {
 				"ScheduleWildcard": s.ScheduleWildcard(),
 				"EventsStream":     s.EventsStream(),
 				"ReauthStream":     s.ReauthStream(),
-				"BucketName":       s.BucketName("CREDENTIALS"),
+				"Credentials":      s.CredentialsBucket(),
+				"Leases":           s.LeasesBucket(),
 			}
 			for name, want := range tt.want {
 				if got[name] != want {

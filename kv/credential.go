@@ -26,7 +26,7 @@ const (
 type Credential struct {
 	Key           events.Key
 	Version       int64     // 1 at first registration, +1 per rotation or re-registration
-	AccessToken   Secret    // sealed at rest (schema 2); served by auth.token
+	AccessToken   Secret    // sealed at rest (since schema 2); served by auth.token
 	TokenType     string    // as the server gave it, e.g. "Bearer"
 	Fingerprint   string    // of AccessToken
 	ExpiresAt     time.Time // absolute; zero = no expiry
@@ -51,6 +51,42 @@ func (c *Credential) Valid(now time.Time) bool {
 	return c.State == StateActive && (c.ExpiresAt.IsZero() || now.Before(c.ExpiresAt))
 }
 
+// Tokens are the tokens of a new generation of a credential, as a token
+// endpoint or a login handed them over.
+type Tokens struct {
+	AccessToken  string
+	TokenType    string    // "" means "Bearer"
+	RefreshToken string    // "" keeps the current one (RFC 6749 §6)
+	ExpiresAt    time.Time // absolute; zero means no expiry
+}
+
+// NewGeneration puts t in force as c's next generation, received at now:
+// the version grows by one, the fingerprint, expiry and receipt time are
+// t's, and the credential is active again (a needs_reauth is repaired by
+// the new tokens). It is the one place that says what a new generation is,
+// for a rotation and a registration alike; a registration builds c afresh,
+// so an empty refresh token stays empty there.
+func (c *Credential) NewGeneration(t Tokens, now time.Time) {
+	now = now.UTC()
+	c.Version++
+	c.AccessToken = Secret(t.AccessToken)
+	c.TokenType = t.TokenType
+	if c.TokenType == "" {
+		c.TokenType = "Bearer"
+	}
+	c.Fingerprint = events.Fingerprint(t.AccessToken)
+	c.ReceivedAt = now
+	c.ExpiresAt = time.Time{}
+	if !t.ExpiresAt.IsZero() {
+		c.ExpiresAt = t.ExpiresAt.UTC()
+	}
+	if t.RefreshToken != "" {
+		c.RefreshToken = Secret(t.RefreshToken)
+	}
+	c.State, c.Reason, c.Description = StateActive, "", ""
+	c.UpdatedAt = now
+}
+
 // Clone returns a deep copy of c.
 func (c *Credential) Clone() *Credential {
 	if c == nil {
@@ -62,14 +98,38 @@ func (c *Credential) Clone() *Credential {
 }
 
 // recordSchema versions the stored form, so that a later change of layout
-// can be read next to records written by older refreshers. Schema 2 seals
+// can be read next to records written by older refreshers. Schema 2 sealed
 // the access token too (schema 1 stored it in plain text, and a store file
-// is then as good as the token); schema 1 records are still read.
-const recordSchema = 2
+// is then as good as the token). Schema 3 binds each sealed value to its
+// field as well as to the credential key (see sealAD). Records of schemas 1
+// and 2 are still read, and written as schema 3 on their next write.
+const recordSchema = 3
+
+// The sealed fields of a record, as named in the additional data.
+const (
+	fieldAccessToken  = "access_token"
+	fieldRefreshToken = "refresh_token"
+	fieldClientSecret = "client_secret"
+)
+
+// sealAD is the additional data a value of field is sealed with in a
+// record of schema for key k. Schemas 1 and 2 bound only the key: anyone
+// who can write the bucket could swap two sealed fields of one record, and
+// auth.token would serve the refresh token as the access token. Schema 3
+// binds the record schema, the key and the field, so a value opens only in
+// the place it was sealed for, and a record relabelled as an older schema
+// does not open either (its values were sealed with schema 3's data). The
+// parts are joined with NUL, which no key or field contains.
+func sealAD(schema int, k events.Key, field string) []byte {
+	if schema < 3 {
+		return []byte(k.String())
+	}
+	return []byte(fmt.Sprintf("authbus credential schema %d\x00%s\x00%s", schema, k, field))
+}
 
 // record is the stored JSON form of a Credential. The key is not stored: it
-// is the KV key, and it is the seal's additional data, so a record copied to
-// another key no longer opens.
+// is the KV key, and it is part of the seal's additional data, so a record
+// copied to another key no longer opens.
 type record struct {
 	Schema        int       `json:"schema"`
 	Version       int64     `json:"version"`
@@ -96,23 +156,22 @@ type record struct {
 // encodeCredential seals c's access token, refresh token and client secret
 // and returns the bytes to store.
 func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
-	aad := []byte(c.Key.String())
-	seal := func(s Secret) (*Sealed, error) {
+	seal := func(field string, s Secret) (*Sealed, error) {
 		if s.IsZero() {
 			return nil, nil
 		}
-		sealed, err := ring.Seal([]byte(s.Reveal()), aad)
+		sealed, err := ring.Seal([]byte(s.Reveal()), sealAD(recordSchema, c.Key, field))
 		return &sealed, err
 	}
-	at, err := seal(c.AccessToken)
+	at, err := seal(fieldAccessToken, c.AccessToken)
 	if err != nil {
 		return nil, err
 	}
-	rt, err := seal(c.RefreshToken)
+	rt, err := seal(fieldRefreshToken, c.RefreshToken)
 	if err != nil {
 		return nil, err
 	}
-	cs, err := seal(c.ClientSecret)
+	cs, err := seal(fieldClientSecret, c.ClientSecret)
 	if err != nil {
 		return nil, err
 	}
@@ -145,32 +204,36 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 	if err := json.Unmarshal(data, &r); err != nil {
 		return nil, fmt.Errorf("stored record is not valid JSON: %w", err)
 	}
-	if r.Schema != 1 && r.Schema != recordSchema {
-		return nil, fmt.Errorf("stored record has schema %d, this build reads schemas 1 and %d; run a refresher version that knows it", r.Schema, recordSchema)
+	if r.Schema < 1 || r.Schema > recordSchema {
+		return nil, fmt.Errorf("stored record has schema %d, this build reads schemas 1 to %d; run a refresher version that knows it", r.Schema, recordSchema)
 	}
-	aad := []byte(k.String())
 	open := func(field string, s *Sealed) (Secret, error) {
 		if s == nil {
 			return "", nil
 		}
-		pt, err := ring.Open(*s, aad)
+		pt, err := ring.Open(*s, sealAD(r.Schema, k, field))
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", field, err)
 		}
 		return Secret(pt), nil
 	}
+	if r.Schema > 1 && r.AccessToken != "" {
+		// Only schema 1 kept the access token in plain text; a later
+		// record with one was written by something else.
+		return nil, fmt.Errorf("%w: stored record of schema %d has a plain-text access token", ErrUnseal, r.Schema)
+	}
 	at := Secret(r.AccessToken) // schema 1
 	if r.SealedAccess != nil {
 		var err error
-		if at, err = open("access_token", r.SealedAccess); err != nil {
+		if at, err = open(fieldAccessToken, r.SealedAccess); err != nil {
 			return nil, err
 		}
 	}
-	rt, err := open("refresh_token", r.RefreshToken)
+	rt, err := open(fieldRefreshToken, r.RefreshToken)
 	if err != nil {
 		return nil, err
 	}
-	cs, err := open("client_secret", r.ClientSecret)
+	cs, err := open(fieldClientSecret, r.ClientSecret)
 	if err != nil {
 		return nil, err
 	}

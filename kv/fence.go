@@ -42,7 +42,15 @@ type Read struct {
 	Revision uint64
 	at       time.Time
 	single   bool // answered by the one standalone server that holds the bucket
+	leader   bool // answered by the stream leader (LoadLatest)
 }
+
+// Current reports whether the read saw every write acknowledged before it
+// was sent: it came from the one standalone server that holds the bucket,
+// or from the stream leader. A read that is not may be older than what a
+// runtime already holds: decisions that turn an event away (stale, needs a
+// new login) must not rest on it.
+func (r Read) Current() bool { return r.single || r.leader }
 
 // Load reads the credential of k as Get does, for a refresher about to
 // claim its lease: the Read it returns tells the claim what was read.
@@ -55,6 +63,16 @@ func (s *Store) Load(ctx context.Context, k events.Key) (*Credential, Read, erro
 	// Checked after the answer: the connection that carried it is to the
 	// standalone server that holds the bucket, so no follower answered.
 	return c, Read{Revision: rev, at: at, single: s.standalone()}, nil
+}
+
+// LoadLatest is Load from the credential stream's leader (see Latest).
+func (s *Store) LoadLatest(ctx context.Context, k events.Key) (*Credential, Read, error) {
+	at := time.Now()
+	c, rev, err := s.Latest(ctx, k)
+	if err != nil {
+		return nil, Read{}, err
+	}
+	return c, Read{Revision: rev, at: at, single: s.standalone(), leader: true}, nil
 }
 
 // standalone reports whether the connection is to the standalone server

@@ -115,7 +115,7 @@ func NewLeases(ctx context.Context, js jetstream.JetStream, cfg LeaseConfig) (*L
 
 // bindLeases completes a Leases on its bucket.
 func bindLeases(ctx context.Context, js jetstream.JetStream, bucket jetstream.KeyValue, cfg LeaseConfig) (*Leases, error) {
-	stream, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	stream, err := js.Stream(ctx, BucketStream(cfg.Bucket))
 	if err != nil {
 		return nil, fmt.Errorf("kv: lease bucket %s: its stream: %w", cfg.Bucket, err)
 	}
@@ -209,7 +209,7 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 		// the stream leader: a lagging follower's direct get would show a
 		// lease already released as held, and the claim at a stale
 		// sequence would only fail again.
-		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), "KV_"+l.kv.Bucket(), l.subPrefix+k.String(), true)
+		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), BucketStream(l.kv.Bucket()), l.subPrefix+k.String(), true)
 		switch {
 		case errors.Is(err, ErrNotFound):
 			last, after = 0, 0 // the marker expired meanwhile

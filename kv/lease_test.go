@@ -231,8 +231,8 @@ func TestLeaseDoneOnTakeover(t *testing.T) {
 	defer other.Release(b.ctx)
 	select {
 	case <-l.Done():
-	case <-time.After(b.leases.TTL() * 2):
-		t.Fatal("Done not closed within two TTLs of a takeover")
+	case <-time.After(liveness):
+		t.Fatalf("Done not closed within %v of a takeover", liveness)
 	}
 	if !l.Lost() || l.Trusted(time.Now()) {
 		t.Fatal("a lease taken over is not lost, or still trusted")
@@ -497,14 +497,16 @@ func TestClaimProvesReplicated(t *testing.T) {
 	}
 	ctx := context.Background()
 	name := bucketName(t)
-	store, err := NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, testRing(t))
-	if err != nil {
-		t.Fatalf("NewStore: %v", err)
-	}
-	leases, err := NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
-	if err != nil {
-		t.Fatalf("NewLeases: %v", err)
-	}
+	var store *Store
+	var leases *Leases
+	ring := testRing(t)
+	// A fresh cluster may not place replicated streams at once.
+	eventually(t, 20*time.Second, "buckets created", func() bool {
+		var err1, err2 error
+		store, err1 = NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, ring)
+		leases, err2 = NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
+		return err1 == nil && err2 == nil
+	})
 	if _, err := store.Create(ctx, testCredential(t, leaseKey.String())); err != nil {
 		t.Fatal(err)
 	}
@@ -557,7 +559,7 @@ func TestLeaseGivesUpAfterMaxHold(t *testing.T) {
 	l := b.claim(t, "stuck")
 	select {
 	case <-l.Done():
-	case <-time.After((maxHoldTTLs + 3) * b.leases.TTL()):
+	case <-time.After(maxHoldTTLs*b.leases.TTL() + liveness):
 		t.Fatalf("the lease still lives %v after its claim", time.Since(start))
 	}
 	if held := time.Since(start); held < maxHoldTTLs*b.leases.TTL() {

@@ -82,3 +82,9 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		<-tick.C
 	}
 }
+
+// liveness bounds a wait for something that must happen by itself (a
+// lease noticing it was taken over, giving up): generous, because the
+// tests assert that it happens and in which order, not how fast, and a
+// busy machine runs timers late.
+const liveness = 30 * time.Second

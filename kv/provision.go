@@ -8,6 +8,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// BucketStream returns the name of the stream behind the KV bucket named
+// bucket ("KV_AUTH_CREDENTIALS"): the name JetStream's key-value layer
+// gives it, for reading the stream itself (leader reads, replication).
+func BucketStream(bucket string) string { return "KV_" + bucket }
+
 // provisionBucket creates the bucket with cfg, or brings an existing one up
 // to cfg with one exception: the replica count stays what is deployed.
 // Replicas are the deployment's, not the last starter's: a refresher
@@ -18,7 +23,7 @@ import (
 // deployed, so a caller can say when the two differ.
 func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	for attempt := 1; ; attempt++ {
-		stream, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+		stream, err := js.Stream(ctx, BucketStream(cfg.Bucket))
 		switch {
 		case err == nil:
 			cfg.Replicas = stream.CachedInfo().Config.Replicas

@@ -168,19 +168,18 @@ func OpenLeases(ctx context.Context, js jetstream.JetStream, bucket string, ttl 
 }
 
 // sealedKeyIDs returns the key ids the stored record's secrets are sealed
-// with, without opening them.
-func sealedKeyIDs(data []byte) ([]string, error) {
+// with, without opening them, and the record's schema.
+func sealedKeyIDs(data []byte) (ids []string, schema int, err error) {
 	var r record
 	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, fmt.Errorf("stored record is not valid JSON: %w", err)
+		return nil, 0, fmt.Errorf("stored record is not valid JSON: %w", err)
 	}
-	var ids []string
 	for _, s := range []*Sealed{r.SealedAccess, r.RefreshToken, r.ClientSecret} {
 		if s != nil && !slices.Contains(ids, s.KeyID) {
 			ids = append(ids, s.KeyID)
 		}
 	}
-	return ids, nil
+	return ids, r.Schema, nil
 }
 
 // KeyUsage counts, per key id, the credentials whose current record holds
@@ -201,7 +200,7 @@ func (s *Store) KeyUsage(ctx context.Context) (map[string]int, error) {
 			}
 			return nil, fmt.Errorf("key usage: get credential %s: %w", k, err)
 		}
-		ids, err := sealedKeyIDs(entry.Value())
+		ids, _, err := sealedKeyIDs(entry.Value())
 		if err != nil {
 			return nil, fmt.Errorf("key usage: credential %s: %w", k, err)
 		}
@@ -215,8 +214,8 @@ func (s *Store) KeyUsage(ctx context.Context) (map[string]int, error) {
 // ResealReport counts what Reseal did.
 type ResealReport struct {
 	Scanned   int // credentials looked at
-	Resealed  int // rewritten under the active key
-	Current   int // already sealed with the active key (or holding no secret)
+	Resealed  int // rewritten under the active key and the current record schema
+	Current   int // already sealed so (or holding no secret)
 	Conflicts int // compare-and-set losses, each retried on the new revision
 	Busy      int // credentials being refreshed on every attempt; run Reseal again
 	Failed    int // credentials that could not be resealed; see the error
@@ -227,7 +226,8 @@ type ResealReport struct {
 const resealAttempts = 5
 
 // Reseal rewrites every credential whose secrets are sealed with a key
-// other than the ring's active one. Each rewrite holds the credential's
+// other than the ring's active one, or that an older version wrote in an
+// older record schema (whose seal binds less, see sealAD). Each rewrite holds the credential's
 // refresh lease (taken in leases as holder), so no refresh is in flight
 // whose store would lose its compare-and-set to the reseal and discard an
 // already redeemed token; and it is itself a compare-and-set on the
@@ -265,11 +265,11 @@ func (s *Store) resealOne(ctx context.Context, leases *Leases, holder string, k 
 			}
 			return fmt.Errorf("reseal %s: %w", k, err)
 		}
-		ids, err := sealedKeyIDs(entry.Value())
+		ids, schema, err := sealedKeyIDs(entry.Value())
 		if err != nil {
 			return fmt.Errorf("reseal %s: %w", k, err)
 		}
-		if !slices.ContainsFunc(ids, func(id string) bool { return id != s.ring.ActiveID() }) {
+		if schema == recordSchema && !slices.ContainsFunc(ids, func(id string) bool { return id != s.ring.ActiveID() }) {
 			rep.Current++
 			return nil
 		}

@@ -218,3 +218,34 @@ func TestReseal(t *testing.T) {
 		}
 	}
 }
+
+// A record an older version wrote (schema 1 or 2, whose seals bind less)
+// is rewritten by Reseal even when its key is the active one, so that
+// after one reseal every record has the binding of the current schema.
+func TestResealUpgradesOlderSchemas(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	for _, schema := range []int{1, 2} {
+		c := testCredential(t, fmt.Sprintf("acme.old%d.github", schema))
+		if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), legacyRecord(t, b.ring, c, schema)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.store.Create(b.ctx, testCredential(t, "acme.new.github")); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := b.store.Reseal(b.ctx, b.leases, "keys-reseal")
+	if err != nil || rep.Scanned != 3 || rep.Resealed != 2 || rep.Current != 1 {
+		t.Fatalf("Reseal = %+v, %v; want 3 scanned, the 2 older records resealed, 1 current", rep, err)
+	}
+	for _, key := range []string{"acme.old1.github", "acme.old2.github"} {
+		entry, err := b.store.Bucket().Get(b.ctx, key)
+		if err != nil || !strings.Contains(string(entry.Value()), `"schema":3`) {
+			t.Errorf("%s after reseal: %s %v, want schema 3", key, entry.Value(), err)
+		}
+		c, _, err := b.store.Get(b.ctx, testCredential(t, key).Key)
+		if err != nil || c.RefreshToken.Reveal() != "rt-plain-refresh-token-"+key {
+			t.Errorf("%s does not open after reseal: %v", key, err)
+		}
+	}
+}

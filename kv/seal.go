@@ -26,9 +26,9 @@ const (
 )
 
 // Sealed is a value encrypted with AES-256-GCM under the key named KeyID.
-// The additional authenticated data (the credential key) is not stored: the
-// caller supplies it again to Open, so a blob copied to another credential
-// does not open. Sealed is a plain value, its JSON form what is stored; do
+// The additional authenticated data is not stored: the caller supplies it
+// again to Open, so a blob copied elsewhere does not open (the store binds
+// the credential key, the field and the record schema; see sealAD). Sealed is a plain value, its JSON form what is stored; do
 // not modify one that another goroutine reads.
 type Sealed struct {
 	KeyID      string `json:"kid"`
@@ -92,7 +92,7 @@ func NewKeyRing(active string, keys map[string][]byte) (*KeyRing, error) {
 func (r *KeyRing) ActiveID() string { return r.active }
 
 // Seal encrypts plaintext with the active key and a fresh random nonce,
-// binding it to aad (the credential key).
+// binding it to aad.
 func (r *KeyRing) Seal(plaintext, aad []byte) (Sealed, error) {
 	nonce := make([]byte, nonceSize)
 	if _, err := rand.Read(nonce); err != nil {
@@ -152,6 +152,18 @@ func LoadOrCreateKeyRing(path string) (ring *KeyRing, created bool, err error) {
 	// create the file, its key is the one to use.
 	ring, err = loadKeyRing(path)
 	return ring, created && err == nil, err
+}
+
+// LoadKeyRing reads the key file at path without creating it: a missing
+// file is an error wrapping fs.ErrNotExist, so that a command can check
+// the file before it knows that it can run, and create it only then (with
+// LoadOrCreateKeyRing). Other errors are LoadOrCreateKeyRing's.
+func LoadKeyRing(path string) (*KeyRing, error) {
+	ring, err := loadKeyRing(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("seal key file %s: %w", path, err)
+	}
+	return ring, err
 }
 
 func loadKeyRing(path string) (*KeyRing, error) {

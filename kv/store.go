@@ -89,11 +89,11 @@ func NewStore(ctx context.Context, js jetstream.JetStream, cfg StoreConfig, ring
 // bindStore completes a Store on its bucket.
 func bindStore(ctx context.Context, js jetstream.JetStream, bucket jetstream.KeyValue, ring *KeyRing) (*Store, error) {
 	name := bucket.Bucket()
-	stream, err := js.Stream(ctx, "KV_"+name)
+	stream, err := js.Stream(ctx, BucketStream(name))
 	if err != nil {
 		return nil, fmt.Errorf("kv: credential bucket %s: its stream: %w", name, err)
 	}
-	return &Store{kv: bucket, ring: ring, nc: js.Conn(), api: apiPrefix(js.Options()), stream: "KV_" + name,
+	return &Store{kv: bucket, ring: ring, nc: js.Conn(), api: apiPrefix(js.Options()), stream: BucketStream(name),
 		subPrefix: "$KV." + name + ".", host: standaloneHost(js, stream),
 		replicas: stream.CachedInfo().Config.Replicas}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"reflect"
 	"slices"
 	"strings"
@@ -118,7 +119,7 @@ func TestStoreSealedAtRest(t *testing.T) {
 			t.Fatalf("stored bytes contain a plain secret:\n%s", raw)
 		}
 	}
-	for _, want := range []string{`"schema":2`, `"sealed_access_token":{"kid":"test-1"`, `"refresh_token":{"kid":"test-1"`, `"client_secret":{"kid":"test-1"`} {
+	for _, want := range []string{`"schema":3`, `"sealed_access_token":{"kid":"test-1"`, `"refresh_token":{"kid":"test-1"`, `"client_secret":{"kid":"test-1"`} {
 		if !bytes.Contains(raw, []byte(want)) {
 			t.Fatalf("stored bytes lack %s:\n%s", want, raw)
 		}
@@ -315,11 +316,90 @@ func TestCredential(t *testing.T) {
 	}
 }
 
-// Records written before the access token was sealed (schema 1) still read.
-func TestStoreReadsSchema1(t *testing.T) {
+// legacyRecord is c as a refresher of record schema 1 or 2 wrote it: each
+// secret sealed with the credential key alone as additional data, the
+// access token in plain text in schema 1.
+func legacyRecord(t *testing.T, ring *KeyRing, c *Credential, schema int) []byte {
+	t.Helper()
+	seal := func(s Secret) *Sealed {
+		sealed, err := ring.Seal([]byte(s.Reveal()), []byte(c.Key.String()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &sealed
+	}
+	r := record{Schema: schema, Version: c.Version, TokenType: c.TokenType, Fingerprint: c.Fingerprint,
+		ExpiresAt: c.ExpiresAt, ReceivedAt: c.ReceivedAt, RefreshToken: seal(c.RefreshToken), ClientSecret: seal(c.ClientSecret),
+		TokenEndpoint: c.TokenEndpoint, ClientID: c.ClientID, AuthStyle: c.AuthStyle, Grant: c.Grant,
+		Scopes: c.Scopes, Resource: c.Resource, State: c.State, UpdatedAt: c.UpdatedAt}
+	if schema == 1 {
+		r.AccessToken = c.AccessToken.Reveal()
+	} else {
+		r.SealedAccess = seal(c.AccessToken)
+	}
+	data, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// Records written by older versions (schema 1: access token in plain text;
+// schema 2: secrets bound to the key only) still read, and their next
+// write is schema 3. A schema this build does not know is refused by name.
+func TestStoreReadsOlderSchemas(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	c := testCredential(t, "acme.old.github")
+	for _, schema := range []int{1, 2} {
+		c := testCredential(t, fmt.Sprintf("acme.old%d.github", schema))
+		rev, err := b.store.Bucket().Put(b.ctx, c.Key.String(), legacyRecord(t, b.ring, c, schema))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, gotRev, err := b.store.Get(b.ctx, c.Key)
+		if err != nil {
+			t.Fatalf("Get of a schema %d record: %v", schema, err)
+		}
+		if got.AccessToken != c.AccessToken || got.RefreshToken != c.RefreshToken || got.ClientSecret != c.ClientSecret || gotRev != rev {
+			t.Errorf("a schema %d record did not read back its secrets", schema)
+		}
+		got.Version++
+		if _, err := b.store.Update(b.ctx, got, gotRev); err != nil {
+			t.Fatal(err)
+		}
+		entry, err := b.store.Bucket().Get(b.ctx, c.Key.String())
+		if err != nil || !bytes.Contains(entry.Value(), []byte(`"schema":3`)) {
+			t.Errorf("a schema %d record was not rewritten as schema 3: %s %v", schema, entry.Value(), err)
+		}
+		if again, _, err := b.store.Get(b.ctx, c.Key); err != nil || again.RefreshToken != c.RefreshToken {
+			t.Errorf("the rewritten record does not open: %v", err)
+		}
+	}
+
+	c := testCredential(t, "acme.future.github")
+	var rec map[string]any
+	if err := json.Unmarshal(legacyRecord(t, b.ring, c, 2), &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec["schema"] = 4
+	future, _ := json.Marshal(rec)
+	if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), future); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.store.Get(b.ctx, c.Key); err == nil || !strings.Contains(err.Error(), "schema 4") {
+		t.Errorf("Get of a schema 4 record: %v, want an error naming the schema", err)
+	}
+}
+
+// Someone who can write the credential bucket, but holds no seal key, must
+// not make the store hand out one secret in the place of another: swapped
+// sealed fields (the refresh token where auth.token reads the access
+// token), or a record relabelled as an older schema to get the looser
+// binding back, fail to open with ErrUnseal.
+func TestStoreSealedFieldsCannotBeSwapped(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	c := testCredential(t, "acme.alice.github")
 	if _, err := b.store.Create(b.ctx, c); err != nil {
 		t.Fatal(err)
 	}
@@ -327,30 +407,47 @@ func TestStoreReadsSchema1(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rec map[string]any
-	if err := json.Unmarshal(entry.Value(), &rec); err != nil {
-		t.Fatal(err)
-	}
-	delete(rec, "sealed_access_token")
-	rec["schema"], rec["access_token"] = 1, c.AccessToken.Reveal()
-	old, _ := json.Marshal(rec)
-	if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), old); err != nil {
-		t.Fatal(err)
-	}
-	got, _, err := b.store.Get(b.ctx, c.Key)
-	if err != nil {
-		t.Fatalf("Get of a schema 1 record: %v", err)
-	}
-	if got.AccessToken != c.AccessToken || got.RefreshToken != c.RefreshToken {
-		t.Error("a schema 1 record did not read back its tokens")
-	}
-	rec["schema"] = 3
-	future, _ := json.Marshal(rec)
-	if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), future); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := b.store.Get(b.ctx, c.Key); err == nil || !strings.Contains(err.Error(), "schema 3") {
-		t.Errorf("Get of a schema 3 record: %v, want an error naming the schema", err)
+	for _, tc := range []struct {
+		name   string
+		tamper func(rec map[string]json.RawMessage)
+	}{
+		{"refresh token served as the access token", func(rec map[string]json.RawMessage) {
+			rec["sealed_access_token"], rec["refresh_token"] = rec["refresh_token"], rec["sealed_access_token"]
+		}},
+		{"client secret as the access token", func(rec map[string]json.RawMessage) {
+			rec["sealed_access_token"] = rec["client_secret"]
+		}},
+		{"client secret as the refresh token", func(rec map[string]json.RawMessage) {
+			rec["refresh_token"], rec["client_secret"] = rec["client_secret"], rec["refresh_token"]
+		}},
+		{"relabelled as schema 2", func(rec map[string]json.RawMessage) {
+			rec["schema"] = json.RawMessage("2")
+			rec["sealed_access_token"], rec["refresh_token"] = rec["refresh_token"], rec["sealed_access_token"]
+		}},
+		{"relabelled as schema 1", func(rec map[string]json.RawMessage) {
+			rec["schema"] = json.RawMessage("1")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rec map[string]json.RawMessage
+			if err := json.Unmarshal(entry.Value(), &rec); err != nil {
+				t.Fatal(err)
+			}
+			tc.tamper(rec)
+			bad, _ := json.Marshal(rec)
+			if _, err := b.store.Bucket().Put(b.ctx, c.Key.String(), bad); err != nil {
+				t.Fatal(err)
+			}
+			got, _, err := b.store.Get(b.ctx, c.Key)
+			if !errors.Is(err, ErrUnseal) {
+				t.Fatalf("Get of a tampered record = %+v, %v; want ErrUnseal", got, err)
+			}
+			for _, secret := range []Secret{c.RefreshToken, c.ClientSecret} {
+				if strings.Contains(err.Error(), secret.Reveal()) {
+					t.Fatal("the error names a secret")
+				}
+			}
+		})
 	}
 }
 

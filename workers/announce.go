@@ -70,7 +70,13 @@ func (p *Pool) announceRotated(ctx context.Context, c *kv.Credential) error {
 
 // announceNeedsReauth publishes c's needs_reauth into its kept stream.
 func (p *Pool) announceNeedsReauth(ctx context.Context, c *kv.Credential) error {
-	msg, span, err := p.newEventMsg(ctx, c.Key, events.NeedsReauth{Reason: c.Reason, ErrorDescription: c.Description, Version: c.Version})
+	// Truncated again: a record stored before they were bounded when
+	// stored could hold texts that never fit the event.
+	msg, span, err := p.newEventMsg(ctx, c.Key, events.NeedsReauth{
+		Reason:           events.TruncateText(c.Reason, events.MaxReasonLen),
+		ErrorDescription: events.TruncateText(c.Description, events.MaxErrorDescriptionLen),
+		Version:          c.Version,
+	})
 	if err != nil {
 		return err
 	}
@@ -158,7 +164,7 @@ func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential, at time.Time) 
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	subject, target := p.subj.Schedule(c.Key), p.subj.Event(events.TypeExpiring, c.Key)
+	subject, target := p.subj.Schedule(c.Key), p.subj.Work(events.TypeExpiring, c.Key)
 	ctx, span := p.tracer.Start(ctx, "send "+p.subj.ScheduleWildcard(), trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
 			semconv.MessagingSystemKey.String("nats"),

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/authbus/authbus/events"
@@ -131,9 +133,9 @@ func TestCanaryEveryChannel(t *testing.T) {
 
 	// A careless runtime: a 401 carrying an access token itself where the
 	// fingerprint belongs, and one whose body is not an event at all. The
-	// refresher must not echo what it refuses. The bait is a token of its
-	// own: the stream holds these messages, so the bus and the disk are
-	// not searched for it.
+	// refresher must not echo what it refuses: its intake refuses both,
+	// and its answer must not carry the bait. The bait is a token of its
+	// own: the bus carried these messages, so it is not searched for it.
 	bait := "at-bait-" + rand.Text()
 	sec.add(&sec.bait, bait)
 	for _, body := range []string{
@@ -144,19 +146,23 @@ func TestCanaryEveryChannel(t *testing.T) {
 		msg := nats.NewMsg(o.Subj.Event(events.Type401, keyA))
 		msg.Header.Set(baitHeader, "yes")
 		msg.Data = []byte(body)
-		if _, err := o.JS.PublishMsg(ctx, msg); err != nil {
-			t.Fatal(err)
+		_, err := o.JS.PublishMsg(ctx, msg)
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.Code != 400 {
+			t.Fatalf("a bad 401: %v, want the intake's 400", err)
+		}
+		if strings.Contains(err.Error(), bait) {
+			t.Errorf("the intake's refusal echoes the bait: %v", err)
 		}
 	}
-	o.Settled(t)
-	fleet.Eventually(t, 10*time.Second, "both bait events terminated", func() bool {
-		return len(o.Logs.Records(map[string]string{"outcome": "bad_input"})) >= 2
+	fleet.Eventually(t, 10*time.Second, "both bait events refused", func() bool {
+		return len(o.Logs.Records(map[string]string{"msg": "event refused", "reason": "bad_input"})) >= 2
 	})
 
 	// Errors of the store itself: a key ring without the key, and one with
 	// another key under the same id.
 	for _, ring := range []*kv.KeyRing{mustRing(t, "other", 9), mustRing(t, "k1", 9)} {
-		s, err := kv.OpenStore(ctx, o.JS, o.Subj.BucketName("CREDENTIALS"), ring)
+		s, err := kv.OpenStore(ctx, o.JS, o.Subj.CredentialsBucket(), ring)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -3,13 +3,17 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
 	"golang.org/x/oauth2"
+
+	"github.com/authbus/authbus/events"
 )
 
 // verdict is what a token-endpoint answer means for the credential.
@@ -43,8 +47,9 @@ type answer struct {
 // call means. Everything else (the breaker, the pool, the metrics) asks it.
 //
 // 400/401/403 with an OAuth error code are permanent with that code as the
-// reason; other 4xx except 408 and 429 are permanent "unexpected_response";
-// 408, 429, 5xx, timeouts and connection errors are transient.
+// reason; redirects (3xx) and other 4xx except 408 and 429 are permanent
+// "unexpected_response"; 408, 429, 5xx, timeouts and connection errors are
+// transient.
 func classify(err error) answer {
 	if err == nil {
 		return answer{verdict: rotated}
@@ -68,6 +73,12 @@ func classify(err error) answer {
 		o.retryAfter = retryAfter(re.Response.Header.Get("Retry-After"), time.Now())
 	case (s == http.StatusBadRequest || s == http.StatusUnauthorized || s == http.StatusForbidden) && re.ErrorCode != "":
 		o.verdict = permanent
+	case s >= 300 && s < 400:
+		// Token requests follow no redirect (refuseRedirect): the refresh
+		// token must not travel on to wherever the answer points.
+		o.verdict, o.reason = permanent, "unexpected_response"
+		o.description = "token endpoint answered HTTP " + strconv.Itoa(s) +
+			", a redirect; authbus does not follow redirects of token requests (they would re-send the refresh token and client secret): register the token endpoint's final URL"
 	default:
 		o.verdict = permanent
 		o.reason = "unexpected_response"
@@ -76,13 +87,6 @@ func classify(err error) answer {
 		}
 	}
 	return o
-}
-
-// countsAsSuccess tells the breaker whether the endpoint behaved: a permanent
-// OAuth error is a healthy server answering correctly.
-func countsAsSuccess(err error) bool {
-	v := classify(err).verdict
-	return v == rotated || v == permanent
 }
 
 // retryAfter parses a Retry-After header: delay-seconds or an HTTP date.
@@ -111,3 +115,76 @@ func retryAfter(v string, now time.Time) time.Duration {
 // asking for days (or an overflowing header) must not park a credential
 // past the point where its token expires and a person notices.
 const maxRetryAfter = time.Hour
+
+// The lifetimes authbus believes of an issued token, whatever expires_in
+// said. A lifetime shorter than minTokenLifetime would make the proactive
+// refresh fire every second, forever (a negative one stored a token that
+// had always expired: every event refreshed it again); with it, a
+// credential is refreshed at most every 5 s or so (half its lifetime). A
+// longer one than maxTokenLifetime is no promise anyone keeps. A missing, zero,
+// negative or unreadable expires_in means no expiry is known: the token is
+// refreshed when a runtime reports a 401, as RFC 6749 leaves it.
+const (
+	minTokenLifetime = 10 * time.Second
+	maxTokenLifetime = 365 * 24 * time.Hour
+)
+
+// maxRefreshTokenSize bounds a refresh token authbus keeps: sealed, it must
+// fit a credential record in one NATS message. Real ones are a few KiB.
+const maxRefreshTokenSize = 64 << 10
+
+// reasonUnusableToken is the needs_reauth reason of an answer that issued
+// tokens authbus cannot announce or keep.
+const reasonUnusableToken = "unusable_token"
+
+// issued is what a token-endpoint answer that issued a token comes to.
+type issued struct {
+	expiresAt time.Time // zero: no expiry known
+	tokenType string    // as the server gave it, "Bearer" when it gave none
+	problem   string    // why the token cannot be announced or kept; "" when it can
+}
+
+// inspect judges a successful answer received at now: the expiry to store
+// (see minTokenLifetime) and whether its tokens can be announced (an
+// access token and token type that fit auth.rotated) and kept (a refresh
+// token that fits a record). It is pure, like classify.
+func inspect(tok *oauth2.Token, now time.Time) issued {
+	got := issued{tokenType: tok.TokenType}
+	if got.tokenType == "" {
+		got.tokenType = "Bearer"
+	}
+	var lifetime time.Duration
+	switch {
+	case tok.ExpiresIn != 0:
+		// expires_in as read from JSON, clamped before it can overflow.
+		const maxSecs = int64(maxTokenLifetime / time.Second)
+		lifetime = time.Duration(min(max(tok.ExpiresIn, -1), maxSecs+1)) * time.Second
+	case !tok.Expiry.IsZero():
+		// A form-encoded answer: x/oauth2 made it a time when the answer
+		// arrived, and large seconds wrap around into any time at all.
+		lifetime = tok.Expiry.Sub(now)
+	}
+	switch {
+	case lifetime <= 0:
+		// No expiry known.
+	case lifetime < minTokenLifetime:
+		got.expiresAt = now.Add(minTokenLifetime).UTC()
+	case lifetime > maxTokenLifetime:
+		got.expiresAt = now.Add(maxTokenLifetime).UTC()
+	default:
+		got.expiresAt = now.Add(lifetime).UTC()
+	}
+
+	announced := events.Rotated{AccessToken: tok.AccessToken, TokenType: got.tokenType,
+		Fingerprint: events.Fingerprint(tok.AccessToken), Version: 1}
+	if err := announced.Validate(); err != nil {
+		got.problem = "the token endpoint issued a token that cannot be announced (" +
+			strings.TrimSuffix(err.Error(), ": "+events.ErrInvalidEvent.Error()) + ")"
+	} else if n := len(tok.RefreshToken); n > maxRefreshTokenSize {
+		got.problem = fmt.Sprintf("the token endpoint issued a refresh_token of %d bytes, which cannot be kept (at most %d)", n, maxRefreshTokenSize)
+	}
+	if got.problem != "" {
+		got.problem += "; the refresh token was redeemed, so no retry can help: fix what the authorization server issues, then log in again and register the new tokens"
+	}
+	return got
+}

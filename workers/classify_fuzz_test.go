@@ -51,6 +51,13 @@ func FuzzTokenResponse(f *testing.F) {
 	f.Add(503, "120", "text/html", []byte(`<h1>maintenance</h1>`))
 	f.Add(500, "", "application/json", []byte(`{"error":"invalid_request"}`)) // Dex concurrent loser
 	f.Add(302, "", "", []byte(nil))
+	// Hostile successes: absurd lifetimes, tokens that cannot be announced.
+	f.Add(200, "", "application/json", []byte(`{"access_token":"at-2","token_type":"Bearer","expires_in":-5}`))
+	f.Add(200, "", "application/json", []byte(`{"access_token":"at-2","token_type":"Bearer","expires_in":1e30}`))
+	f.Add(200, "", "application/json", []byte(`{"access_token":"at-2","token_type":"Bearer","expires_in":"3600.5"}`))
+	f.Add(200, "", "application/x-www-form-urlencoded", []byte(`access_token=at-2&token_type=bearer&expires_in=99999999999999`))
+	f.Add(200, "", "application/json", []byte(`{"access_token":"at\u0000-2","token_type":"Bearer"}`))
+	f.Add(200, "", "application/json", []byte(`{"access_token":"at-2","token_type":"Bearer x"}`))
 
 	var (
 		answers sync.Map // path → tokenAnswer
@@ -127,6 +134,7 @@ func FuzzTokenResponse(f *testing.F) {
 			if status < 200 || status > 299 || tok == nil || tok.AccessToken == "" {
 				t.Fatalf("HTTP %d gave a token %v without an access token, or from a failure status", status, tok != nil)
 			}
+			checkIssued(t, tok, after)
 		case o.verdict == breakerOpen || o.verdict == canceled:
 			t.Fatalf("HTTP %d classified as %d; no breaker can be open and nothing was canceled: %v", status, o.verdict, err)
 		case got == 0:
@@ -197,5 +205,31 @@ func checkRetryAfter(t *testing.T, v string, d time.Duration, before, after time
 	}
 	if v == "" && d != 0 {
 		t.Fatalf("no Retry-After gave %v", d)
+	}
+}
+
+// checkIssued checks what inspect makes of a token received at now: an
+// expiry that is none or a safe lifetime away, and either a token that
+// announces or a problem that does, as a needs_reauth description.
+func checkIssued(t *testing.T, tok *oauth2.Token, now time.Time) {
+	t.Helper()
+	got := inspect(tok, now)
+	if !got.expiresAt.IsZero() {
+		if life := got.expiresAt.Sub(now); life < minTokenLifetime || life > maxTokenLifetime {
+			t.Fatalf("expires_in %d (expiry %v) gave a lifetime of %v, outside %v–%v", tok.ExpiresIn, tok.Expiry, life, minTokenLifetime, maxTokenLifetime)
+		}
+	}
+	key := events.Key{Tenant: "acme", User: "alice", Server: "github"}
+	if got.problem != "" {
+		nr := events.NeedsReauth{Reason: reasonUnusableToken,
+			ErrorDescription: events.TruncateText(got.problem, events.MaxErrorDescriptionLen), Version: 1}
+		if _, err := events.Encode(key, "authbus/refresher/fuzz", nr); err != nil {
+			t.Fatalf("the problem %q cannot be announced: %v", got.problem, err)
+		}
+		return
+	}
+	if _, err := events.Encode(key, "authbus/refresher/fuzz", events.Rotated{AccessToken: tok.AccessToken, TokenType: got.tokenType,
+		ExpiresAt: got.expiresAt, Fingerprint: events.Fingerprint(tok.AccessToken), Version: 2}); err != nil {
+		t.Fatalf("a token inspect let through cannot be announced: %v", err)
 	}
 }

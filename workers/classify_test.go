@@ -38,6 +38,8 @@ func TestClassify(t *testing.T) {
 		{"401 invalid_client", retrieveError(401, "invalid_client", nil), permanent, "invalid_client", 0},
 		{"400 without a code", retrieveError(400, "", nil), permanent, "unexpected_response", 0},
 		{"404", retrieveError(404, "", nil), permanent, "unexpected_response", 0},
+		{"307 redirect", retrieveError(307, "", http.Header{"Location": {"https://elsewhere.example/token"}}), permanent, "unexpected_response", 0},
+		{"308 redirect with a code", retrieveError(308, "invalid_grant", nil), permanent, "unexpected_response", 0},
 		{"408", retrieveError(408, "", nil), transient, "", 0},
 		{"429 Retry-After seconds", retrieveError(429, "", http.Header{"Retry-After": {"2"}}), transient, "", 2 * time.Second},
 		{"500 invalid_request (Dex concurrent loser)", retrieveError(500, "invalid_request", nil), transient, "invalid_request", 0},
@@ -70,24 +72,27 @@ func TestRetryAfterHTTPDate(t *testing.T) {
 }
 
 // A server that answers permanent OAuth errors is healthy: they must never
-// open its breaker, while transient failures must.
+// open a breaker, while transient failures must.
 func TestBreakerCountsOnlyTransientFailures(t *testing.T) {
 	bs := newBreakers(3, time.Minute, nil)
-	cb := bs.get("https://as.example/token")
-	for range 10 {
-		_, _ = cb.Execute(func() (*oauth2.Token, error) { return nil, retrieveError(400, "invalid_grant", nil) })
-		_, _ = cb.Execute(func() (*oauth2.Token, error) { return nil, fmt.Errorf("x: %w", context.Canceled) })
+	k := callKey{endpoint: "https://as.example/token", tenant: "acme", client: "c1"}
+	fail := func(err error) func(context.Context) (*oauth2.Token, error) {
+		return func(context.Context) (*oauth2.Token, error) { return nil, err }
 	}
-	if bs.open("https://as.example/token") {
-		t.Fatal("permanent OAuth errors and cancellations opened the breaker")
+	for range 10 {
+		_, _ = bs.do(context.Background(), k, fail(retrieveError(400, "invalid_grant", nil)))
+		_, _ = bs.do(context.Background(), k, fail(fmt.Errorf("x: %w", context.Canceled)))
+	}
+	if bs.open(k) {
+		t.Fatal("permanent OAuth errors and cancellations opened a breaker")
 	}
 	for range 3 {
-		_, _ = cb.Execute(func() (*oauth2.Token, error) { return nil, retrieveError(503, "", nil) })
+		_, _ = bs.do(context.Background(), k, fail(retrieveError(503, "", nil)))
 	}
-	if !bs.open("https://as.example/token") {
+	if !bs.open(k) {
 		t.Fatal("3 consecutive 503s did not open the breaker")
 	}
-	if bs.open("https://other.example/token") {
+	if bs.open(callKey{endpoint: "https://other.example/token", tenant: "acme", client: "c1"}) {
 		t.Error("one endpoint's failures opened another endpoint's breaker")
 	}
 }

@@ -2,12 +2,15 @@ package workers
 
 import (
 	"errors"
+
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
 	"runtime"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
@@ -48,7 +51,10 @@ type Config struct {
 	// stale and costs no call.
 	LeaseWait time.Duration
 	// BreakerFailures is the number of consecutive transient failures of a
-	// token endpoint that opens its breaker; 0 means 5.
+	// client (tenant and client_id) at a token endpoint that opens the
+	// client's breaker, and of failures that never reached the endpoint
+	// that opens the endpoint's; 0 means 5. See breakers for the rule that
+	// keeps one tenant's failing client from stopping another tenant.
 	BreakerFailures uint32
 	// BreakerOpenFor is how long an open breaker refuses calls before letting
 	// one through; 0 means 30s.
@@ -72,6 +78,34 @@ type Config struct {
 	Replicas int
 	// replicasSet records that Replicas was given, not defaulted.
 	replicasSet bool
+	// TenantRate is how many new auth.401 and auth.expiring events (not
+	// duplicates) the intake of this process takes in per second from one
+	// tenant, with a burst of TenantBurst; more are refused with 429. 0
+	// means 100 per second, and 200 for the burst. It bounds what one
+	// tenant's flood can put in front of another tenant's events, and what
+	// it can put into the store.
+	TenantRate  float64
+	TenantBurst int
+	// TenantWorkers is how many of this process's refreshes one tenant may
+	// run at once: a tenant whose token endpoint hangs holds no more, and
+	// the rest of the workers stay free for the other tenants. Its further
+	// events wait in the process, without a worker. 0 means Workers less an
+	// eighth of them (at least one left for the others).
+	TenantWorkers int
+	// MaxQueued bounds the events waiting in the stream for a refresher:
+	// beyond it the intake refuses new ones (503) rather than let them fill
+	// the store. The stream itself cannot be bounded (JetStream refuses
+	// discard-new on a stream with schedules, and discard-old would drop
+	// schedules), so the intake checks the consumer's pending count, at
+	// most a second old. 0 means 100 000.
+	MaxQueued int
+	// ServeConn, when set, is the connection that serves runtimes: the
+	// auth.register and auth.token service and the intake of auth.401 and
+	// auth.expiring. Give it a NATS user that may answer on inboxes only,
+	// and the Pool's own connection the user that writes JetStream, so
+	// that a request cannot make the serving side write anything else (see
+	// docs/security.md). nil means the Pool's connection serves too.
+	ServeConn *nats.Conn
 	// Instance names this process in leases and logs; "" means hostname-pid.
 	Instance string
 	// Source is the CloudEvents source of events this pool publishes; ""
@@ -90,6 +124,14 @@ type Config struct {
 	// given here brings its own dialer; TokenHosts is then checked at
 	// registration only.
 	HTTPClient *http.Client
+	// Requests is how many auth.register, and separately how many
+	// auth.token, requests this process serves at once; 0 means 64. A
+	// tenant is served at most a quarter of them at once, and may have
+	// more waiting (twice as many registrations, 64 times as many token
+	// requests, which are quick); a request beyond that is answered 503
+	// unavailable, retry. So one tenant's slow issuers cannot hold up
+	// another tenant's registration.
+	Requests int
 	// Discovery finds token endpoints of registrations that name an issuer
 	// (RFC 8414) and caches them; nil means one per pool that fetches with
 	// HTTPClient, caches for an hour and gives up after 5s. Pools of one
@@ -143,6 +185,21 @@ func (c Config) withDefaults() Config {
 	if c.BreakerOpenFor == 0 {
 		c.BreakerOpenFor = 30 * time.Second
 	}
+	if c.TenantRate == 0 {
+		c.TenantRate = 100
+	}
+	if c.TenantBurst == 0 {
+		c.TenantBurst = 200
+	}
+	if c.TenantWorkers == 0 {
+		c.TenantWorkers = max(1, c.Workers-max(1, c.Workers/8))
+	}
+	if c.MaxQueued == 0 {
+		c.MaxQueued = 100_000
+	}
+	if c.Requests == 0 {
+		c.Requests = 64
+	}
 	if c.ReconcileEvery == 0 {
 		c.ReconcileEvery = 15 * time.Minute
 	}
@@ -170,7 +227,8 @@ func (c Config) withDefaults() Config {
 		c.HTTPClient = newHTTPClient(c.Workers, c.TokenHosts, c.Logger)
 	}
 	if c.Discovery == nil {
-		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient})
+		hosts := c.TokenHosts
+		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient, TokenHosts: &hosts})
 	}
 	return c
 }
@@ -191,8 +249,15 @@ func (c Config) validate() error {
 		errs = append(errs, fmt.Errorf("timeouts: TokenTimeout %v, AckWait %v, RetryBase %v, RetryMax %v must be positive with RetryMax ≥ RetryBase",
 			c.TokenTimeout, c.AckWait, c.RetryBase, c.RetryMax))
 	}
+	if c.Requests < 1 {
+		errs = append(errs, fmt.Errorf("Requests is %d: set at least 1", c.Requests))
+	}
 	if c.MaxDeliver < 2 {
 		errs = append(errs, fmt.Errorf("MaxDeliver is %d: set at least 2 so a transient failure can be retried", c.MaxDeliver))
+	}
+	if c.TenantRate < 0 || c.TenantBurst < 1 || c.TenantWorkers < 1 || c.MaxQueued < 1 {
+		errs = append(errs, fmt.Errorf("TenantRate %g, TenantBurst %d, TenantWorkers %d, MaxQueued %d: rates and counts must be positive",
+			c.TenantRate, c.TenantBurst, c.TenantWorkers, c.MaxQueued))
 	}
 	if c.Replicas < 1 || c.Replicas > 5 {
 		errs = append(errs, fmt.Errorf("Replicas is %d: use 1, 3 or 5", c.Replicas))
@@ -209,12 +274,18 @@ func (c Config) validate() error {
 // newHTTPClient keeps an idle connection per worker per host: with
 // http.DefaultClient's two, most token calls under load open a new
 // connection (measured: 20–40 % less throughput). It dials token endpoints
-// through the SSRF guard of hosts.
+// through the SSRF guard of hosts, and follows no redirect (see
+// refuseRedirect); discovery sets its own rule on a copy.
 func newHTTPClient(workers int, hosts TokenHostPolicy, log *slog.Logger) *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.Proxy = nil
 	t.DialContext = hosts.dialContext(log)
 	t.MaxIdleConnsPerHost = workers
 	t.MaxIdleConns = 4 * workers
-	return &http.Client{Transport: t}
+	return &http.Client{Transport: t, CheckRedirect: refuseRedirect}
 }
+
+// refuseRedirect hands a redirect answer back as it is. A token request
+// must never follow one: a 307 or 308 would send the refresh token, and in
+// post style the client secret, to wherever the answer points.
+func refuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }

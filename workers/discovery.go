@@ -80,7 +80,19 @@ type DiscoveryConfig struct {
 	Timeout time.Duration
 	// MaxEntries bounds the cache; 0 means DefaultDiscoveryEntries.
 	MaxEntries int
+	// TokenHosts, when set, is the policy a redirect target must pass (its
+	// host and the addresses it resolves to) before a redirect is followed;
+	// nil checks only the scheme. Config.TokenHosts of the pool that makes
+	// the Discovery.
+	TokenHosts *TokenHostPolicy
 }
+
+// maxDiscoveryRedirects bounds the redirects one metadata fetch follows.
+const maxDiscoveryRedirects = 3
+
+// maxReflected bounds how much of a value a server sent (an issuer, a URL)
+// an error reply repeats: the document may be 256 KiB of anything.
+const maxReflected = 200
 
 // Discovery finds an authorization server's token endpoint from its issuer
 // and caches the answer per issuer. Concurrent lookups of one issuer share a
@@ -117,6 +129,14 @@ func NewDiscovery(cfg DiscoveryConfig) *Discovery {
 	if d.client == nil {
 		d.client = http.DefaultClient
 	}
+	// A metadata fetch is a GET to a URL a runtime chose, and parts of the
+	// answer come back in error replies: a redirect is followed only where
+	// the request itself could have gone.
+	c := *d.client
+	c.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		return checkRedirect(req, via, cfg.TokenHosts)
+	}
+	d.client = &c
 	if d.ttl <= 0 {
 		d.ttl = DefaultDiscoveryTTL
 	}
@@ -223,6 +243,29 @@ func (p *Pool) discover(ctx context.Context, req micro.Request, rr *events.Regis
 	return true
 }
 
+// checkRedirect allows a metadata redirect within the rules the issuer
+// itself had to pass: at most maxDiscoveryRedirects, https (plain http only
+// to loopback), and a host the token-host policy allows.
+func checkRedirect(req *http.Request, via []*http.Request, hosts *TokenHostPolicy) error {
+	if len(via) >= maxDiscoveryRedirects {
+		return fmt.Errorf("%w: more than %d redirects", errRedirectRefused, maxDiscoveryRedirects)
+	}
+	target := events.TruncateText(req.URL.Redacted(), maxReflected)
+	if p := tokenEndpointProblem(req.URL.String()); p != "" {
+		return fmt.Errorf("%w: redirect to %s: it %s", errRedirectRefused, target, p)
+	}
+	if hosts != nil {
+		if err := hosts.CheckEndpoint(req.Context(), req.URL.String()); err != nil {
+			return fmt.Errorf("%w: redirect to %s: %w", errRedirectRefused, target, err)
+		}
+	}
+	return nil
+}
+
+// errRedirectRefused marks a redirect checkRedirect did not follow: the
+// issuer answered, with a redirect it may not make.
+var errRedirectRefused = errors.New("redirect refused")
+
 // wellKnownURLs returns the metadata URLs of issuer in the order Lookup
 // tries them: the RFC 8414 location, with the well-known segment inserted
 // between host and path, then the OpenID Connect location, appended to the
@@ -279,6 +322,9 @@ func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, pro
 	req.Header.Set("Accept", "application/json")
 	resp, err := d.client.Do(req)
 	if err != nil {
+		if errors.Is(err, errRedirectRefused) {
+			return md, unwrapURLError(err), false, true
+		}
 		if errors.Is(err, ErrTokenHostRefused) {
 			return md, "refused by the token host policy (" + unwrapURLError(err) + ")", false, false
 		}
@@ -304,12 +350,12 @@ func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, pro
 	}
 	switch {
 	case md.Issuer != issuer:
-		return Metadata{}, fmt.Sprintf("names the issuer %q, which is not identical to the one registered (RFC 8414 §3.3)", md.Issuer), false, true
+		return Metadata{}, fmt.Sprintf("names the issuer %q, which is not identical to the one registered (RFC 8414 §3.3)", events.TruncateText(md.Issuer, maxReflected)), false, true
 	case md.TokenEndpoint == "":
 		return Metadata{}, "has no token_endpoint", false, true
 	}
 	if p := tokenEndpointProblem(md.TokenEndpoint); p != "" {
-		return Metadata{}, fmt.Sprintf("token_endpoint %q %s", md.TokenEndpoint, p), false, true
+		return Metadata{}, fmt.Sprintf("token_endpoint %q %s", events.TruncateText(md.TokenEndpoint, maxReflected), p), false, true
 	}
 	return md, "", false, true
 }

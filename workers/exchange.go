@@ -1,10 +1,15 @@
 package workers
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"io"
+	"math"
+	"mime"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,12 +37,17 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	if c.Grant != events.GrantClientCredentials && len(c.Scopes) > 0 {
 		add.Set("scope", strings.Join(c.Scopes, " "))
 	}
+	call := *hc
+	call.Transport = readableExpiry{transportOf(hc)}
 	if len(add) > 0 {
-		hc = &http.Client{Transport: formParams{base: transportOf(hc), add: add}, Timeout: hc.Timeout}
+		call.Transport = formParams{base: call.Transport, add: add}
 	}
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, hc)
+	// Whatever client the pool was given: a redirect is answered, never
+	// followed (see refuseRedirect); classify makes it permanent.
+	call.CheckRedirect = refuseRedirect
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, &call)
 	start := time.Now()
-	tok, err := p.breakers.get(c.TokenEndpoint).Execute(func() (*oauth2.Token, error) {
+	tok, err := p.breakers.do(ctx, breakerKeyOf(c), func(ctx context.Context) (*oauth2.Token, error) {
 		if c.Grant == events.GrantClientCredentials {
 			cc := clientcredentials.Config{
 				ClientID:     c.ClientID,
@@ -61,6 +71,11 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 	})
 	p.metrics.tokenCalled(ctx, c.TokenEndpoint, time.Since(start), err)
 	return tok, err
+}
+
+// breakerKeyOf names the breakers a refresh of c passes (see breakers).
+func breakerKeyOf(c *kv.Credential) callKey {
+	return callKey{endpoint: c.TokenEndpoint, tenant: c.Key.Tenant, client: c.ClientID}
 }
 
 func authStyle(s string) oauth2.AuthStyle {
@@ -106,4 +121,78 @@ func (f formParams) RoundTrip(r *http.Request) (*http.Response, error) {
 	r2.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(enc)), nil }
 	r2.ContentLength = int64(len(enc))
 	return f.base.RoundTrip(r2)
+}
+
+// maxAnswerSize is what x/oauth2 reads of a token answer.
+const maxAnswerSize = 1 << 20
+
+// readableExpiry rewrites an expires_in that x/oauth2 cannot read into one
+// it can. x/oauth2 reads only an integer (3600 or "3600"): 3600.0, 1e30
+// or "soon" make the whole answer unreadable, a transient failure whose
+// retry presents a refresh token the answer had just redeemed. A number
+// of any form becomes an integer, clamped to ±2^31−1 seconds; anything
+// else is dropped, as if the server had sent no expires_in. inspect then
+// decides what the lifetime is worth. Other answers pass untouched.
+type readableExpiry struct{ base http.RoundTripper }
+
+func (t readableExpiry) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := t.base.RoundTrip(r)
+	if err != nil || resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return resp, err
+	}
+	// The form-encoded answers x/oauth2 knows read expires_in leniently.
+	switch ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); ct {
+	case "application/x-www-form-urlencoded", "text/plain":
+		return resp, nil
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerSize))
+	resp.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	var answer map[string]json.RawMessage
+	if json.Unmarshal(body, &answer) != nil {
+		return resp, nil // x/oauth2 reports it
+	}
+	raw, ok := answer["expires_in"]
+	if !ok {
+		return resp, nil
+	}
+	if fixed, changed := readableSeconds(raw); changed {
+		if fixed == nil {
+			delete(answer, "expires_in")
+		} else {
+			answer["expires_in"] = fixed
+		}
+		if body, err = json.Marshal(answer); err != nil {
+			return nil, err
+		}
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		resp.ContentLength = int64(len(body))
+		resp.Header.Del("Content-Length")
+	}
+	return resp, nil
+}
+
+// readableSeconds returns expires_in as an integer literal x/oauth2 reads
+// as the same number of seconds (nil: drop it), and whether that differs
+// from raw.
+func readableSeconds(raw json.RawMessage) (json.RawMessage, bool) {
+	s := string(bytes.TrimSpace(raw))
+	if s == "null" {
+		return raw, false // x/oauth2 reads null as absent
+	}
+	if unq, err := strconv.Unquote(s); err == nil {
+		s = strings.TrimSpace(unq)
+	}
+	if n, err := strconv.ParseInt(s, 10, 32); err == nil && s == strconv.FormatInt(n, 10) && string(raw) == s {
+		return raw, false
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(f) {
+		return nil, true
+	}
+	f = max(min(f, math.MaxInt32), -math.MaxInt32)
+	return json.RawMessage(strconv.FormatInt(int64(f), 10)), true
 }

@@ -210,6 +210,24 @@ func waitVersions(t *testing.T, b *fleet.Fleet, want map[events.Key]int64, d tim
 	b.Settled(t)
 }
 
+// retryPublish publishes until the stream or a refresher's intake takes the
+// message, for up to 30s, as a runtime retries a report that got no answer
+// (every refresher dead, no stream leader).
+func retryPublish(ctx context.Context, js jetstream.JetStream, subject string, data []byte, opts ...jetstream.PublishOpt) error {
+	deadline := time.Now().Add(30 * time.Second)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := js.Publish(pctx, subject, data, opts...)
+		cancel()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		<-tick.C
+	}
+}
+
 // faultConfig keeps every recovery short: a dead holder's lease expires
 // within about 2s, its unacked event comes back after 1s, an open breaker
 // half-opens after 500ms.
@@ -628,15 +646,20 @@ func runKills(t *testing.T, seed uint64, target int) killRun {
 					return
 				}
 				for r := range 3 {
-					// Only the first with Nats-Msg-Id: duplicates reach
-					// the workers and must end stale.
+					// The first as a runtime reports (through a refresher's
+					// intake, with Nats-Msg-Id, retried while every
+					// refresher is dead, as a runtime would); the others
+					// straight into the work queue, as reports outside the
+					// duplicate window: they reach the workers and must
+					// end stale.
 					data, _ := events.Encode(key, "test/rt", events.Unauthorized{Fingerprint: c.Fingerprint, Runtime: fmt.Sprintf("rt-%d-%d", i, r)})
-					var opts []jetstream.PublishOpt
+					subject, opts := b.Subj.Work(events.Type401, key), []jetstream.PublishOpt{}
 					if r == 0 {
+						subject = b.Subj.Event(events.Type401, key)
 						opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, key, c.Fingerprint)))
 					}
-					if _, err := b.JS.Publish(ctx, b.Subj.Event(events.Type401, key), data, opts...); err != nil {
-						errs <- err
+					if err := retryPublish(ctx, b.JS, subject, data, opts...); err != nil {
+						errs <- fmt.Errorf("publish a 401 for %s: %w", key, err)
 						return
 					}
 				}

@@ -52,7 +52,7 @@ func Forget(ctx context.Context, js jetstream.JetStream, subj events.Subjects, k
 	if err := k.Validate(); err != nil {
 		return f, err
 	}
-	bucketName := subj.BucketName("CREDENTIALS")
+	bucketName := subj.CredentialsBucket()
 	bucket, err := js.KeyValue(ctx, bucketName)
 	if err != nil {
 		return f, notProvisioned("credential bucket "+bucketName, subj, err)

@@ -384,5 +384,5 @@ func (p *Pool) release(ctx context.Context, endpoint string, set map[events.Key]
 	wait()
 	p.keeper.count(ctx, "released", written)
 	p.log.Info("token endpoint answers again: parked proactive refreshes released, earliest expiry first",
-		"endpoint", endpointLabel(endpoint), "released", written, "failed", failed, "took", time.Since(start))
+		"endpoint", redactURL(endpoint), "released", written, "failed", failed, "took", time.Since(start))
 }

@@ -240,7 +240,7 @@ func TestStaleScheduleRestoresCurrent(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := b.JS.Publish(t.Context(), b.Subj.Schedule(key), data,
-		jetstream.WithScheduleAt(time.Now().Add(time.Second)), jetstream.WithScheduleTarget(b.Subj.Event(events.TypeExpiring, key))); err != nil {
+		jetstream.WithScheduleAt(time.Now().Add(time.Second)), jetstream.WithScheduleTarget(b.Subj.Work(events.TypeExpiring, key))); err != nil {
 		t.Fatal(err)
 	}
 	fleet.Eventually(t, 10*time.Second, "the late schedule fired and was answered as stale", func() bool {
@@ -379,7 +379,7 @@ func TestReleaseEarliestExpiryFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	fleet.Eventually(t, 10*time.Second, "every released schedule fired", func() bool {
-		info, err := work.Info(t.Context(), jetstream.WithSubjectFilter(b.Subj.EventWildcard(events.TypeExpiring)))
+		info, err := work.Info(t.Context(), jetstream.WithSubjectFilter(b.Subj.WorkWildcard(events.TypeExpiring)))
 		return err == nil && len(info.State.Subjects) == len(creds)
 	})
 	info, err := work.Info(t.Context())
@@ -392,7 +392,7 @@ func TestReleaseEarliestExpiryFirst(t *testing.T) {
 		if err != nil {
 			continue // a replaced schedule, or a gap
 		}
-		if typ, k, err := b.Subj.ParseEvent(msg.Subject); err == nil && typ == events.TypeExpiring {
+		if typ, k, err := b.Subj.ParseWork(msg.Subject); err == nil && typ == events.TypeExpiring {
 			fired = append(fired, k.User)
 		}
 	}

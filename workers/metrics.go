@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sony/gobreaker/v2"
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -53,6 +55,7 @@ var histogramBounds = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 // "authbus.events.processed" into authbus_events_processed_total, and
 // seconds histograms get a _seconds suffix).
 type metrics struct {
+	endpoints  *endpointLabels         // the endpoint label of both series below
 	processed  metric.Int64Counter     // authbus.events.processed{outcome}
 	duration   metric.Float64Histogram // authbus.event.duration{outcome}
 	tokenCall  metric.Float64Histogram // authbus.token_endpoint.duration{endpoint,result}
@@ -65,7 +68,7 @@ type metrics struct {
 func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
 	m := mp.Meter(instrumentationName, metric.WithInstrumentationVersion(Version))
 	var errs [8]error
-	ms := &metrics{}
+	ms := &metrics{endpoints: &endpointLabels{max: maxEndpointLabels}}
 	ms.processed, errs[0] = m.Int64Counter("authbus.events.processed", metric.WithUnit("{event}"),
 		metric.WithDescription("auth.401 and auth.expiring deliveries processed, by outcome (rotated counts token rotations)"))
 	ms.duration, errs[1] = m.Float64Histogram("authbus.event.duration", metric.WithUnit("s"),
@@ -79,7 +82,7 @@ func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
 	ms.terminated, errs[4] = m.Int64Counter("authbus.events.terminated", metric.WithUnit("{event}"),
 		metric.WithDescription("events terminated without redelivery, by reason (bad_input, unknown_credential, max_deliver)"))
 	breaker, err5 := m.Int64ObservableGauge("authbus.breaker.state",
-		metric.WithDescription("token-endpoint circuit breaker state per endpoint in this process: 0 closed, 1 half-open, 2 open"))
+		metric.WithDescription("token-endpoint circuit breakers in this process, the worst state per endpoint (scheme and host) and scope (endpoint, tenant, client): 0 closed, 1 half-open, 2 open"))
 	pending, err6 := m.Int64ObservableGauge("authbus.consumer.pending", metric.WithUnit("{event}"),
 		metric.WithDescription("events in the work queue not yet delivered to any refresher"))
 	ackPending, err7 := m.Int64ObservableGauge("authbus.consumer.ack_pending", metric.WithUnit("{event}"),
@@ -88,10 +91,16 @@ func newMetrics(mp metric.MeterProvider, p *Pool) (*metrics, error) {
 	if err := errors.Join(errs[:]...); err != nil {
 		return nil, fmt.Errorf("pool metrics: %w", err)
 	}
-	info := &infoCache{cons: p.cons}
+	info := &infoCache{cons: p.cons, ttl: consumerInfoTTL}
 	if _, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
-		for endpoint, state := range p.breakers.states() {
-			o.ObserveInt64(breaker, int64(state), metric.WithAttributes(attribute.String("endpoint", endpoint)))
+		worst := map[[2]string]gobreaker.State{}
+		for k, state := range p.breakers.states() {
+			series := [2]string{ms.endpoints.label(k.endpoint), k.scope.String()}
+			worst[series] = max(worst[series], state)
+		}
+		for series, state := range worst {
+			o.ObserveInt64(breaker, int64(state), metric.WithAttributes(
+				attribute.String("endpoint", series[0]), attribute.String("scope", series[1])))
 		}
 		if ci := info.get(ctx); ci != nil {
 			o.ObserveInt64(pending, int64(ci.NumPending))
@@ -147,12 +156,52 @@ func (m *metrics) tokenCalled(ctx context.Context, endpoint string, took time.Du
 		return
 	}
 	m.tokenCall.Record(ctx, took.Seconds(), metric.WithAttributes(
-		attribute.String("endpoint", endpointLabel(endpoint)), attribute.String("result", res)))
+		attribute.String("endpoint", m.endpoints.label(endpoint)), attribute.String("result", res)))
 }
 
-// endpointLabel is a token endpoint as shown in metrics: without user info
-// or query, which could carry credentials.
-func endpointLabel(raw string) string {
+// maxEndpointLabels bounds the endpoint label values of this process's
+// series: a tenant that registers thousands of distinct endpoints must not
+// make thousands of series.
+const maxEndpointLabels = 64
+
+// otherEndpoints is the label of the endpoints beyond maxEndpointLabels.
+const otherEndpoints = "other"
+
+// endpointLabels names token endpoints in metrics: by scheme and host
+// only (paths and queries are a tenant's to vary, and could carry
+// credentials), the first maxEndpointLabels hosts seen by name and every
+// later one as "other". A label once given stays: a series cannot be
+// taken back from an exporter. Safe for concurrent use.
+type endpointLabels struct {
+	max  int
+	mu   sync.Mutex
+	seen map[string]bool
+}
+
+func (l *endpointLabels) label(endpoint string) string {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Host == "" {
+		return otherEndpoints
+	}
+	name := u.Scheme + "://" + strings.ToLower(u.Host)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.seen[name] {
+		return name
+	}
+	if len(l.seen) >= l.max {
+		return otherEndpoints
+	}
+	if l.seen == nil {
+		l.seen = map[string]bool{}
+	}
+	l.seen[name] = true
+	return name
+}
+
+// redactURL is a URL as logs show it: without user info, query or
+// fragment, which could carry credentials.
+func redactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "unparsable"
@@ -161,22 +210,11 @@ func endpointLabel(raw string) string {
 	return u.String()
 }
 
-// states returns the state of every breaker created so far, by endpoint
-// label.
-func (b *breakers) states() map[string]int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	out := make(map[string]int, len(b.m))
-	for endpoint, cb := range b.m {
-		out[endpointLabel(endpoint)] = int(cb.State())
-	}
-	return out
-}
-
-// infoCache reuses the consumer's info for consumerInfoTTL. Safe for
+// infoCache reuses the consumer's info for ttl. Safe for
 // concurrent use; concurrent callers wait for one request.
 type infoCache struct {
 	cons jetstream.Consumer
+	ttl  time.Duration
 
 	mu   sync.Mutex
 	at   time.Time
@@ -188,7 +226,7 @@ type infoCache struct {
 func (c *infoCache) get(ctx context.Context) *jetstream.ConsumerInfo {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.at.IsZero() && time.Since(c.at) < consumerInfoTTL {
+	if !c.at.IsZero() && time.Since(c.at) < c.ttl {
 		return c.info
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -231,7 +269,7 @@ func (p *Pool) Ready(ctx context.Context) error {
 			return fmt.Errorf("stream %s: %w; restart the refresher to create it, or check JetStream", s, err)
 		}
 	}
-	for _, b := range []string{p.subj.BucketName("CREDENTIALS"), p.subj.BucketName("LEASES")} {
+	for _, b := range []string{p.subj.CredentialsBucket(), p.subj.LeasesBucket(), p.subj.FailuresBucket()} {
 		if _, err := p.js.KeyValue(ctx, b); err != nil {
 			return fmt.Errorf("KV bucket %s: %w; restart the refresher to create it, or check JetStream", b, err)
 		}

@@ -29,6 +29,7 @@ const (
 	outLeaseLost                  // the lease was lost before a permanent failure could be recorded
 	outRequeued                   // the refresh this event joined did not finish: decided again on redelivery
 	outParked                     // an auth.expiring the open breaker refused: rescheduled for after it half-opens (keep.go)
+	outTenantBusy                 // the event's tenant has as many events waiting in this refresher as it may
 )
 
 // How an event is settled.
@@ -80,6 +81,7 @@ var outcomes = [...]struct {
 	outLeaseLost:   {"lease_lost", actionNak, slog.LevelInfo, false, joinedRequeue},
 	outRequeued:    {"requeued", actionNak, slog.LevelDebug, false, joinedRequeue},
 	outParked:      {"parked", actionAck, slog.LevelInfo, false, joinedRequeue},
+	outTenantBusy:  {"tenant_busy", actionNak, slog.LevelDebug, false, joinedRequeue},
 }
 
 func (o outcome) String() string { return outcomes[o].name }

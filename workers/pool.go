@@ -15,7 +15,6 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
@@ -27,26 +26,36 @@ import (
 // with Run; any number of pools may share one NATS deployment.
 type Pool struct {
 	cfg      Config
-	nc       *nats.Conn
+	nc       *nats.Conn // writes JetStream and announces
+	serve    *nats.Conn // serves runtimes: the service and the intake (cfg.ServeConn, or nc)
 	js       jetstream.JetStream
 	subj     events.Subjects
 	store    *kv.Store
 	leases   *kv.Leases
-	cons     jetstream.Consumer
-	work     jetstream.Stream // AUTH_EVENTS: events and pending schedules
+	failures *kv.Failures       // the last failed refresh of each credential, for status
+	cons     jetstream.Consumer // the work lane
+	slow     jetstream.Consumer // the slow lane (see intake.go)
+	work     jetstream.Stream   // AUTH_EVENTS: events and pending schedules
 	reauth   jetstream.Stream
 	breakers *breakers
 	// bg holds the work a refresh leaves behind after its ack (lease
 	// release, the schedule's publish ack) so that it costs no round trip
 	// on the refresh path; Run waits for it before returning.
 	bg sync.WaitGroup
+	// serving holds the goroutines that serve auth.register and auth.token
+	// requests (see lanes); Run waits for them before returning.
+	serving  sync.WaitGroup
+	requests []*lanes // of the service's endpoints
 	// flights are the refreshes this pool runs now, by credential.
 	flightsMu sync.Mutex
 	flights   map[events.Key]*flight
-	log       *slog.Logger
-	tracer    trace.Tracer
-	metrics   *metrics
-	keeper    *keeper // parked credentials and schedule metrics (keep.go)
+	// handlers are the refreshes the dispatcher started; Run waits for them.
+	handlers sync.WaitGroup
+	started  chan struct{} // closed once Run serves (see Started)
+	log      *slog.Logger
+	tracer   trace.Tracer
+	metrics  *metrics
+	keeper   *keeper // parked credentials and schedule metrics (keep.go)
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -72,39 +81,55 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		js:      js,
 		subj:    subj,
 		flights: make(map[events.Key]*flight),
+		started: make(chan struct{}),
+		serve:   cfg.ServeConn,
 		log:     cfg.Logger,
 		tracer:  cfg.TracerProvider.Tracer(instrumentationName, trace.WithInstrumentationVersion(Version)),
+	}
+	if p.serve == nil {
+		p.serve = nc
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
 	if p.keeper, err = newKeeper(cfg.MeterProvider); err != nil {
 		return nil, err
 	}
-	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(endpoint string, from, to gobreaker.State) {
-		p.log.Warn("token endpoint breaker changed state", "endpoint", endpoint, "from", from.String(), "to", to.String())
-		p.keeper.breakerChanged(endpoint, from, to)
+	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(k breakerKey, from, to gobreaker.State) {
+		p.log.Warn("token endpoint breaker changed state", "scope", k.scope.String(), "endpoint", redactURL(k.endpoint),
+			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
+		p.keeper.breakerChanged(k.endpoint, from, to)
 	})
-	if p.cons, err = p.provision(ctx); err != nil {
+	lanes, err := p.provision(ctx)
+	if err != nil {
 		return nil, err
 	}
+	p.cons, p.slow = lanes[0], lanes[1]
 	if p.work, err = js.Stream(ctx, subj.EventsStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.EventsStream(), err)
 	}
 	if p.reauth, err = js.Stream(ctx, subj.ReauthStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.ReauthStream(), err)
 	}
-	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.BucketName("CREDENTIALS"), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
+	if p.store, err = kv.NewStore(ctx, js, kv.StoreConfig{Bucket: subj.CredentialsBucket(), Replicas: cfg.Replicas}, cfg.Seal); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("CREDENTIALS"), p.store.Replicas())
-	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.BucketName("LEASES"), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
+	p.warnReplicas("bucket", subj.CredentialsBucket(), p.store.Replicas())
+	if p.leases, err = kv.NewLeases(ctx, js, kv.LeaseConfig{Bucket: subj.LeasesBucket(), TTL: cfg.LeaseTTL, Replicas: cfg.Replicas}); err != nil {
 		return nil, err
 	}
-	p.warnReplicas("bucket", subj.BucketName("LEASES"), p.leases.Replicas())
+	p.warnReplicas("bucket", subj.LeasesBucket(), p.leases.Replicas())
+	if p.failures, err = kv.NewFailures(ctx, js, kv.FailuresConfig{Bucket: subj.FailuresBucket(), Replicas: cfg.Replicas}); err != nil {
+		return nil, err
+	}
 	if p.metrics, err = newMetrics(cfg.MeterProvider, p); err != nil {
 		return nil, err
 	}
 	return p, nil
 }
+
+// Started returns a channel that is closed once Run serves: the
+// auth.register and auth.token service answers, the intake takes events in
+// and both lanes are consumed. Run closes it at most once; a Pool runs once.
+func (p *Pool) Started() <-chan struct{} { return p.started }
 
 // Store returns the credential store the pool uses.
 func (p *Pool) Store() *kv.Store { return p.store }
@@ -112,9 +137,9 @@ func (p *Pool) Store() *kv.Store { return p.store }
 // Leases returns the refresh leases the pool uses.
 func (p *Pool) Leases() *kv.Leases { return p.leases }
 
-// Run consumes events and serves requests until ctx is done, then shuts down
-// gracefully: it stops taking work, hands the events it had fetched but not
-// started back to the stream, and waits for in-flight refreshes to finish
+// Run takes in runtimes' events (see intake.go), consumes them and serves
+// requests until ctx is done, then shuts down gracefully: it stops taking
+// work, hands the events it had fetched but not started back to the stream, and waits for in-flight refreshes to finish
 // (each bounded by TokenTimeout) and release their leases. It returns nil
 // after a clean shutdown. The caller drains and closes the connection.
 func (p *Pool) Run(ctx context.Context) error {
@@ -122,56 +147,86 @@ func (p *Pool) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer svc.Stop()
-	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
-	// half-way may burn a rotating refresh token.
-	work := context.WithoutCancel(ctx)
-	var g errgroup.Group
-	g.SetLimit(p.cfg.Workers)
+	defer func() {
+		_ = svc.Stop()
+		// A handler that was running when the service stopped may still
+		// hand over a request: close first, then wait for those taken.
+		for _, l := range p.requests {
+			l.close()
+		}
+		p.serving.Wait()
+	}()
+	intake, err := p.startIntake()
+	if err != nil {
+		return err
+	}
+	// Also when Run ends without ctx (its connection closed under it).
+	defer intake.stop()
+	workLane, slowLane := make(chan jetstream.Msg), make(chan jetstream.Msg)
 	// Consume, not Messages: Messages hands events and the server's status
 	// messages over through a channel of the pull batch's size and drops
 	// what does not fit; registering a million credentials on a starved
 	// machine did ("slow consumer, messages dropped" on the pools' pull
-	// inboxes, issue 16). Consume queues them; its handler blocks while
-	// every worker is busy, and pulls again only after it returns.
-	cc, err := p.cons.Consume(func(msg jetstream.Msg) {
-		if ctx.Err() != nil {
-			// Fetched but not started: let another refresher have it now.
-			_ = msg.Nak()
-			return
-		}
-		g.Go(func() error {
-			p.handle(work, msg)
-			return nil
-		})
-	},
-		// A pull batch near the worker count: the default of 500 lets one
-		// process hoard a storm while the others idle.
-		jetstream.PullMaxMessages(p.cfg.Workers),
-		// Pull requests lost in a consumer leader change are noticed by
-		// missed heartbeats (twice the interval) and re-issued: with the
-		// defaults (30s expiry, 15s heartbeat) a failover stalls a pool
-		// for 30s; with these, for about 4s, at the cost of a small
-		// heartbeat message every 2s.
-		jetstream.PullExpiry(10*time.Second),
-		jetstream.PullHeartbeat(2*time.Second),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			// Missed heartbeats and the like: the consumer recovers by itself.
-			p.log.Warn("consumer hiccup", "error", err)
-		}),
-	)
+	// inboxes). Consume queues them; its handler blocks while the
+	// dispatcher has no free worker, and pulls again only after it returns.
+	consume := func(c jetstream.Consumer, batch int, lane chan<- jetstream.Msg) (jetstream.ConsumeContext, error) {
+		return c.Consume(func(msg jetstream.Msg) { lane <- msg },
+			// A pull batch near the worker count: the default of 500 lets
+			// one process hoard a storm while the others idle.
+			jetstream.PullMaxMessages(batch),
+			// Pull requests lost in a consumer leader change are noticed
+			// by missed heartbeats (twice the interval) and re-issued: with
+			// the defaults (30s expiry, 15s heartbeat) a failover stalls a
+			// pool for 30s; with these, for about 4s, at the cost of a
+			// small heartbeat message every 2s.
+			jetstream.PullExpiry(10*time.Second),
+			jetstream.PullHeartbeat(2*time.Second),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				// Missed heartbeats and the like: the consumer recovers by itself.
+				p.log.Warn("consumer hiccup", "error", err)
+			}),
+		)
+	}
+	workCC, err := consume(p.cons, p.cfg.Workers, workLane)
 	if err != nil {
+		intake.stop()
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), consumerName, err)
+	}
+	// The slow lane's batch is small: its messages may wait in this process
+	// while the work lane is busy, and their ack wait runs meanwhile.
+	slowCC, err := consume(p.slow, max(1, p.cfg.Workers/4), slowLane)
+	if err != nil {
+		intake.stop()
+		workCC.Stop()
+		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), slowConsumerName, err)
 	}
 	stop := context.AfterFunc(ctx, func() {
 		_ = svc.Stop()
-		cc.Drain()
+		intake.stop()
+		workCC.Drain()
+		slowCC.Drain()
 	})
 	defer stop()
 	defer p.keepSchedules(ctx)()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
-	<-cc.Closed()
-	_ = g.Wait()
+	// Subscriptions reach the server asynchronously: once a round trip
+	// has, a request sent from anywhere finds them.
+	if err := p.serve.Flush(); err != nil {
+		p.log.Warn("confirming the service's subscriptions", "error", err)
+	}
+	close(p.started)
+
+	// No handler runs once a consumer is closed (shutdown, or the
+	// connection closed under Run): then its lane ends.
+	var readers sync.WaitGroup
+	readers.Go(func() { <-workCC.Closed(); close(workLane) })
+	readers.Go(func() { <-slowCC.Closed(); close(slowLane) })
+
+	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
+	// half-way may burn a rotating refresh token.
+	newDispatcher(p, ctx, context.WithoutCancel(ctx)).run(workLane, slowLane)
+	readers.Wait()
+	p.handlers.Wait()
 	p.bg.Wait()
 	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)
 	return nil
@@ -181,9 +236,9 @@ func (p *Pool) Run(ctx context.Context) error {
 // terminate with a reason.
 func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 	start := time.Now()
-	var attempt uint64 = 1
+	attempt, group := uint64(1), consumerName
 	if md, err := msg.Metadata(); err == nil {
-		attempt = md.NumDelivered
+		attempt, group = md.NumDelivered, md.Consumer
 	}
 	in := p.receive(msg)
 	if p.join(msg, in, attempt, start) {
@@ -202,7 +257,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 			trace.WithLinks(trace.Link{SpanContext: trace.SpanContextFromContext(ctx)}))
 	}
 	ctx, span := p.tracer.Start(ctx, "process", append(opts,
-		trace.WithAttributes(processAttrs(msg.Subject(), len(msg.Data()), semconv.MessagingConsumerGroupName(consumerName))...))...)
+		trace.WithAttributes(processAttrs(msg.Subject(), len(msg.Data()), semconv.MessagingConsumerGroupName(group))...))...)
 	defer span.End()
 	if id := msg.Headers().Get(jetstream.MsgIDHeader); id != "" {
 		span.SetAttributes(semconv.MessagingMessageID(id))
@@ -288,7 +343,7 @@ type inbound struct {
 // event can join a flight).
 func (p *Pool) receive(msg jetstream.Msg) inbound {
 	in := inbound{subject: msg.Subject()}
-	typ, key, err := p.subj.ParseEvent(in.subject)
+	typ, key, err := p.subj.ParseWork(in.subject)
 	if err != nil {
 		in.refused = err.Error()
 		return in

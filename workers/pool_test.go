@@ -2,6 +2,7 @@ package workers_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Done-when 1: a storm of 401s for one token across three pools costs one
@@ -426,16 +428,28 @@ func TestMalformedEventsAreTerminated(t *testing.T) {
 	w := b.Watch(t, key)
 	good, _ := events.Encode(key, "test", events.Unauthorized{Fingerprint: events.Fingerprint(tok.AccessToken), Runtime: "rt"})
 	other := fleet.MustKey(t, "evil.kim.github")
-	bad := []struct{ subject, body, reason string }{
-		{"auth.401.acme.kim.github", "not json", "JSON"},
-		{"auth.401.acme.kim.github", strings.Replace(string(good), `"specversion":"1.0"`, `"specversion":"0.3"`, 1), "specversion"},
-		{"auth.401.acme.kim.github", strings.Replace(string(good), events.Fingerprint(tok.AccessToken), "", 1), "fingerprint"},
-		{"auth.401.acme.kim.git$hub", string(good), "key"},
-		{"auth.401.acme.kim.github", strings.Replace(string(good), `"subject":"acme.kim.github"`, `"subject":"`+other.String()+`"`, 1), "subject"},
+	bad := []struct{ key, body, reason string }{
+		{"acme.kim.github", "not json", "JSON"},
+		{"acme.kim.github", strings.Replace(string(good), `"specversion":"1.0"`, `"specversion":"0.3"`, 1), "specversion"},
+		{"acme.kim.github", strings.Replace(string(good), events.Fingerprint(tok.AccessToken), "", 1), "fingerprint"},
+		{"acme.kim.git$hub", string(good), "key"},
+		{"acme.kim.github", strings.Replace(string(good), `"subject":"acme.kim.github"`, `"subject":"`+other.String()+`"`, 1), "subject"},
 	}
+	// A runtime's bad report: the intake refuses it at once, naming what
+	// is wrong, and it never reaches the work queue.
 	for _, m := range bad {
-		if _, err := b.JS.Publish(context.Background(), m.subject, []byte(m.body)); err != nil {
-			t.Fatalf("publish %s: %v", m.subject, err)
+		_, err := b.JS.Publish(context.Background(), "auth.401."+m.key, []byte(m.body))
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.Code != 400 || !strings.Contains(strings.ToLower(apiErr.Description), strings.ToLower(m.reason)) {
+			t.Errorf("a report with a bad %s: %v, want a 400 that names it", m.reason, err)
+		}
+	}
+	// The same written straight into the work queue (by a refresher of
+	// another version, or anyone with JetStream rights): the workers
+	// terminate each with its reason instead of redelivering it forever.
+	for _, m := range bad {
+		if _, err := b.JS.Publish(context.Background(), "auth.work.401."+m.key, []byte(m.body)); err != nil {
+			t.Fatalf("publish %s: %v", m.key, err)
 		}
 	}
 	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)
@@ -491,7 +505,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 			t.Errorf("an error reply contains a secret (%.6s…)", c)
 		}
 	}
-	kvb, err := b.JS.KeyValue(context.Background(), b.Subj.BucketName("CREDENTIALS"))
+	kvb, err := b.JS.KeyValue(context.Background(), b.Subj.CredentialsBucket())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,15 +4,21 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
 )
 
-// consumerName is the durable pull consumer every refresher shares.
-const consumerName = "refreshers"
+// The durable pull consumers every refresher shares: the work lane and the
+// slow lane (see intake.go).
+const (
+	consumerName     = "refreshers"
+	slowConsumerName = "refreshers-slow"
+)
 
 // reauthKeep is how long a needs_reauth stays in the stream, so a runtime
 // that starts later still learns that a person must log in.
@@ -23,14 +29,22 @@ const reauthKeep = 30 * 24 * time.Hour
 // refreshers may start against the same NATS deployment. Replicas are the
 // deployment's: an existing stream keeps its replica count whatever
 // Config.Replicas says (see provisionStream).
-func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
+func (p *Pool) provision(ctx context.Context) ([2]jetstream.Consumer, error) {
+	var none [2]jetstream.Consumer
+	if err := p.migrateEvents(ctx); err != nil {
+		return none, err
+	}
 	work, err := p.provisionStream(ctx, jetstream.StreamConfig{
 		Name:        p.subj.EventsStream(),
-		Description: "authbus work queue: auth.401 and auth.expiring events and pending proactive-refresh schedules",
+		Description: "authbus work queue: auth.401 and auth.expiring events the intake took in, and pending proactive-refresh schedules",
+		// Only refreshers write these subjects: runtimes publish on their
+		// own, and the intake writes what it validated here (intake.go).
+		// Schedules must live in the same stream as their target.
 		Subjects: []string{
-			p.subj.EventWildcard(events.Type401),
-			p.subj.EventWildcard(events.TypeExpiring),
-			// Schedules must live in the same stream as their target.
+			p.subj.WorkWildcard(events.Type401),
+			p.subj.WorkWildcard(events.TypeExpiring),
+			p.subj.SlowWildcard(events.Type401),
+			p.subj.SlowWildcard(events.TypeExpiring),
 			p.subj.ScheduleWildcard(),
 		},
 		Retention:         jetstream.WorkQueuePolicy,
@@ -40,10 +54,10 @@ func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
 		MaxMsgSize:        2 * events.MaxEventSize,
 	})
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	if !work.CachedInfo().Config.AllowMsgSchedules {
-		return nil, fmt.Errorf("NATS server %s does not support message scheduling (stream %s has no AllowMsgSchedules): authbus needs nats-server 2.12 or later, upgrade the server",
+		return none, fmt.Errorf("NATS server %s does not support message scheduling (stream %s has no AllowMsgSchedules): authbus needs nats-server 2.12 or later, upgrade the server",
 			p.nc.ConnectedServerVersion(), p.subj.EventsStream())
 	}
 	if _, err := p.provisionStream(ctx, jetstream.StreamConfig{
@@ -55,23 +69,61 @@ func (p *Pool) provision(ctx context.Context) (jetstream.Consumer, error) {
 		MaxMsgsPerSubject: 1,
 		MaxAge:            reauthKeep,
 	}); err != nil {
-		return nil, err
+		return none, err
 	}
-	cons, err := p.js.CreateOrUpdateConsumer(ctx, p.subj.EventsStream(), jetstream.ConsumerConfig{
-		Durable:     consumerName,
-		Description: "authbus refreshers",
-		// The schedules share the stream but must never reach a worker.
-		FilterSubjects: []string{p.subj.EventWildcard(events.Type401), p.subj.EventWildcard(events.TypeExpiring)},
-		AckPolicy:      jetstream.AckExplicitPolicy,
-		AckWait:        p.cfg.AckWait,
-		MaxDeliver:     p.cfg.MaxDeliver,
-		MaxAckPending:  -1,
-		// 0: as many as the stream has, whatever that is now or later.
-	})
-	if err != nil {
-		return nil, fmt.Errorf("create or update consumer %s on %s: %w", consumerName, p.subj.EventsStream(), err)
+	var cons [2]jetstream.Consumer
+	for i, lane := range []struct {
+		name, description string
+		filter            []string
+	}{
+		{consumerName, "authbus refreshers: the work lane",
+			[]string{p.subj.WorkWildcard(events.Type401), p.subj.WorkWildcard(events.TypeExpiring)}},
+		{slowConsumerName, "authbus refreshers: the slow lane, taken when the work lane is empty",
+			[]string{p.subj.SlowWildcard(events.Type401), p.subj.SlowWildcard(events.TypeExpiring)}},
+	} {
+		c, err := p.js.CreateOrUpdateConsumer(ctx, p.subj.EventsStream(), jetstream.ConsumerConfig{
+			Durable:     lane.name,
+			Description: lane.description,
+			// The schedules share the stream but must never reach a worker.
+			FilterSubjects: lane.filter,
+			AckPolicy:      jetstream.AckExplicitPolicy,
+			AckWait:        p.cfg.AckWait,
+			MaxDeliver:     p.cfg.MaxDeliver,
+			MaxAckPending:  -1,
+			// 0: as many as the stream has, whatever that is now or later.
+		})
+		if err != nil {
+			return none, fmt.Errorf("create or update consumer %s on %s: %w", lane.name, p.subj.EventsStream(), err)
+		}
+		cons[i] = c
 	}
 	return cons, nil
+}
+
+// migrateEvents moves an events stream of an earlier version, which
+// captured the runtimes' own subjects, to the intake: the events still
+// queued on those subjects are dropped (their runtimes report again, or
+// their schedules fire), and the stream stops capturing them when
+// provisionStream updates its subjects. Schedules stay; one that fires on
+// the old target is not captured, and the credential is refreshed on its
+// next 401.
+func (p *Pool) migrateEvents(ctx context.Context) error {
+	s, err := p.js.Stream(ctx, p.subj.EventsStream())
+	if err != nil {
+		return nil // none yet, or provisionStream reports it
+	}
+	old := []string{p.subj.EventWildcard(events.Type401), p.subj.EventWildcard(events.TypeExpiring)}
+	if !slices.ContainsFunc(s.CachedInfo().Config.Subjects, func(x string) bool { return slices.Contains(old, x) }) {
+		return nil
+	}
+	for _, subject := range old {
+		if err := s.Purge(ctx, jetstream.WithPurgeSubject(subject)); err != nil {
+			return fmt.Errorf("migrate stream %s to the intake: purge %s: %w", p.subj.EventsStream(), subject, err)
+		}
+	}
+	p.log.Warn("the events stream no longer captures runtimes' subjects: the refreshers' intake takes their events in; events queued on the old subjects were dropped",
+		"stream", p.subj.EventsStream())
+	return nil
 }
 
 // provisionStream creates the stream with cfg and Config.Replicas, or
@@ -123,7 +175,7 @@ func (p *Pool) warnReplicas(kind, name string, deployed int) {
 // streamOf names the stream behind a stream or bucket.
 func streamOf(kind, name string) string {
 	if kind == "bucket" {
-		return "KV_" + name
+		return kv.BucketStream(name)
 	}
 	return name
 }

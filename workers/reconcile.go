@@ -141,7 +141,7 @@ func (p *Pool) restore(ctx context.Context, k events.Key) (wrote bool, quietRev 
 	if c.State != kv.StateActive || c.ExpiresAt.IsZero() {
 		return false, rev, nil
 	}
-	for _, subject := range []string{p.subj.Schedule(k), p.subj.Event(events.TypeExpiring, k)} {
+	for _, subject := range []string{p.subj.Schedule(k), p.subj.Work(events.TypeExpiring, k), p.subj.Slow(events.TypeExpiring, k)} {
 		info, err := p.work.Info(ctx, jetstream.WithSubjectFilter(subject))
 		if err != nil {
 			return false, 0, fmt.Errorf("look up %s: %w", subject, err)
@@ -206,9 +206,15 @@ func (k *keeper) setQuiet(hashes []uint64) {
 // auth.expiring in the events stream.
 func (p *Pool) coveredKeys(ctx context.Context) (*keySet, error) {
 	s := &keySet{seed: maphash.MakeSeed()}
-	for _, filter := range []string{p.subj.ScheduleWildcard(), p.subj.EventWildcard(events.TypeExpiring)} {
+	// A fired schedule and a runtime's auth.expiring wait on the work or
+	// slow lane until a refresher takes them.
+	for _, filter := range []string{p.subj.ScheduleWildcard(), p.subj.WorkWildcard(events.TypeExpiring), p.subj.SlowWildcard(events.TypeExpiring)} {
 		err := p.eachSubject(ctx, p.work.CachedInfo().Config.Name, filter, func(subject string) {
-			if _, k, err := p.subj.Parse(subject); err == nil {
+			_, k, err := p.subj.ParseWork(subject)
+			if err != nil {
+				_, k, err = p.subj.Parse(subject) // a schedule
+			}
+			if err == nil {
 				s.hashes = append(s.hashes, maphash.String(s.seed, k.String()))
 			}
 		})

@@ -78,8 +78,8 @@ func (r *refresh) validate(ctx context.Context) (result, bool) {
 // load is step 2: read the credential and decide without a lease when the
 // stored record answers the event (stale, needs_reauth, not due); most
 // events of a storm end here. This read is a direct get any replica may
-// answer: it decides only "answer from the store or not", and step 3
-// fences it before a refresh token is presented.
+// answer: step 3 fences it before a refresh token is presented, and an
+// event it would turn away is judged again on the leader's record.
 func (r *refresh) load(ctx context.Context) (result, bool) {
 	var err error
 	r.cred, r.read, err = r.p.store.Load(ctx, r.in.key)
@@ -89,11 +89,23 @@ func (r *refresh) load(ctx context.Context) (result, bool) {
 	if err != nil {
 		return resultOf(outNATS, r.p.backoff(r.attempt), err.Error()), true
 	}
+	if o := r.p.verdict(r.ev, r.cred, time.Now()); (o == outStale || o == outNeedsReauth) && !r.read.Current() {
+		// A replica may lag: the event may be about a token newer than
+		// the one it showed, which would make the runtime's genuine 401
+		// look stale and drop it. Only the leader's record turns it away.
+		r.cred, r.read, err = r.p.store.LoadLatest(ctx, r.in.key)
+		if errors.Is(err, kv.ErrNotFound) {
+			return resultOf(outUnknownCred, 0, fmt.Sprintf("credential %s is not registered; register it first", r.in.key)), true
+		}
+		if err != nil {
+			return resultOf(outNATS, r.p.backoff(r.attempt), err.Error()), true
+		}
+	}
 	r.rev = r.read.Revision
 	if res, done := r.p.decide(ctx, r.ev, r.cred); done {
 		return res, true
 	}
-	if r.p.breakers.open(r.cred.TokenEndpoint) {
+	if r.p.breakers.open(breakerKeyOf(r.cred)) {
 		return resultOf(outBreakerOpen, r.p.breakerWait(), "token endpoint breaker open"), true
 	}
 	return result{}, false
@@ -182,12 +194,28 @@ func (r *refresh) classify(ctx context.Context, tok *oauth2.Token, err error) re
 		if delay == 0 {
 			delay = r.p.backoff(r.attempt)
 		}
-		detail := "token endpoint unreachable or failing"
-		if a.status != 0 {
-			detail = fmt.Sprintf("token endpoint answered HTTP %d", a.status)
-		}
-		return resultOf(outTransient, delay, detail)
+		return r.transientFailure(ctx, failureCause(err, a, r.cred, r.p.cfg.TokenTimeout), delay)
 	}
+}
+
+// transientFailure is step 6 for an answer that a retry may fix: the cause
+// and the pending retry are noted for status, which shows them while the
+// state still says active, and the event goes back to the stream for the
+// retry. The note goes to the failure bucket, not the record: it must not
+// bump the record's revision under a refresh in flight. Noting is bounded
+// and best effort: only what a person sees is lost when it fails.
+func (r *refresh) transientFailure(ctx context.Context, cause string, delay time.Duration) result {
+	now := time.Now().UTC()
+	f := kv.Failure{Version: r.cred.Version, Fingerprint: r.cred.Fingerprint, At: now, Cause: cause, Attempt: r.attempt}
+	if r.attempt < uint64(r.p.cfg.MaxDeliver) {
+		f.RetryAt = now.Add(delay)
+	}
+	nctx, cancel := context.WithTimeout(ctx, failureNoteTimeout)
+	defer cancel()
+	if err := r.p.failures.Record(nctx, r.in.key, f); err != nil {
+		r.p.log.Warn("noting a failed refresh failed; status will not show it", "key", r.in.key.String(), "error", err)
+	}
+	return resultOf(outTransient, delay, cause)
 }
 
 // permanentFailure is step 5 for an OAuth error that no retry can fix,
@@ -217,25 +245,19 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 		// whose refresh token was already redeemed would force a re-login.
 		p.log.Warn("lease lost during the token-endpoint call; storing under compare-and-set only", "key", r.cred.Key.String())
 	}
+	got := inspect(tok, now) // what the answer may be trusted with (classify.go)
+	if got.problem != "" {
+		// The refresh token we sent is spent: keep the one issued, if it
+		// can be kept, so that nothing is lost, and park the credential,
+		// so that no retry presents the spent one or announces the token.
+		if tok.RefreshToken != "" && len(tok.RefreshToken) <= maxRefreshTokenSize {
+			r.cred.RefreshToken = kv.Secret(tok.RefreshToken)
+		}
+		return r.needsReauth(ctx, reasonUnusableToken, got.problem)
+	}
 	c := r.cred.Clone()
-	c.Version++
-	c.AccessToken = kv.Secret(tok.AccessToken)
-	c.TokenType = tok.TokenType
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
-	c.Fingerprint = events.Fingerprint(tok.AccessToken)
-	c.ReceivedAt = now
-	c.ExpiresAt = time.Time{}
-	if !tok.Expiry.IsZero() {
-		// x/oauth2 turns expires_in into an absolute time when the answer arrives.
-		c.ExpiresAt = tok.Expiry.UTC()
-	}
-	if tok.RefreshToken != "" {
-		c.RefreshToken = kv.Secret(tok.RefreshToken)
-	} // else: carry the old one forward (RFC 6749 §6).
-	c.State, c.Reason, c.Description = kv.StateActive, "", ""
-	c.UpdatedAt = now
+	// A refresh token left out is carried forward (RFC 6749 §6).
+	c.NewGeneration(kv.Tokens{AccessToken: tok.AccessToken, TokenType: got.tokenType, RefreshToken: tok.RefreshToken, ExpiresAt: got.expiresAt}, now)
 
 	err := r.store(ctx, c)
 	if errors.Is(err, kv.ErrConflict) {
@@ -261,7 +283,9 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 func (r *refresh) needsReauth(ctx context.Context, reason, description string) result {
 	p := r.p
 	c := r.cred.Clone()
-	c.State, c.Reason, c.Description = kv.StateNeedsReauth, reason, scrub(description, r.cred)
+	// Both may come from the server: bounded, so that the event fits.
+	c.State, c.Reason = kv.StateNeedsReauth, events.TruncateText(reason, events.MaxReasonLen)
+	c.Description = events.TruncateText(scrub(description, r.cred), events.MaxErrorDescriptionLen)
 	c.UpdatedAt = time.Now().UTC()
 	if err := r.store(ctx, c); err != nil {
 		if errors.Is(err, kv.ErrConflict) {
@@ -313,23 +337,35 @@ func (r *refresh) release(ctx context.Context) {
 // decide answers an event from the stored credential alone when it can: in
 // the order stale, needs_reauth, not due.
 func (p *Pool) decide(ctx context.Context, ev *events.Event, c *kv.Credential) (result, bool) {
-	now := time.Now()
-	if ev.Fingerprint() != c.Fingerprint && c.Valid(now) {
+	switch p.verdict(ev, c, time.Now()) {
+	case outStale:
 		if err := p.announceRotated(ctx, c); err != nil {
 			return resultOf(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
 		}
 		return answered(outStale, c.Version), true
-	}
-	if c.State == kv.StateNeedsReauth {
+	case outNeedsReauth:
 		if err := p.announceNeedsReauth(ctx, c); err != nil {
 			return resultOf(outNATS, jitter(p.cfg.LeaseWait), err.Error()), true
 		}
 		return answered(outNeedsReauth, c.Version), true
-	}
-	if ev.Type == events.TypeExpiring && !p.due(c, now) {
+	case outNotDue:
 		return resultOf(outNotDue, 0, ""), true
 	}
 	return result{}, false
+}
+
+// verdict is what the stored credential says of an event, in the order
+// stale, needs_reauth, not due; outRotated when it needs a refresh.
+func (p *Pool) verdict(ev *events.Event, c *kv.Credential, now time.Time) outcome {
+	switch {
+	case ev.Fingerprint() != c.Fingerprint && c.Valid(now):
+		return outStale
+	case c.State == kv.StateNeedsReauth:
+		return outNeedsReauth
+	case ev.Type == events.TypeExpiring && !p.due(c, now):
+		return outNotDue
+	}
+	return outRotated
 }
 
 // due reports whether the proactive refresh of c should happen now. A token

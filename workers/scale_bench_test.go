@@ -101,7 +101,7 @@ func BenchmarkScale(b *testing.B) {
 		regP99.Round(time.Millisecond), regMax.Round(time.Millisecond))
 	regSeconds := time.Since(start).Seconds()
 	runtime.GC()
-	kvs, err := bd.JS.KeyValue(b.Context(), bd.Subj.BucketName("CREDENTIALS"))
+	kvs, err := bd.JS.KeyValue(b.Context(), bd.Subj.CredentialsBucket())
 	if err != nil {
 		b.Fatal(err)
 	}

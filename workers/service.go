@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -30,7 +29,7 @@ const requestTimeout = 10 * time.Second
 // NATS micro service. Every refresher joins the same queue group, so each
 // request is answered once.
 func (p *Pool) startService() (micro.Service, error) {
-	svc, err := micro.AddService(p.nc, micro.Config{
+	svc, err := micro.AddService(p.serve, micro.Config{
 		Name:        "authbus",
 		Version:     Version,
 		Description: "authbus token service: register credentials and read current access tokens",
@@ -38,12 +37,18 @@ func (p *Pool) startService() (micro.Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start micro service: %w", err)
 	}
+	// Each endpoint serves its requests concurrently, fairly per tenant
+	// (see lanes); token requests are quick, so many more may wait.
+	share := max(1, p.cfg.Requests/4)
+	register := newLanes("auth.register", p.cfg.Requests, share, 2*share, &p.serving)
+	token := newLanes("auth.token", p.cfg.Requests, share, 64*share, &p.serving)
+	p.requests = []*lanes{register, token}
 	for _, ep := range []struct {
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"register", p.subj.RegisterWildcard(), p.traced(p.subj.RegisterWildcard(), p.handleRegister)},
-		{"token", p.subj.TokenWildcard(), p.traced(p.subj.TokenWildcard(), p.handleToken)},
+		{"register", p.subj.RegisterWildcard(), p.concurrently(register, p.traced(p.subj.RegisterWildcard(), p.handleRegister))},
+		{"token", p.subj.TokenWildcard(), p.concurrently(token, p.traced(p.subj.TokenWildcard(), p.handleToken))},
 	} {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
 			_ = svc.Stop()
@@ -51,6 +56,39 @@ func (p *Pool) startService() (micro.Service, error) {
 		}
 	}
 	return svc, nil
+}
+
+// concurrently hands each request to its tenant's lane in l, to be served
+// on a goroutine of its own (or refused, 503, when the tenant or the
+// refresher is busy). A subject without a credential key is answered at
+// once: there is no tenant to queue it for, and the answer is quick.
+func (p *Pool) concurrently(l *lanes, h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		_, k, err := p.subj.Parse(req.Subject())
+		// NATS does not check the reply subject a requester names, and the
+		// refresher answers with its own rights: an answer aimed at a KV
+		// key, the JetStream API or another tenant's subjects would write
+		// there. Answer only on the requester's own inbox (for a subject
+		// without a key, only on the default one), and not at all
+		// otherwise.
+		if !replyAllowed(req.Reply(), k.Tenant) {
+			p.log.Warn("request refused: its reply subject is not the requester's inbox", "subject", req.Subject(), "tenant", k.Tenant)
+			return
+		}
+		if err != nil {
+			h(req)
+			return
+		}
+		d := detach(p.serve, req)
+		l.submit(k.Tenant, job{
+			serve: func() { h(d) },
+			refuse: func(description string) {
+				p.log.Debug("request refused: busy", "subject", d.subject, "reason", description)
+				p.replyError(d, events.CodeUnavailable, description, "")
+			},
+			received: time.Now(),
+		})
+	}
 }
 
 // traced serves a request inside a server span, the child of the
@@ -83,10 +121,12 @@ func (p *Pool) replyError(req micro.Request, code, description, reason string) {
 	if tr, ok := req.(tracedRequest); ok {
 		tr.fail(code)
 	}
+	// Descriptions and reasons may repeat what a server or a requester
+	// sent: bounded, and on one line as a header value must be.
+	description = events.TruncateText(description, events.MaxErrorDescriptionLen)
+	reason = events.TruncateText(reason, events.MaxReasonLen)
 	body, _ := json.Marshal(events.ErrorReply{Error: code, ErrorDescription: description, Reason: reason})
-	// Header values must stay on one line.
-	desc := strings.ReplaceAll(description, "\n", " ")
-	if err := req.Error(events.StatusOf(code), desc, body); err != nil {
+	if err := req.Error(events.StatusOf(code), description, body); err != nil {
 		p.log.Warn("reply failed", "subject", req.Subject(), "error", err)
 	}
 }
@@ -136,12 +176,6 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 	now := time.Now().UTC()
 	c := &kv.Credential{
 		Key:           key,
-		AccessToken:   kv.Secret(rr.Token.AccessToken),
-		TokenType:     rr.Token.TokenType,
-		Fingerprint:   events.Fingerprint(rr.Token.AccessToken),
-		ReceivedAt:    now,
-		ExpiresAt:     rr.Token.ExpiresAt.UTC(),
-		RefreshToken:  kv.Secret(rr.Token.RefreshToken),
 		ClientSecret:  kv.Secret(rr.ClientSecret),
 		TokenEndpoint: rr.TokenEndpoint,
 		ClientID:      rr.ClientID,
@@ -149,15 +183,9 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 		Grant:         rr.Grant,
 		Scopes:        rr.Scopes,
 		Resource:      rr.Resource,
-		State:         kv.StateActive,
-		UpdatedAt:     now,
 	}
-	if rr.Token.ExpiresIn > 0 {
-		c.ExpiresAt = now.Add(time.Duration(rr.Token.ExpiresIn) * time.Second)
-	}
-	if c.TokenType == "" {
-		c.TokenType = "Bearer"
-	}
+	c.NewGeneration(kv.Tokens{AccessToken: rr.Token.AccessToken, TokenType: rr.Token.TokenType,
+		RefreshToken: rr.Token.RefreshToken, ExpiresAt: rr.Token.Expiry(now)}, now)
 	if c.AuthStyle == "" {
 		c.AuthStyle = events.AuthStyleBasic
 	}

@@ -45,6 +45,10 @@ type TokenHostPolicy struct {
 	// inside the network. Link-local addresses (169.254/16 with the cloud
 	// metadata service, fe80::/10), unspecified, multicast and reserved
 	// addresses are always refused.
+	//
+	// An IPv6 address that leads to an IPv4 one (IPv4-mapped, NAT64 with
+	// the well-known or a local-use prefix, 6to4, Teredo, IPv4-compatible
+	// or -translated) is refused when that IPv4 address is.
 	AllowPrivate bool
 }
 
@@ -105,27 +109,96 @@ var (
 		netip.MustParsePrefix("2001:db8::/32"),
 		netip.MustParsePrefix("fec0::/10"),
 	}
-	nat64 = netip.MustParsePrefix("64:ff9b::/96")
+	// Prefixes whose addresses carry an IPv4 address the packets end up
+	// at: a refused IPv4 address must stay refused in each of these forms.
+	nat64      = netip.MustParsePrefix("64:ff9b::/96")    // RFC 6052 well-known prefix
+	nat64Local = netip.MustParsePrefix("64:ff9b:1::/48")  // RFC 8215 local-use, any RFC 6052 length
+	sixToFour  = netip.MustParsePrefix("2002::/16")       // RFC 3056
+	teredo     = netip.MustParsePrefix("2001::/32")       // RFC 4380
+	v4Compat   = netip.MustParsePrefix("::/96")           // RFC 4291 §2.5.5.1, deprecated
+	v4Xlat     = netip.MustParsePrefix("::ffff:0:0:0/96") // RFC 2765 IPv4-translated
 )
 
-// checkAddr refuses an address the policy does not allow.
+// embeddedIPv4 returns the IPv4 addresses an IPv6 address leads to: a
+// NAT64 translator, a 6to4 or Teredo relay, or an old stack delivers such a
+// packet to the IPv4 address inside, so the policy must judge that one.
+//
+// A local-use NAT64 address (RFC 8215) may follow any RFC 6052 layout, and
+// which one depends on the translator. DNS64 writes the IPv4 address in the
+// last 32 bits (the /96 layout): that one is judged in full. The /48, /56
+// and /64 layouts are returned as alternates: in a /96 address they read
+// as bytes of the prefix and the address (0.0.0.0, 0.0.0.8, …), which no
+// translator forwards, so an alternate is refused only when it is an
+// address one would forward (loopback, link-local, private): the metadata
+// service written in the /48 layout stays refused.
+func embeddedIPv4(ip netip.Addr) (judged, alternates []netip.Addr) {
+	if !ip.Is6() || ip.Is4In6() {
+		return nil, nil
+	}
+	b := ip.As16()
+	v4 := func(x ...byte) netip.Addr { return netip.AddrFrom4([4]byte(x)) }
+	switch {
+	case nat64.Contains(ip):
+		return []netip.Addr{v4(b[12:]...)}, nil
+	case nat64Local.Contains(ip):
+		// RFC 6052 §2.2: bits 64–71 are skipped.
+		return []netip.Addr{v4(b[12:]...)}, []netip.Addr{
+			v4(b[6], b[7], b[9], b[10]),  // /48
+			v4(b[7], b[9], b[10], b[11]), // /56
+			v4(b[9:13]...),               // /64
+		}
+	case sixToFour.Contains(ip):
+		return []netip.Addr{v4(b[2:6]...)}, nil
+	case teredo.Contains(ip):
+		// The Teredo server, and the client's address stored inverted.
+		return []netip.Addr{v4(b[4:8]...), v4(^b[12], ^b[13], ^b[14], ^b[15])}, nil
+	case v4Xlat.Contains(ip):
+		return []netip.Addr{v4(b[12:]...)}, nil
+	case v4Compat.Contains(ip) && ip != netip.IPv6Loopback() && ip != netip.IPv6Unspecified():
+		// ::1 and :: are IPv6's own loopback and unspecified addresses,
+		// judged as such.
+		return []netip.Addr{v4(b[12:]...)}, nil
+	}
+	return nil, nil
+}
+
+// checkAddr refuses an address the policy does not allow: the address
+// itself and, for an IPv6 address that embeds an IPv4 one (IPv4-mapped,
+// NAT64, 6to4, Teredo, IPv4-compatible or -translated), every IPv4 address
+// it may lead to.
 func (p TokenHostPolicy) checkAddr(ip netip.Addr) error {
 	ip = ip.Unmap()
-	if nat64.Contains(ip) {
-		// The IPv4 address in the low 32 bits is where the packet goes.
-		b := ip.As16()
-		ip = netip.AddrFrom4([4]byte(b[12:]))
+	if err := p.checkOne(ip); err != nil {
+		return err
 	}
+	judged, alternates := embeddedIPv4(ip)
+	for _, v4 := range alternates {
+		if v4.IsUnspecified() || v4.IsMulticast() || inAny(reserved, v4) {
+			continue // not a destination; see embeddedIPv4
+		}
+		judged = append(judged, v4)
+	}
+	for _, v4 := range judged {
+		if err := p.checkOne(v4); err != nil {
+			return fmt.Errorf("address %s leads to %s: %w", ip, v4, err)
+		}
+	}
+	return nil
+}
+
+func inAny(ps []netip.Prefix, ip netip.Addr) bool {
+	for _, pf := range ps {
+		if pf.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkOne refuses an address by its own kind.
+func (p TokenHostPolicy) checkOne(ip netip.Addr) error {
 	refuse := func(kind, fix string) error {
 		return fmt.Errorf("%w: address %s is %s; %s", ErrTokenHostRefused, ip, kind, fix)
-	}
-	inAny := func(ps []netip.Prefix) bool {
-		for _, pf := range ps {
-			if pf.Contains(ip) {
-				return true
-			}
-		}
-		return false
 	}
 	switch {
 	case !ip.IsValid():
@@ -136,9 +209,9 @@ func (p TokenHostPolicy) checkAddr(ip netip.Addr) error {
 		}
 	case ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast():
 		return refuse("link-local (e.g. a cloud metadata service)", "token endpoints there are never allowed")
-	case ip.IsUnspecified() || ip.IsMulticast() || ip.IsInterfaceLocalMulticast() || inAny(reserved):
+	case ip.IsUnspecified() || ip.IsMulticast() || ip.IsInterfaceLocalMulticast() || inAny(reserved, ip):
 		return refuse("unspecified, multicast or reserved", "token endpoints there are never allowed")
-	case ip.IsPrivate() || inAny(privateExtra):
+	case ip.IsPrivate() || inAny(privateExtra, ip):
 		if !p.AllowPrivate {
 			return refuse("private", "to call an authorization server inside the network set --allow-private-token-hosts (TokenHosts.AllowPrivate)")
 		}

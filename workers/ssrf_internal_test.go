@@ -28,6 +28,26 @@ func TestTokenHostPolicyAddresses(t *testing.T) {
 		{"fd00::1", false, false, true},
 		{"::ffff:10.0.0.1", false, false, true},
 		{"64:ff9b::a00:1", false, false, true}, // NAT64 of 10.0.0.1
+		// IPv6 forms that lead to an IPv4 address are judged by it.
+		{"::ffff:169.254.169.254", false, false, false},
+		{"64:ff9b::a9fe:a9fe", false, false, false},             // NAT64 of the metadata service
+		{"64:ff9b::808:808", true, true, true},                  // NAT64 of a public address
+		{"64:ff9b:1::a9fe:a9fe", false, false, false},           // local-use NAT64, /96 layout
+		{"64:ff9b:1:a9fe:a9:fe00::", false, false, false},       // local-use NAT64, /48 layout
+		{"64:ff9b:1:a9fe:a9:fe00:808:808", false, false, false}, // /48 layout hiding behind a public /96 reading
+		{"64:ff9b:1::808:808", true, true, true},                // local-use NAT64 of a public address (DNS64)
+		{"64:ff9b:1::7f00:1", false, true, true},
+		{"64:ff9b:1::a00:1", false, false, true},
+		{"2002:a9fe:a9fe::1", false, false, false}, // 6to4 of the metadata service
+		{"2002:7f00:1::1", false, true, true},
+		{"2002:a00:1::1", false, false, true},
+		{"2002:808:808::1", true, true, true},
+		{"::a9fe:a9fe", false, false, false}, // IPv4-compatible
+		{"::7f00:1", false, true, true},
+		{"::a00:1", false, false, true},
+		{"::ffff:0:a9fe:a9fe", false, false, false},                   // IPv4-translated
+		{"2001:0:4136:e378:8000:63bf:5601:56fe", false, false, false}, // Teredo, client 169.254.169.1
+		{"2001:0:4136:e378:8000:63bf:f7f7:f7f7", true, true, true},    // Teredo, client 8.8.8.8
 		{"169.254.169.254", false, false, false},
 		{"fe80::1", false, false, false},
 		{"0.0.0.0", false, false, false},
@@ -98,6 +118,10 @@ func TestCheckEndpoint(t *testing.T) {
 		{TokenHostPolicy{AllowLoopback: true}, "http://127.0.0.1:8080/token", true},
 		{TokenHostPolicy{}, "https://169.254.169.254/latest/meta-data", false},
 		{TokenHostPolicy{}, "https://[fe80::1]/token", false},
+		{TokenHostPolicy{}, "https://[64:ff9b:1::a9fe:a9fe]/token", false},
+		{TokenHostPolicy{}, "https://[2002:a9fe:a9fe::1]/token", false},
+		{TokenHostPolicy{}, "https://[::a9fe:a9fe]/token", false},
+		{TokenHostPolicy{}, "https://[64:ff9b::808:808]/token", true},
 		// A name is resolved: localhost resolves to loopback.
 		{TokenHostPolicy{}, "http://localhost:8080/token", false},
 		{TokenHostPolicy{AllowLoopback: true}, "http://localhost:8080/token", true},

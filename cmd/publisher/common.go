@@ -35,20 +35,10 @@ const (
 )
 
 // errUsage marks errors about the command line or the input given to it.
-var errUsage = errors.New("bad usage")
+var errUsage = cli.ErrUsage
 
 // usageErrorf returns an error that exits with exitUsage.
-func usageErrorf(format string, args ...any) error {
-	return &usageError{fmt.Errorf(format, args...)}
-}
-
-type usageError struct{ err error }
-
-func (e *usageError) Error() string { return e.err.Error() }
-func (e *usageError) Unwrap() error { return e.err }
-func (e *usageError) Is(target error) bool {
-	return target == errUsage
-}
+func usageErrorf(format string, args ...any) error { return cli.UsageErrorf(format, args...) }
 
 // errNotRegistered is what operator commands return for a key that has no
 // credential record.
@@ -105,26 +95,28 @@ func exitCode(err error) int {
 	return exitFailure
 }
 
-// globals are the connection settings every command takes, before or
-// after its name.
+// globals are the settings every command takes, before or after its
+// name: the NATS connection (cli.Conn, the refresher's grammar too), the
+// subject prefix and how long to wait for an answer.
 type globals struct {
-	url, creds, inboxPrefix, prefix string
-	timeout                         time.Duration
-	subj                            events.Subjects
+	conn    cli.Conn
+	prefix  string
+	timeout time.Duration
+	subj    events.Subjects
 }
 
-// define adds the connection flags to fs.
-func (g *globals) define(fs *flag.FlagSet) {
-	fs.StringVar(&g.url, "nats-url", nats.DefaultURL, "NATS server URL")
-	fs.StringVar(&g.creds, "creds", "", "NATS user credentials file")
-	fs.StringVar(&g.inboxPrefix, "inbox-prefix", "", "reply inbox prefix (default _INBOX), for a tenant user allowed only _INBOX_<tenant>.>")
+// commonFlags are the flags of globals besides the connection's.
+var commonFlags = cli.Group{Title: "Flags of every command", Names: []string{"prefix", "timeout"}}
+
+// define adds the flags of globals to env's flag set, each bound to its
+// environment variable.
+func (g *globals) define(env *cli.EnvFlags) {
+	fs := env.FlagSet()
 	fs.StringVar(&g.prefix, "prefix", events.DefaultPrefix, "authbus subject prefix")
+	env.Bind("prefix", "AUTHBUS_PREFIX")
 	fs.DurationVar(&g.timeout, "timeout", 5*time.Second, "how long to wait for each answer")
-}
-
-var globalEnv = map[string]string{
-	"nats-url": "NATS_URL", "creds": "NATS_CREDS", "inbox-prefix": "NATS_INBOX_PREFIX",
-	"prefix": "AUTHBUS_PREFIX", "timeout": "AUTHBUS_TIMEOUT",
+	env.Bind("timeout", "AUTHBUS_TIMEOUT")
+	g.conn.Define(env, nats.DefaultURL, "NATS server URL")
 }
 
 // cmdFlags is the flag set of one command: its own flags plus the
@@ -145,10 +137,7 @@ func newFlags(name, synopsis, about string, s streams) *cmdFlags {
 	// Errors and help are printed by parse and run, to the right stream.
 	fs.SetOutput(io.Discard)
 	f := &cmdFlags{FlagSet: fs, env: cli.NewEnvFlags(fs), s: s, synopsis: synopsis, about: about}
-	f.g.define(fs)
-	for name, env := range globalEnv {
-		f.env.Bind(name, env)
-	}
+	f.g.define(f.env)
 	return f
 }
 
@@ -189,48 +178,16 @@ func (f *cmdFlags) parse(args []string) error {
 	if f.g.timeout <= 0 {
 		return usageErrorf("--timeout %v: give a positive duration such as 5s", f.g.timeout)
 	}
-	if f.g.inboxPrefix != "" {
-		if err := nats.CustomInboxPrefix(f.g.inboxPrefix)(&nats.Options{}); err != nil {
-			return usageErrorf("--inbox-prefix %q: a subject prefix without wildcards or a trailing dot, such as _INBOX_acme", f.g.inboxPrefix)
-		}
-	}
-	return nil
+	return f.g.conn.Check()
 }
 
 func (f *cmdFlags) printUsage() {
-	w := f.s.out
-	fmt.Fprintf(w, "Usage: publisher %s\n\n%s\n", f.synopsis, strings.TrimSpace(f.about))
-	var own, conn []*flag.Flag
-	f.VisitAll(func(fl *flag.Flag) {
-		if _, ok := globalEnv[fl.Name]; ok {
-			conn = append(conn, fl)
-		} else {
-			own = append(own, fl)
-		}
-	})
-	if len(own) > 0 {
-		fmt.Fprintln(w, "\nFlags:")
-		printFlags(w, own)
-	}
-	fmt.Fprintln(w, "\nConnection flags:")
-	printFlags(w, conn)
-	fmt.Fprintln(w, "\nFlags may also come after the arguments; each environment variable shown is read when its flag is not given.")
-}
-
-// printFlags prints flags as flag.PrintDefaults does.
-func printFlags(w io.Writer, flags []*flag.Flag) {
-	for _, fl := range flags {
-		typ, use := flag.UnquoteUsage(fl)
-		line := "  --" + fl.Name
-		if typ != "" {
-			line += " " + typ
-		}
-		line += "\n    \t" + strings.ReplaceAll(use, "\n", "\n    \t")
-		if fl.DefValue != "" && fl.DefValue != "false" && fl.DefValue != "0" && fl.DefValue != "0s" && fl.DefValue != "[]" {
-			line += fmt.Sprintf(" (default %s)", fl.DefValue)
-		}
-		fmt.Fprintln(w, line)
-	}
+	cli.Usage{
+		Synopsis: "publisher " + f.synopsis,
+		About:    f.about,
+		Groups:   []cli.Group{commonFlags, cli.ConnGroup()},
+		Footer:   "Flags may also come after the arguments.",
+	}.Print(f.s.out, f.FlagSet)
 }
 
 // oneKey parses the single KEY argument of a command.
@@ -266,16 +223,9 @@ type client struct {
 // connect connects with the connection flags.
 func (f *cmdFlags) connect() (*client, error) {
 	g := &f.g
-	opts := []nats.Option{nats.Name("authbus-publisher " + f.Name()), nats.Timeout(g.timeout)}
-	if g.inboxPrefix != "" {
-		opts = append(opts, nats.CustomInboxPrefix(g.inboxPrefix))
-	}
-	if g.creds != "" {
-		opts = append(opts, nats.UserCredentials(g.creds))
-	}
-	nc, err := nats.Connect(g.url, opts...)
+	nc, err := g.conn.Connect(nats.Name("authbus-publisher "+f.Name()), nats.Timeout(g.timeout))
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w; is a refresher or NATS server running there? set --nats-url or NATS_URL (and --creds if it needs a user)", g.url, err)
+		return nil, err
 	}
 	return &client{nc: nc, g: g}, nil
 }
@@ -329,7 +279,7 @@ func endSpan(span trace.Span, err error) {
 // and the refusal arrives separately as the connection's last error.
 func (c *client) timeoutError(subject string, err error) error {
 	if last := c.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
-		return fmt.Errorf("%s: %w (%v); check the NATS user's permissions for %s and its reply inbox (--inbox-prefix)", subject, err, last, subject)
+		return fmt.Errorf("%s: %w (%v); check the NATS user's permissions for %s and its reply inbox (--nats-inbox-prefix)", subject, err, last, subject)
 	}
 	return fmt.Errorf("%s: no answer within %v (%w); is a refresher running? raise --timeout if it is busy", subject, c.g.timeout, err)
 }
@@ -413,8 +363,8 @@ func shortDuration(d time.Duration) string {
 		return fmt.Sprintf("%dd", d/(24*time.Hour))
 	case d >= time.Hour:
 		return strings.TrimSuffix((d - d%time.Minute).String(), "0s")
-	case d >= time.Minute:
-		return strings.TrimSuffix(d.String(), "0s")
+	case d >= time.Minute && d%time.Minute == 0:
+		return strings.TrimSuffix(d.String(), "0s") // "4m", not "4m0s"
 	}
 	return d.String()
 }

@@ -111,11 +111,11 @@ command: devserver itself does not connect to NATS.`, s)
 // the connection flags that differ from their defaults.
 func loginCommand(g globals, issuer, clientID string) string {
 	words := []string{publisherCommand(), "login"}
-	if g.url != nats.DefaultURL {
-		words = append(words, "--nats-url", g.url)
+	if g.conn.URL != nats.DefaultURL {
+		words = append(words, "--nats-url", g.conn.URL)
 	}
-	if g.creds != "" {
-		words = append(words, "--creds", g.creds)
+	if g.conn.Creds != "" {
+		words = append(words, "--nats-creds", g.conn.Creds)
 	}
 	if g.prefix != events.DefaultPrefix {
 		words = append(words, "--prefix", g.prefix)

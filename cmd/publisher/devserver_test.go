@@ -23,6 +23,7 @@ func TestDevserverPrintsALoginThatWorks(t *testing.T) {
 	}
 	w := b.Watch(t, fleet.MustKey(t, devKey))
 
+	before := time.Now()
 	errOut, done := b.start(t, append([]string{"login", "--no-browser"}, args...)...)
 	if p, err := (authtest.Browser{}).Approve(t.Context(), waitForMatch(t, errOut, authorizeURL)[1]); err != nil || p.Status != 200 {
 		t.Fatalf("approve: %v", err)
@@ -32,8 +33,10 @@ func TestDevserverPrintsALoginThatWorks(t *testing.T) {
 		t.Errorf("login output %q", r.out)
 	}
 	cred := b.Cred(t, fleet.MustKey(t, devKey))
-	if d := time.Until(cred.ExpiresAt); d > 45*time.Second || d < 30*time.Second {
-		t.Errorf("a development token expires in %v, want about 45s", d)
+	// The token was issued between before and the registration: it expires
+	// --token-lifetime after a moment in between, however long that took.
+	if earliest, latest := before.Add(45*time.Second).Truncate(time.Second), cred.ReceivedAt.Add(45*time.Second); cred.ExpiresAt.Before(earliest) || cred.ExpiresAt.After(latest) {
+		t.Errorf("a development token expires at %v, want 45s after its issue, within [%v, %v]", cred.ExpiresAt, earliest, latest)
 	}
 	b.publisher(t, "", "401", "--access-token", cred.AccessToken.Reveal(), devKey).want(t, 0)
 	w.WaitFor(t, "rotation", fleet.RotatedVersion(2))

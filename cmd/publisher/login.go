@@ -45,6 +45,7 @@ command ready to run.`, s)
 	var scopes cli.StringList
 	defineClientFlags(f, &req, &scopes, "authorization server issuer (required); its endpoints are found by RFC 8414 discovery")
 	device := f.Bool("device", false, "use the device authorization grant: show a URL and a code to enter on another device")
+	f.bind("device", "AUTHBUS_DEVICE")
 	noBrowser := f.Bool("no-browser", false, "print the login URL without trying to open a browser")
 	f.bind("no-browser", "AUTHBUS_NO_BROWSER")
 	wait := f.Duration("login-timeout", 5*time.Minute, "how long to wait for the login to be approved")
@@ -63,6 +64,9 @@ command ready to run.`, s)
 	}
 	if *wait <= 0 {
 		return usageErrorf("--login-timeout %v: give a positive duration such as 5m", *wait)
+	}
+	if *device && f.env.Origin("no-browser") == "--no-browser" {
+		return usageErrorf("--no-browser is for the browser login; --device opens no browser anyway: drop one of the two")
 	}
 	// Everything but the token, checked before anyone logs in for nothing.
 	probe := req

@@ -4,7 +4,7 @@
 //
 // Runtime commands (register, 401, expiring, token, watch) speak the wire
 // protocol only, so a tenant's NATS user may run them on its own keys (with
-// --inbox-prefix when its user may only receive on its own inbox prefix).
+// --nats-inbox-prefix when its user may only receive on its own inbox prefix).
 // Operator commands (status, delete) read and write the authbus streams and
 // buckets directly and need a NATS user with JetStream access to them.
 package main
@@ -24,6 +24,7 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 
+	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/telemetry"
 )
 
@@ -87,7 +88,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	// to the command, which parses them with their environment fallbacks.
 	top := flag.NewFlagSet("publisher", flag.ContinueOnError)
 	top.SetOutput(io.Discard)
-	new(globals).define(top)
+	new(globals).define(cli.NewEnvFlags(top))
 	err := top.Parse(args)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
@@ -152,12 +153,19 @@ func usage() string {
 KEY is tenant.user.server, each part [A-Za-z0-9_-]{1,64}. A PATTERN is a key
 with NATS wildcards (acme.*.github, acme.>) or a tenant (acme).
 
-Connection flags, accepted before or after the command name:
-  --nats-url URL        NATS server (env NATS_URL; default nats://127.0.0.1:4222)
-  --creds FILE          NATS user credentials file (env NATS_CREDS)
-  --inbox-prefix P      reply inbox prefix, for a tenant user allowed only _INBOX_<tenant>.> (env NATS_INBOX_PREFIX)
-  --prefix P            authbus subject prefix (env AUTHBUS_PREFIX; default auth)
-  --timeout D           how long to wait for each answer (env AUTHBUS_TIMEOUT; default 5s)
+Flags of every command, accepted before or after the command name (each
+reads the environment variable shown; "publisher <command> --help" says
+more):
+  --prefix P            authbus subject prefix (AUTHBUS_PREFIX; default auth)
+  --timeout D           how long to wait for each answer (AUTHBUS_TIMEOUT; default 5s)
+  --nats-url URL        NATS servers (NATS_URL; default nats://127.0.0.1:4222)
+  --nats-user NAME      NATS user (NATS_USER), with --nats-password (NATS_PASSWORD)
+  --nats-creds FILE     NATS user credentials file (NATS_CREDS)
+  --nats-nkey FILE      NATS nkey seed file (NATS_NKEY)
+  --nats-ca FILE        TLS certificate authorities (NATS_CA)
+  --nats-cert FILE      TLS client certificate (NATS_CERT), with --nats-key FILE (NATS_KEY)
+  --nats-inbox-prefix P reply inbox prefix, for a tenant user allowed only
+                        _INBOX_<tenant>.> (NATS_INBOX_PREFIX)
 
 status and delete read and write the authbus streams and buckets directly:
 they need a NATS user with JetStream access to them, not a tenant's user.

@@ -116,7 +116,7 @@ func TestTopLevelHelpListsEveryCommand(t *testing.T) {
 				t.Errorf("%v: no line for %s:\n%s", args, c.name, r.out)
 			}
 		}
-		for _, want := range []string{"--nats-url", "NATS_URL", "--prefix", "--timeout", "--inbox-prefix", "Exit status"} {
+		for _, want := range []string{"--nats-url", "NATS_URL", "--prefix", "--timeout", "--nats-inbox-prefix", "Exit status"} {
 			if !strings.Contains(r.out, want) {
 				t.Errorf("%v: top-level help does not mention %s", args, want)
 			}
@@ -138,7 +138,7 @@ func TestEveryCommandHasHelp(t *testing.T) {
 				t.Errorf("%v: exit %d, stdout:\n%s\nstderr:\n%s", args, r.code, r.out, r.errOut)
 				continue
 			}
-			for _, want := range []string{"--nats-url", "NATS_URL", "--timeout", "--inbox-prefix", "Connection flags:"} {
+			for _, want := range []string{"--nats-url", "NATS_URL", "--timeout", "--nats-inbox-prefix", "NATS connection flags:"} {
 				if !strings.Contains(r.out, want) {
 					t.Errorf("%s --help does not mention %s", c.name, want)
 				}
@@ -166,7 +166,7 @@ func TestBadInputExitsTwoSayingWhatToDo(t *testing.T) {
 		{"bad key", "", []string{"token", "acme..github"}, "user (part 2) is empty; keys are tenant.user.server"},
 		{"bad prefix", "", []string{"token", "--prefix", "a b", "a.b.c"}, "--prefix"},
 		{"bad timeout", "", []string{"token", "--timeout", "-1s", "a.b.c"}, "give a positive duration"},
-		{"bad inbox prefix", "", []string{"token", "--inbox-prefix", "_INBOX.>", "a.b.c"}, "--inbox-prefix"},
+		{"bad inbox prefix", "", []string{"token", "--nats-inbox-prefix", "_INBOX.>", "a.b.c"}, "--nats-inbox-prefix"},
 		{"fingerprint not hex", "", []string{"401", "--fingerprint", "not-a-fingerprint", "a.b.c"}, "16 lowercase hex characters"},
 		{"fingerprint and token", "", []string{"401", "--fingerprint", "0123456789abcdef", "--access-token", "x", "a.b.c"}, "not both"},
 		{"expiring without expiry", "", []string{"expiring", "--fingerprint", "0123456789abcdef", "a.b.c"}, "--expires-at"},
@@ -201,11 +201,35 @@ func TestServiceErrorsAndUnreachableServer(t *testing.T) {
 		t.Errorf("stderr does not name the missing field:\n%s", r.errOut)
 	}
 	r = runCmd(t, context.Background(), "", "token", "--nats-url", "nats://127.0.0.1:1", "--timeout", "500ms", "a.b.c").want(t, 1)
-	if !strings.Contains(r.errOut, "set --nats-url or NATS_URL") {
+	if !strings.Contains(r.errOut, "set --nats-url (NATS_URL)") {
 		t.Errorf("unreachable server: stderr does not say what to set:\n%s", r.errOut)
 	}
 	r = b.publisher(t, "", "--prefix", "other", "token", "a.b.c").want(t, 1)
 	if !strings.Contains(r.errOut, "no refresher answers") {
 		t.Errorf("no responders: %s", r.errOut)
 	}
+}
+
+// A flag the rest of the command line makes meaningless is refused.
+func TestIgnoredFlagsAreRefused(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"401", "--recheck", "1s", "a.b.c"}, "--recheck paces the waiting of --wait"},
+		{[]string{"login", "--device", "--no-browser", "--issuer", "http://127.0.0.1:1", "--client-id", "c", "a.b.c"}, "--no-browser is for the browser login"},
+		{[]string{"storm", "--nats-user", "u"}, "--nats-user applies to a deployment's NATS"},
+	} {
+		r := runCmd(t, context.Background(), "", tc.args...).want(t, 2)
+		if !strings.Contains(r.errOut, tc.want) {
+			t.Errorf("%q: stderr %q, want %q", tc.args, r.errOut, tc.want)
+		}
+	}
+	t.Run("storm with NATS_URL alone", func(t *testing.T) {
+		t.Setenv("NATS_URL", "nats://u:secret-pw@127.0.0.1:1")
+		r := runCmd(t, context.Background(), "", "storm").want(t, 2)
+		if !strings.Contains(r.errOut, "NATS_URL is set") || !strings.Contains(r.errOut, "Pass --nats-url") || strings.Contains(r.errOut, "secret-pw") {
+			t.Errorf("storm with NATS_URL exported: %q", r.errOut)
+		}
+	})
 }

@@ -37,6 +37,7 @@ show in ps.`, s)
 	var tokenPath, expiresAt string
 	defineRegisterFlags(f, &req, &scopes)
 	f.StringVar(&tokenPath, "token-file", "", "token response JSON from `FILE`, or - for stdin")
+	f.bind("token-file", "AUTHBUS_TOKEN_FILE")
 	f.StringVar(&req.Token.AccessToken, "access-token", "", "access token (prefer --token-file or the environment)")
 	f.bind("access-token", "AUTHBUS_ACCESS_TOKEN")
 	f.StringVar(&req.Token.RefreshToken, "refresh-token", "", "refresh token (prefer --token-file or the environment)")
@@ -93,6 +94,7 @@ func defineRegisterFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.S
 	f.bind("token-endpoint", "AUTHBUS_TOKEN_ENDPOINT")
 	defineClientFlags(f, req, scopes, "authorization server issuer; its token endpoint is found by RFC 8414 discovery (instead of --token-endpoint)")
 	f.StringVar(&req.Grant, "grant", "", "refresh_token or client_credentials (default refresh_token)")
+	f.bind("grant", "AUTHBUS_GRANT")
 }
 
 // checkRegister checks a register request as the refresher will, so that a
@@ -111,8 +113,11 @@ func defineClientFlags(f *cmdFlags, req *events.RegisterRequest, scopes *cli.Str
 	f.StringVar(&req.ClientSecret, "client-secret", "", "OAuth client secret, for confidential clients (prefer the environment)")
 	f.bind("client-secret", "AUTHBUS_CLIENT_SECRET")
 	f.StringVar(&req.AuthStyle, "auth-style", "", "client authentication: basic or post (default: from discovery metadata, else basic)")
+	f.bind("auth-style", "AUTHBUS_AUTH_STYLE")
 	f.Var(scopes, "scope", "scope to request on refresh (repeatable, or comma-separated)")
+	f.bind("scope", "AUTHBUS_SCOPE")
 	f.StringVar(&req.Resource, "resource", "", "RFC 8707 resource indicator sent on refresh (MCP servers require it)")
+	f.bind("resource", "AUTHBUS_RESOURCE")
 }
 
 func registerJSONFlag(f *cmdFlags) *bool {

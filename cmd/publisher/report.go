@@ -32,7 +32,7 @@ func (r *reportFlags) define(f *cmdFlags, what string) {
 
 // check refuses contradictory or malformed token flags before anything
 // is sent.
-func (r *reportFlags) check() error {
+func (r *reportFlags) check(f *cmdFlags) error {
 	switch {
 	case r.fingerprint != "" && r.accessToken != "":
 		return usageErrorf("give --fingerprint or --access-token, not both")
@@ -42,6 +42,8 @@ func (r *reportFlags) check() error {
 		return usageErrorf("--wait %v: give a positive duration such as 30s, or 0 not to wait", r.wait)
 	case r.recheck <= 0:
 		return usageErrorf("--recheck %v: give a positive duration such as 2s", r.recheck)
+	case r.wait == 0 && f.env.Origin("recheck") == "--recheck":
+		return usageErrorf("--recheck paces the waiting of --wait, which is not given: add --wait, or drop --recheck")
 	}
 	return nil
 }
@@ -74,6 +76,7 @@ the refreshers refresh it now.`, s)
 	r.define(f, "got 401")
 	host, _ := os.Hostname()
 	runtime := f.String("runtime", "publisher@"+host, "who saw the 401")
+	f.bind("runtime", "AUTHBUS_RUNTIME")
 	status := f.Int("status", 401, "HTTP status seen")
 	rawURL := f.String("url", "", "URL of the request that got 401 (its query and credentials are dropped)")
 	if err := f.parse(args); err != nil {
@@ -160,7 +163,7 @@ type outcome struct {
 // once after the report).
 func report(ctx context.Context, f *cmdFlags, key events.Key, r *reportFlags, runtime string,
 	send func(src *authclient.Source, fp string, cur *events.Rotated) (authclient.Published, error)) error {
-	if err := r.check(); err != nil {
+	if err := r.check(f); err != nil {
 		return err
 	}
 	c, err := f.connect()

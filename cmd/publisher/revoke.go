@@ -89,9 +89,9 @@ Exits 3 if a KEY was not registered (the others are still revoked).`, s)
 	}
 	r := &revoker{g: c.g, js: js, hc: &http.Client{Timeout: httpTimeout}, endpoint: *endpoint}
 	octx, cancel := context.WithTimeout(ctx, c.g.timeout)
-	r.store, err = kv.OpenStore(octx, js, c.g.subj.BucketName("CREDENTIALS"), ring)
+	r.store, err = kv.OpenStore(octx, js, c.g.subj.CredentialsBucket(), ring)
 	if err == nil {
-		r.leases, err = kv.OpenLeases(octx, js, c.g.subj.BucketName("LEASES"), revokeLeaseTTL)
+		r.leases, err = kv.OpenLeases(octx, js, c.g.subj.LeasesBucket(), revokeLeaseTTL)
 	}
 	cancel()
 	if err != nil {

@@ -128,7 +128,7 @@ func TestRevokeKeepsWhatItCouldNotRevoke(t *testing.T) {
 
 	// A refresh in flight holds the lease: revoke waits for it, up to
 	// --timeout.
-	leases, err := kv.OpenLeases(context.Background(), b.JS, b.Subj.BucketName("LEASES"), 30*time.Second)
+	leases, err := kv.OpenLeases(context.Background(), b.JS, b.Subj.LeasesBucket(), 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,13 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"os"
 	"runtime/pprof"
 	"slices"
 
 	"github.com/authbus/authbus/internal/authserver"
+	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/internal/storm"
 )
 
@@ -27,22 +27,25 @@ side for each --mode:
 
 By default everything runs in this process: an embedded NATS server,
 refresher pools, and a test authorization server with refresh-token
-rotation and reuse detection. --nats-url (or NATS_URL) joins a deployment
-instead, whose refreshers do the authbus refreshes (they must reach the
-token endpoint, and allow loopback hosts for the built-in one).
+rotation and reuse detection. --nats-url joins a deployment instead, whose
+refreshers do the authbus refreshes (they must reach the token endpoint,
+and allow loopback hosts for the built-in one); NATS_URL alone is refused,
+so that a variable exported for the other commands never sends a storm to
+a deployment.
 --token-url uses a real token endpoint with the client_credentials grant.
 
 Progress goes to stderr; the table (or --json) to stdout.`, s)
 	var cfg storm.Config
-	mode := f.String("mode", "naive,inprocess,authbus,ceiling", "comma-separated modes to run side by side: naive, inprocess, authbus, ceiling")
-	f.IntVar(&cfg.Credentials, "credentials", 500, "K, the number of credentials")
-	f.IntVar(&cfg.Runtimes, "runtimes", 8, "N, the runtimes per credential that each see the 401")
-	f.IntVar(&cfg.Waves, "waves", 3, "how often every credential's token is rejected, one wave after the other")
-	f.IntVar(&cfg.Processes, "processes", 4, "P, the processes of the inprocess mode")
-	f.IntVar(&cfg.Pools, "pools", 2, "in-process refresher pools, and ceiling worker groups")
+	// The defaults are storm.Config's zero values, said in the usage.
+	mode := f.String("mode", "", "comma-separated modes to run side by side: naive, inprocess, authbus, ceiling (default all four)")
+	f.IntVar(&cfg.Credentials, "credentials", 0, "K, the number of credentials (default 500)")
+	f.IntVar(&cfg.Runtimes, "runtimes", 0, "N, the runtimes per credential that each see the 401 (default 8)")
+	f.IntVar(&cfg.Waves, "waves", 0, "how often every credential's token is rejected, one wave after the other (default 3)")
+	f.IntVar(&cfg.Processes, "processes", 0, "P, the processes of the inprocess mode (default 4)")
+	f.IntVar(&cfg.Pools, "pools", 0, "in-process refresher pools, and ceiling worker groups (default 2)")
 	f.IntVar(&cfg.Workers, "workers", 0, "concurrent refreshes per pool and per ceiling group (default: the refresher's, 4×GOMAXPROCS, at least 8)")
-	f.IntVar(&cfg.Publishers, "publishers", 16, "goroutines publishing 401s, and naive runtimes calling at once")
-	f.IntVar(&cfg.Probes, "probes", 200, "one-at-a-time refreshes after the waves, to measure the latency authbus adds (negative: none); with fewer than 100 their p99 is the largest")
+	f.IntVar(&cfg.Publishers, "publishers", 0, "goroutines publishing 401s, and naive runtimes calling at once (default 16)")
+	f.IntVar(&cfg.Probes, "probes", 0, "one-at-a-time refreshes after the waves, to measure the latency authbus adds (default 200; negative: none); with fewer than 100 their p99 is the largest")
 	f.DurationVar(&cfg.WaveTimeout, "wave-timeout", 0, "give up on a wave after this long (default 2m)")
 	f.DurationVar(&cfg.Latency, "latency", 0, "the built-in authorization server's answer time")
 	f.IntVar(&cfg.Failures, "fail", 0, "the built-in server answers the first N token calls of every wave with 503")
@@ -59,25 +62,40 @@ Progress goes to stderr; the table (or --json) to stdout.`, s)
 	if f.NArg() != 0 {
 		return usageErrorf("storm takes no arguments, got %q; run \"publisher storm --help\"", f.Args())
 	}
-	modes, err := storm.ParseModes(*mode)
-	if err != nil {
-		return usageErrorf("--mode: %w", err)
+	var err error
+	if *mode != "" {
+		modes, err := storm.ParseModes(*mode)
+		if err != nil {
+			return usageErrorf("--mode: %w", err)
+		}
+		if slices.Contains(modes, storm.ModeAuthbus) && !slices.Contains(modes, storm.ModeCeiling) {
+			// authbus is always reported against its ceiling.
+			modes = append(modes, storm.ModeCeiling)
+		}
+		cfg.Modes = modes
 	}
-	if slices.Contains(modes, storm.ModeAuthbus) && !slices.Contains(modes, storm.ModeCeiling) {
-		// authbus is always reported against its ceiling.
-		modes = append(modes, storm.ModeCeiling)
-	}
-	cfg.Modes = modes
 	if cfg.Reuse, err = authserver.ParseReuseMode(*reuse); err != nil {
 		return usageErrorf("--reuse: %w", err)
 	}
-	// The default URL means the embedded server: join a deployment only
-	// when asked to.
-	f.Visit(func(fl *flag.Flag) {
-		if fl.Name == "nats-url" {
-			cfg.NATSURL = f.g.url
+	// The default is everything in this process. A deployment is joined
+	// only when the command line says so: a NATS_URL exported for the
+	// other commands must not send a storm of 401s to its refreshers.
+	switch origin := f.env.Origin("nats-url"); origin {
+	case "--nats-url":
+		cfg.NATSURL = f.g.conn.URL
+		if cfg.NATSOptions, err = f.g.conn.Options(); err != nil {
+			return err
 		}
-	})
+	case "":
+		for _, c := range cli.ConnFlags[1:] {
+			if from := f.env.Origin(c.Name); from != "" {
+				return usageErrorf("%s applies to a deployment's NATS, but storm runs its own embedded server without --nats-url: give --nats-url to storm a deployment, or drop %s", from, from)
+			}
+		}
+	default:
+		return usageErrorf("%s is set (%s), but storm joins a deployment only when --nats-url is given on the command line: its refreshers would take K×N 401s. Pass --nats-url to storm that deployment, or unset %s to run everything in this process",
+			origin, cli.RedactURLs(f.g.conn.URL), origin)
+	}
 	cfg.Prefix = f.g.prefix
 	cfg.Progress = s.errOut
 

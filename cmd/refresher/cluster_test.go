@@ -15,6 +15,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/internal/natstest"
 	"github.com/authbus/authbus/internal/storm"
@@ -38,7 +39,7 @@ type clusterDeployment struct {
 // to every refresher.
 func startClusterDeployment(tb testing.TB, extra ...string) *clusterDeployment {
 	tb.Helper()
-	bin := binaries(tb)
+	bin := cmdtest.Binaries(tb)
 	d := &clusterDeployment{c: natstest.RunCluster(tb, 3, natstest.SyncAlways())}
 	keyFile := filepath.Join(tb.TempDir(), "seal-keys.json")
 	var err error
@@ -83,7 +84,7 @@ func (d *clusterDeployment) leadNothing(tb testing.TB, nc *nats.Conn, i int) {
 	tb.Helper()
 	subj, _ := events.NewSubjects("")
 	for _, s := range []string{subj.EventsStream(), subj.ReauthStream(),
-		"KV_" + subj.BucketName("CREDENTIALS"), "KV_" + subj.BucketName("LEASES")} {
+		kv.BucketStream(subj.CredentialsBucket()), kv.BucketStream(subj.LeasesBucket())} {
 		if d.c.StreamLeader(s) == i {
 			d.c.MoveLeader(nc, s)
 		}
@@ -128,7 +129,7 @@ func TestClusterRefresherProcesses(t *testing.T) {
 		})
 		keys = append(keys, key)
 	}
-	store, err := kv.OpenStore(ctx, js, subj.BucketName("CREDENTIALS"), d.ring)
+	store, err := kv.OpenStore(ctx, js, subj.CredentialsBucket(), d.ring)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +174,7 @@ func TestClusterRefresherProcesses(t *testing.T) {
 			t.Errorf("%s: %v %v, want active", key, c, err)
 		}
 	}
-	d.c.WaitCurrent(subj.EventsStream(), "KV_"+subj.BucketName("CREDENTIALS"), "KV_"+subj.BucketName("LEASES"))
+	d.c.WaitCurrent(subj.EventsStream(), kv.BucketStream(subj.CredentialsBucket()), kv.BucketStream(subj.LeasesBucket()))
 }
 
 // BenchmarkClusterStorm runs `publisher storm --nats-url` (the storm's own

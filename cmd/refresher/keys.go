@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -29,13 +30,12 @@ import (
 const keysLeaseTTL = 10 * time.Second
 
 type keysOptions struct {
-	natsURL, listen, dataDir, sealKeyFile, prefix string
-	natsConfig, natsUser, natsPasswd              string
-	reseal, retire                                bool
+	conn                                             cli.Conn
+	listen, dataDir, sealKeyFile, prefix, natsConfig string
+	reseal, retire                                   bool
 }
 
-const keysUsage = `Usage: refresher keys list|rotate|reseal|retire [flags]
-
+const keysAbout = `
 Manages the key ring that seals refresh tokens and client secrets at rest.
 
   list     the keys of the key file, which is active, and how many
@@ -43,7 +43,9 @@ Manages the key ring that seals refresh tokens and client secrets at rest.
   rotate   add a new random key to the key file and make it active; then
            (unless --reseal=false) reseal every credential under it, and
            with --retire drop the keys no credential uses any more
-  reseal   rewrite every credential still sealed with an older key
+  reseal   rewrite every credential still sealed with an older key, or
+           written by an older version (its seals bind less; run it once
+           after upgrading)
   retire   drop the keys that are neither active nor used by a credential
 
 Refreshers load the key file at start. One still running with the old file
@@ -57,58 +59,72 @@ refresh is in flight is reported busy: run reseal again.
 
 Without --nats-url the command connects to the embedded server of a running
 refresher on --listen, or starts the embedded server on --data-dir itself.
+With --nats-url, --listen and --nats-config are refused (and reported as
+ignored when they come from the environment).`
 
-Flags:
-`
+// keysSubcommands are the subcommands of refresher keys.
+var keysSubcommands = []string{"list", "rotate", "reseal", "retire"}
 
 func runKeys(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		fmt.Fprint(stderr, keysUsage)
-		return errors.New("missing subcommand: list, rotate, reseal or retire")
+	sub := ""
+	if len(args) > 0 {
+		sub, args = args[0], args[1:]
 	}
-	sub, args := args[0], args[1:]
 	var o keysOptions
 	fset := flag.NewFlagSet("refresher keys "+sub, flag.ContinueOnError)
-	fset.SetOutput(stderr)
-	fset.Usage = func() {
-		fmt.Fprint(fset.Output(), keysUsage)
-		fset.PrintDefaults()
-	}
+	fset.SetOutput(io.Discard) // errors are returned, help goes to stdout
 	env := cli.NewEnvFlags(fset)
-	fset.StringVar(&o.natsURL, "nats-url", "", "NATS deployment of the refreshers")
-	env.Bind("nats-url", "NATS_URL")
+	synopsis := "refresher keys list|rotate|reseal|retire [flags]"
+	if slices.Contains(keysSubcommands, sub) {
+		synopsis = "refresher keys " + sub + " [flags]"
+	}
+	usage := cli.Usage{Synopsis: synopsis, About: keysAbout, Groups: []cli.Group{cli.ConnGroup()}}
+	o.conn.Define(env, "", "NATS deployment of the refreshers (default: a running refresher's embedded server on --listen, else the embedded server on --data-dir)")
 	fset.StringVar(&o.listen, "listen", "127.0.0.1:4222", "client address of a running refresher's embedded server")
 	env.Bind("listen", "AUTHBUS_LISTEN")
 	fset.StringVar(&o.dataDir, "data-dir", "./authbus-data", "directory of the embedded server's store and of the default seal key file")
 	env.Bind("data-dir", "AUTHBUS_DATA_DIR")
 	fset.StringVar(&o.sealKeyFile, "seal-key-file", "", "the key file (default <data-dir>/seal-keys.json)")
 	env.Bind("seal-key-file", "AUTHBUS_SEAL_KEY_FILE")
-	fset.StringVar(&o.prefix, "prefix", "auth", "subject prefix")
+	fset.StringVar(&o.prefix, "prefix", "", "subject prefix (default auth)")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
 	fset.StringVar(&o.natsConfig, "nats-config", "", "nats-server configuration file of the embedded server")
 	env.Bind("nats-config", "AUTHBUS_NATS_CONFIG")
-	fset.StringVar(&o.natsUser, "nats-user", "", "NATS user to connect as (the refreshers' user)")
-	env.Bind("nats-user", "NATS_USER")
-	fset.StringVar(&o.natsPasswd, "nats-password", "", "password of --nats-user")
-	env.Bind("nats-password", "NATS_PASSWORD")
 	if sub == "rotate" {
 		fset.BoolVar(&o.reseal, "reseal", true, "reseal every credential under the new key")
 		fset.BoolVar(&o.retire, "retire", false, "after resealing, drop the keys no credential uses")
 	}
 	switch sub {
 	case "list", "rotate", "reseal", "retire":
-	case "-h", "--help", "help":
-		fset.Usage()
+	case "-h", "-help", "--help", "help":
+		usage.Print(stdout, fset)
 		return flag.ErrHelp
+	case "":
+		usage.Print(stderr, fset)
+		return cli.UsageErrorf("missing subcommand: list, rotate, reseal or retire")
 	default:
-		fmt.Fprint(stderr, keysUsage)
-		return fmt.Errorf("unknown subcommand %q: use list, rotate, reseal or retire", sub)
+		return cli.UsageErrorf("unknown subcommand %q: use list, rotate, reseal or retire; see refresher keys --help", sub)
 	}
-	if err := env.Parse(args); err != nil {
+	err := env.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		usage.Print(stdout, fset)
 		return err
 	}
+	if err != nil {
+		return cli.UsageErrorf("%v; see refresher keys %s --help", err, sub)
+	}
 	if fset.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q; see refresher keys --help", fset.Args())
+		return cli.UsageErrorf("unexpected arguments %q; see refresher keys %s --help", fset.Args(), sub)
+	}
+	if err := o.conn.Check(); err != nil {
+		return err
+	}
+	ignored, err := embeddedOnly(env, o.conn, false)
+	if err != nil {
+		return err
+	}
+	for _, w := range ignored {
+		fmt.Fprintln(stderr, "refresher keys:", w)
 	}
 	if o.sealKeyFile == "" {
 		o.sealKeyFile = filepath.Join(o.dataDir, "seal-keys.json")
@@ -131,7 +147,11 @@ func runKeys(args []string, stdout, stderr io.Writer) error {
 			return nil
 		}
 	}
-	ring, _, err := kv.LoadOrCreateKeyRing(o.sealKeyFile)
+	// Never create a key file here: a new key could open nothing.
+	ring, err := kv.LoadKeyRing(o.sealKeyFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("no key file at %s: pass --seal-key-file, or start a refresher once to create it", o.sealKeyFile)
+	}
 	if err != nil {
 		return err
 	}
@@ -148,7 +168,7 @@ func runKeys(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--prefix: %w", err)
 	}
-	store, err := kv.OpenStore(ctx, js, subj.BucketName("CREDENTIALS"), ring)
+	store, err := kv.OpenStore(ctx, js, subj.CredentialsBucket(), ring)
 	if err != nil {
 		return err
 	}
@@ -157,7 +177,7 @@ func runKeys(args []string, stdout, stderr io.Writer) error {
 	case "list":
 		return listKeys(ctx, stdout, store, ring)
 	case "rotate", "reseal":
-		leases, err := kv.OpenLeases(ctx, js, subj.BucketName("LEASES"), keysLeaseTTL)
+		leases, err := kv.OpenLeases(ctx, js, subj.LeasesBucket(), keysLeaseTTL)
 		if err != nil {
 			return err
 		}
@@ -218,17 +238,18 @@ func retireKeys(ctx context.Context, stdout io.Writer, path string, store *kv.St
 // refresher's embedded server on --listen, else an embedded server of our
 // own on --data-dir (the refresher is stopped).
 func (o keysOptions) connect() (*nats.Conn, func(), error) {
-	opts := []nats.Option{nats.Name("authbus-keys")}
-	if o.natsUser != "" {
-		opts = append(opts, nats.UserInfo(o.natsUser, o.natsPasswd))
-	}
-	if o.natsURL != "" {
-		nc, err := nats.Connect(o.natsURL, opts...)
+	if o.conn.URL != "" {
+		nc, err := o.conn.Connect(nats.Name("authbus-keys"))
 		if err != nil {
-			return nil, nil, fmt.Errorf("connect to NATS %q: %w; check --nats-url", o.natsURL, err)
+			return nil, nil, err
 		}
 		return nc, nc.Close, nil
 	}
+	opts, err := o.conn.Options()
+	if err != nil {
+		return nil, nil, err
+	}
+	opts = append(opts, nats.Name("authbus-keys"))
 	if nc, err := nats.Connect("nats://"+o.listen, append(opts, nats.Timeout(time.Second))...); err == nil {
 		return nc, nc.Close, nil
 	}

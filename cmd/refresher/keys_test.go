@@ -96,7 +96,7 @@ func TestRefresherRefusesOpenKeyFile(t *testing.T) {
 	if err := os.Chmod(path, 0o640); err != nil {
 		t.Fatal(err)
 	}
-	err := run([]string{"--data-dir", dir, "--seal-key-file", path, "--listen", "127.0.0.1:0", "--metrics-addr", ""}, &bytes.Buffer{})
+	err := run([]string{"--data-dir", dir, "--seal-key-file", path, "--listen", "127.0.0.1:0", "--metrics-addr", ""}, &bytes.Buffer{}, &bytes.Buffer{})
 	if err == nil || !strings.Contains(err.Error(), "chmod 600 "+path) {
 		t.Fatalf("refresher with a 0640 key file: %v, want an error saying chmod 600 %s", err, path)
 	}

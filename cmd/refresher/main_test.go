@@ -3,8 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
@@ -21,17 +24,17 @@ import (
 // refresher on the embedded default, then publisher register, 401 and watch,
 // then SIGTERM and a clean exit.
 func TestREADMEQuickStart(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	as.AddClient("demo", "demo-secret")
 	tok := as.Issue("demo")
 
 	dataDir := t.TempDir()
-	addr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
 	natsURL := "nats://" + addr
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr)
 	// Set but empty turns the operations listener off, as --metrics-addr="" does.
-	refresher.Env = append(cleanEnv(), "AUTHBUS_METRICS_ADDR=")
+	refresher.Env = append(cmdtest.CleanEnv(), "AUTHBUS_METRICS_ADDR=")
 	_, refLog, exited := startRefresher(t, refresher)
 	if strings.Contains(refLog.String(), "metrics and health listener running") {
 		t.Errorf("AUTHBUS_METRICS_ADDR= left the operations listener on:\n%s", refLog.String())
@@ -39,7 +42,7 @@ func TestREADMEQuickStart(t *testing.T) {
 
 	publisher := func(stdin string, args ...string) *exec.Cmd {
 		cmd := exec.Command(filepath.Join(bin, "publisher"), args...)
-		cmd.Env = append(cleanEnv(), "NATS_URL="+natsURL, "AUTHBUS_CLIENT_SECRET=demo-secret")
+		cmd.Env = append(cmdtest.CleanEnv(), "NATS_URL="+natsURL, "AUTHBUS_CLIENT_SECRET=demo-secret")
 		cmd.Stdin = strings.NewReader(stdin)
 		return cmd
 	}
@@ -125,28 +128,6 @@ func TestEnvironmentFallbackAndErrors(t *testing.T) {
 	}
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// cleanEnv is the test's environment without authbus settings, so a
-// developer's shell does not change what the test runs.
-func cleanEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "AUTHBUS_") && !strings.HasPrefix(kv, "NATS_") {
-			env = append(env, kv)
-		}
-	}
-	return env
-}
-
 func waitForText(t testing.TB, b *fleet.LogBuffer, text string, d time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -162,9 +143,87 @@ func waitForText(t testing.TB, b *fleet.LogBuffer, text string, d time.Duration)
 	}
 }
 
-func TestRedactURLs(t *testing.T) {
-	got := redactURLs("nats://svc:hunter2@n1:4222,nats://n2:4222")
-	if strings.Contains(got, "hunter2") || !strings.Contains(got, "n1:4222") || !strings.Contains(got, "nats://n2:4222") {
-		t.Errorf("redactURLs = %q", got)
+// Flags that the chosen mode would ignore are refused, naming where each
+// came from (a flag, or a variable exported for another command).
+func TestRefresherRefusesFlagsItWouldIgnore(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		want []string
+	}{
+		{name: "listen with nats-url", args: []string{"--nats-url", "nats://n:4222", "--listen", "127.0.0.1:5222"},
+			want: []string{"--listen sets up the embedded NATS server, which --nats-url replaces"}},
+		{name: "nats-config with NATS_URL", env: map[string]string{"NATS_URL": "nats://n:4222"}, args: []string{"--nats-config", "/etc/nats.conf"},
+			want: []string{"--nats-config sets up the embedded NATS server, which NATS_URL replaces"}},
+		{name: "TLS in the embedded mode", args: []string{"--nats-ca", "/dev/null"},
+			want: []string{"--nats-ca applies with --nats-url only", "in process"}},
+		{name: "two ways to authenticate", args: []string{"--nats-url", "nats://n:4222", "--nats-user", "u", "--nats-nkey", "/dev/null"},
+			want: []string{"give one"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := parseFlags(tc.args, &bytes.Buffer{})
+			if !errors.Is(err, cli.ErrUsage) {
+				t.Fatalf("parseFlags(%q): %v, want a usage error (exit 2)", tc.args, err)
+			}
+			for _, want := range tc.want {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not say %q", err, want)
+				}
+			}
+		})
+	}
+	// A variable exported for the embedded mode is not refused when the
+	// command line joins a deployment, but not dropped silently either.
+	t.Setenv("AUTHBUS_LISTEN", "127.0.0.1:5222")
+	o, err := parseFlags([]string{"--nats-url", "nats://n:4222"}, &bytes.Buffer{})
+	if err != nil || len(o.ignored) != 1 || !strings.Contains(o.ignored[0], "AUTHBUS_LISTEN is set but ignored: it sets up the embedded NATS server, which --nats-url replaces") {
+		t.Errorf("AUTHBUS_LISTEN with --nats-url: %v, warnings %q", err, o.ignored)
+	}
+	// The same settings in the mode they belong to are fine.
+	if _, err := parseFlags([]string{"--listen", "127.0.0.1:5222", "--nats-user", "u", "--nats-password", "p"}, &bytes.Buffer{}); err != nil {
+		t.Errorf("embedded mode with --listen and a user: %v", err)
+	}
+	if _, err := parseFlags([]string{"--nats-url", "nats://n:4222", "--nats-ca", "/dev/null"}, &bytes.Buffer{}); err != nil {
+		t.Errorf("--nats-url with --nats-ca: %v", err)
 	}
 }
+
+// A refresher that cannot reach NATS leaves nothing on disk: the seal key
+// file is created only once the connection works.
+func TestNothingIsWrittenBeforeTheRefresherCanRun(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "keys", "seal-keys.json")
+	err := run([]string{"--nats-url", "nats://127.0.0.1:1", "--seal-key-file", keyFile, "--data-dir", filepath.Join(dir, "data"), "--metrics-addr", ""},
+		&bytes.Buffer{}, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "connect to NATS") {
+		t.Fatalf("run against nothing: %v, want a connection error", err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 0 {
+		t.Errorf("a refresher that could not connect wrote %v into %s", entries, dir)
+	}
+}
+
+// --help and help print to stdout and succeed, for the daemon and its
+// subcommands alike; a missing subcommand is a usage error.
+func TestHelpGoesToStdout(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"help", "keys"}, {"keys", "--help"}, {"keys", "list", "--help"}, {"permissions", "--help"}} {
+		var stdout, stderr bytes.Buffer
+		err := dispatch(args, &stdout, &stderr)
+		if err != nil && !errors.Is(err, flag.ErrHelp) {
+			t.Errorf("%q: %v", args, err)
+		}
+		if !strings.HasPrefix(stdout.String(), "Usage: refresher") || stderr.Len() > 0 {
+			t.Errorf("%q: stdout %q, stderr %q; want the usage on stdout only", args, firstLine(stdout.String()), stderr.String())
+		}
+	}
+	if err := dispatch([]string{"keys"}, &bytes.Buffer{}, &bytes.Buffer{}); !errors.Is(err, cli.ErrUsage) {
+		t.Errorf("refresher keys: %v, want a usage error", err)
+	}
+}
+
+func firstLine(s string) string { line, _, _ := strings.Cut(s, "\n"); return line }

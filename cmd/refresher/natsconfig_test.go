@@ -17,17 +17,18 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
 // The refresher binary with --nats-config: its embedded server enforces the
 // file's users, the refresher connects as its own user (NATS_USER and
-// NATS_PASSWORD), and a tenant's runtime, with the printed permissions and
+// NATS_PASSWORD), one that stores and serves, and a tenant's runtime, with the printed permissions and
 // inbox prefix, registers, reports a 401 and gets the rotation. After
 // SIGTERM, `refresher keys list` starts its own embedded server on the same
 // data directory and configuration and finds the credential.
 func TestRefresherWithNATSConfig(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	as.AddClient(fleet.ClientID, fleet.ClientSecret)
 	passwords := []string{"AUTHBUS_PASSWORD_ACME=pw-acme", "AUTHBUS_PASSWORD_REFRESHER=pw-refresher"}
@@ -38,15 +39,18 @@ func TestRefresherWithNATSConfig(t *testing.T) {
 	dir := t.TempDir()
 	confPath := filepath.Join(dir, "nats.conf")
 	conf := fmt.Sprintf("authorization {\n  users: [\n%s\n%s\n  ]\n}\n",
-		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--refresher"))
+		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--refresher", "--serving", "--tenant", "acme"))
 	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	dataDir := filepath.Join(dir, "data")
-	addr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
 	refresher := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", dataDir, "--listen", addr,
-		"--nats-config", confPath, "--metrics-addr", "")
-	refresher.Env = append(append(cleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
+		"--nats-config", confPath, "--metrics-addr", "",
+		// With users configured loopback token endpoints are refused,
+		// unless asked for: the test authorization server is one.
+		"--allow-loopback-token-hosts")
+	refresher.Env = append(append(cmdtest.CleanEnv(), passwords...), "NATS_USER=authbus-refresher", "NATS_PASSWORD=pw-refresher")
 	_, refLog, exited := startRefresher(t, refresher)
 
 	if nc, err := nats.Connect("nats://" + addr); err == nil {

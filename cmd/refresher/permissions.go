@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -19,56 +20,80 @@ import (
 // "Connecting").
 func runPermissions(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("refresher permissions", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `Usage: refresher permissions --tenant T [--user NAME] [flags]
-       refresher permissions --refresher [--user NAME] [flags]
-
+	fs.SetOutput(io.Discard) // errors are returned, help goes to stdout
+	usage := cli.Usage{Synopsis: `refresher permissions --tenant T [--user NAME] [flags]
+       refresher permissions --refresher [--user NAME] [flags]`, About: `
 Prints a user entry for the users list of a nats-server configuration
 (authorization { users: [ ... ] }, or an account's users): a tenant's runtime
 user may publish auth.401 and auth.expiring, request auth.token and
 auth.register, and subscribe to auth.rotated and auth.needs_reauth, all of its
 own tenant only, plus its own inbox prefix _INBOX_<tenant> (clients must set
-it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --inbox-prefix in the
-nats CLI). A JetStream publish needs nothing more: the server sends the
+it, e.g. nats.CustomInboxPrefix("_INBOX_acme") in Go, --nats-inbox-prefix
+with authbus's commands, --inbox-prefix with the nats CLI). A JetStream publish needs nothing more: the server sends the
 acknowledgement to the publisher's inbox. The password is a reference to an
 environment variable that nats-server resolves when it loads the file.
 
-Flags:
-`)
-		fs.PrintDefaults()
-	}
+Password variables: a tenant's is AUTHBUS_PASSWORD_ followed by the tenant
+name, written so that no two tenants share a variable. A name of lower-case
+letters, digits and '-' that starts with a letter or digit is written in
+upper case with '-' as '_' (acme-corp: AUTHBUS_PASSWORD_ACME_CORP). Any other
+name is written as '_' followed by each of its characters: a lower-case
+letter in upper case, a digit as itself, an upper-case letter as '_' and the
+letter, '-' as '__', '_' as '_0' (Acme: AUTHBUS_PASSWORD___ACME, a_b:
+AUTHBUS_PASSWORD__A_0B). The first form never starts with '_', the second
+always does and reads back one character at a time.
+
+Reserved tenant names, in any letter case, because the deployment's own users
+use them or their variables: ` + strings.Join(reservedTenants, ", ") + `.`}
 	env := cli.NewEnvFlags(fs)
-	var tenant, user, prefix, passwordEnv string
-	var refresher bool
-	fs.StringVar(&tenant, "tenant", "", "tenant whose runtime user to print")
-	fs.BoolVar(&refresher, "refresher", false, "print the refreshers' own user instead")
-	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", or "authbus-refresher")`)
-	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_<TENANT>, or AUTHBUS_PASSWORD_REFRESHER)")
-	fs.StringVar(&prefix, "prefix", "auth", "subject prefix")
+	var tenants cli.StringList
+	var user, prefix, passwordEnv string
+	var refresher, serving bool
+	fs.Var(&tenants, "tenant", "tenant whose runtime user to print; with --serving, a tenant whose inbox the serving user may answer on (repeatable, or comma-separated)")
+	fs.BoolVar(&refresher, "refresher", false, "print the refreshers' own user instead: it writes JetStream and announces events")
+	fs.BoolVar(&serving, "serving", false, "print the refreshers' serving user instead: it answers runtimes on their inboxes and nothing else (refresher --nats-serve-user); with --refresher, one user for both")
+	fs.StringVar(&user, "user", "", `NATS user name (default "<tenant>-runtime", "authbus-refresher" or "authbus-serve")`)
+	fs.StringVar(&passwordEnv, "password-env", "", "environment variable nats-server reads the password from (default AUTHBUS_PASSWORD_ and the encoded tenant, see above, AUTHBUS_PASSWORD_REFRESHER or AUTHBUS_PASSWORD_SERVE)")
+	fs.StringVar(&prefix, "prefix", "", "subject prefix (default auth)")
 	env.Bind("prefix", "AUTHBUS_PREFIX")
-	if err := env.Parse(args); err != nil {
+	err := env.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		usage.Print(stdout, fs)
 		return err
 	}
+	if err != nil {
+		return cli.UsageErrorf("%v; see refresher permissions --help", err)
+	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
+		return cli.UsageErrorf("unexpected arguments %q; see refresher permissions --help", fs.Args())
 	}
 	subj, err := events.NewSubjects(prefix)
 	if err != nil {
-		return fmt.Errorf("--prefix: %w", err)
+		return cli.UsageErrorf("--prefix: %w", err)
+	}
+	for _, t := range tenants {
+		if err := checkTenant(t); err != nil {
+			return cli.UsageErrorf("%w", err)
+		}
 	}
 	var b userBlock
+	tenant := ""
 	switch {
-	case refresher && tenant != "":
-		return errors.New("give either --tenant or --refresher, not both")
+	case refresher && serving:
+		b = combinedUser(subj, tenants)
+	case refresher && len(tenants) > 0:
+		return errors.New("give either --tenant or --refresher, not both (--refresher --serving takes the tenants whose inboxes it answers on)")
 	case refresher:
 		b = refresherUser(subj)
-	case tenant != "":
-		if b, err = tenantUser(subj, tenant); err != nil {
-			return err
-		}
+	case serving:
+		b = servingUser(subj, tenants)
+	case len(tenants) == 1:
+		tenant = tenants[0]
+		b = tenantUser(subj, tenant)
+	case len(tenants) > 1:
+		return errors.New("give one --tenant: a runtime user is one tenant's (several only with --serving)")
 	default:
-		return errors.New("missing --tenant T (a tenant's runtime user) or --refresher (the refreshers' user); see refresher permissions --help")
+		return cli.UsageErrorf("missing --tenant T (a tenant's runtime user), --refresher (the refreshers' user) or --serving (their serving user); see refresher permissions --help")
 	}
 	if user != "" {
 		b.user = user
@@ -77,7 +102,19 @@ Flags:
 		b.passwordEnv = passwordEnv
 	}
 	if !envName.MatchString(b.passwordEnv) {
-		return fmt.Errorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
+		return cli.UsageErrorf("--password-env %q is not a variable name; use letters, digits and _", b.passwordEnv)
+	}
+	if tenant != "" {
+		// A tenant's user must not log in as, or with the password of, one
+		// of the deployment's own users.
+		for _, r := range reservedTenants {
+			if b.passwordEnv == passwordVar(r) {
+				return fmt.Errorf("--password-env %s is the password variable of the deployment's %q user; give tenant %q its own", b.passwordEnv, r, tenant)
+			}
+			if strings.EqualFold(b.user, internalUser(r)) {
+				return fmt.Errorf("--user %q is the name of the deployment's %q user; give tenant %q its own", b.user, r, tenant)
+			}
+		}
 	}
 	_, err = io.WriteString(stdout, b.String())
 	return err
@@ -92,14 +129,26 @@ type userBlock struct {
 	allowResponses   bool
 }
 
-// tenantUser is the runtime user of tenant: its own tenant's subjects and
-// nothing else.
-func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
+// checkTenant refuses a tenant name that cannot be a subject token or is
+// reserved for the deployment's own users.
+func checkTenant(tenant string) error {
 	// The tenant becomes a subject token: a wildcard or dot in it would
 	// grant other tenants' subjects.
 	if err := (events.Key{Tenant: tenant, User: "x", Server: "x"}).Validate(); err != nil {
-		return userBlock{}, fmt.Errorf("--tenant %q: must be 1-%d characters of [A-Za-z0-9_-]: %w", tenant, events.MaxKeyPartLen, err)
+		return fmt.Errorf("--tenant %q: must be 1-%d characters of [A-Za-z0-9_-]: %w", tenant, events.MaxKeyPartLen, err)
 	}
+	if i := slices.IndexFunc(reservedTenants, func(r string) bool { return strings.EqualFold(r, tenant) }); i >= 0 {
+		return fmt.Errorf("--tenant %q: %q is reserved for the deployment's own users (reserved, in any letter case: %s); choose another tenant name",
+			tenant, reservedTenants[i], strings.Join(reservedTenants, ", "))
+	}
+	return nil
+}
+
+// tenantUser is the runtime user of tenant: its own tenant's subjects and
+// nothing else. Its events go to the refreshers' intake, not to a stream:
+// it never publishes into JetStream, so no JetStream header of its can
+// reach another tenant.
+func tenantUser(subj events.Subjects, tenant string) userBlock {
 	own := func(word string) string { return subj.Prefix() + "." + word + "." + tenant + ".>" }
 	inbox := TenantInboxPrefix(tenant)
 	return userBlock{
@@ -108,7 +157,7 @@ func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
 			fmt.Sprintf("Its clients must use the inbox prefix %s (Go: nats.CustomInboxPrefix(%q)).", inbox, inbox),
 		},
 		user:        tenant + "-runtime",
-		passwordEnv: "AUTHBUS_PASSWORD_" + envSafe(tenant),
+		passwordEnv: passwordVar(tenant),
 		pubAllow: []string{
 			own(events.Type401.Word()), own(events.TypeExpiring.Word()),
 			own("token"), own("register"),
@@ -117,34 +166,69 @@ func tenantUser(subj events.Subjects, tenant string) (userBlock, error) {
 			own(events.TypeRotated.Word()), own(events.TypeNeedsReauth.Word()),
 			inbox + ".>",
 		},
-	}, nil
+	}
 }
 
-// refresherUser is the refreshers' user: JetStream (streams, consumer, KV
-// buckets, acks, flow control), the events it publishes, the service it
-// answers on ($SRV for discovery) and its own inbox; replies to the
-// runtimes' requests go to their inboxes through allow_responses.
+// refresherUser is the refreshers' user: JetStream (streams, consumers, KV
+// buckets, acks, flow control), the work queue its intake writes, the
+// events it announces, and its own inbox. It serves no runtime: that is the
+// serving user's (servingUser), so that no request can make this one, which
+// may write every tenant's credentials, answer anywhere.
 func refresherUser(subj events.Subjects) userBlock {
 	p := subj.Prefix()
 	return userBlock{
-		comment:     []string{"authbus refresher user: every refresher of the deployment connects as this user."},
+		comment:     []string{"authbus refresher user: every refresher of the deployment connects as this user (--nats-user)."},
 		user:        "authbus-refresher",
-		passwordEnv: "AUTHBUS_PASSWORD_REFRESHER",
+		passwordEnv: passwordVar("refresher"),
 		pubAllow: []string{
 			p + "." + events.TypeRotated.Word() + ".>",
 			p + "." + events.TypeNeedsReauth.Word() + ".>",
 			subj.ScheduleWildcard(),
+			p + ".work.>", p + ".slow.>",
 			"$JS.API.>", "$JS.ACK.>", "$JS.FC.>",
-			"$KV." + subj.BucketName("CREDENTIALS") + ".>",
-			"$KV." + subj.BucketName("LEASES") + ".>",
-			"$SRV.>", "_INBOX.>",
+			"$KV." + subj.CredentialsBucket() + ".>",
+			"$KV." + subj.LeasesBucket() + ".>",
+			"$KV." + subj.FailuresBucket() + ".>",
+			"_INBOX.>",
 		},
+		subAll: []string{"_INBOX.>"},
+	}
+}
+
+// servingUser is the refreshers' serving user (--nats-serve-user): it
+// takes the runtimes' requests and events and answers on their inboxes —
+// the default _INBOX and each tenant's _INBOX_<tenant> — and may publish
+// nothing else. No allow_responses: nats-server would let it answer on any
+// reply subject a requester names, deny rules or not.
+func servingUser(subj events.Subjects, tenants []string) userBlock {
+	pub := []string{"_INBOX.>"}
+	for _, t := range tenants {
+		pub = append(pub, TenantInboxPrefix(t)+".>")
+	}
+	return userBlock{
+		comment: []string{
+			"authbus serving user: every refresher's second connection (--nats-serve-user).",
+			"It answers runtimes on their inboxes only; add each tenant with --tenant.",
+		},
+		user:        "authbus-serve",
+		passwordEnv: passwordVar("serve"),
+		pubAllow:    pub,
 		subAll: []string{
 			subj.RegisterWildcard(), subj.TokenWildcard(),
-			"$SRV.>", "_INBOX.>",
+			subj.EventWildcard(events.Type401), subj.EventWildcard(events.TypeExpiring),
+			"$SRV.>",
 		},
-		allowResponses: true,
 	}
+}
+
+// combinedUser is one user for refreshers that serve on their only
+// connection: the refresher's rights and the serving user's together.
+func combinedUser(subj events.Subjects, tenants []string) userBlock {
+	r, sv := refresherUser(subj), servingUser(subj, tenants)
+	r.comment = []string{"authbus refresher user, serving runtimes on the same connection (--nats-user without --nats-serve-user)."}
+	r.pubAllow = append(r.pubAllow, sv.pubAllow[1:]...)
+	r.subAll = append(r.subAll, sv.subAll...)
+	return r
 }
 
 // TenantInboxPrefix is the inbox prefix a tenant's clients must use.
@@ -180,7 +264,53 @@ func quoteList(ss []string) string {
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// envSafe turns a tenant into the tail of an environment variable name.
-func envSafe(s string) string {
-	return strings.ToUpper(strings.ReplaceAll(s, "-", "_"))
+// reservedTenants are the names the deployment's own users go by in
+// deploy/nats/accounts.conf: their password variables are
+// AUTHBUS_PASSWORD_<NAME> (the refreshers', their serving connections', the
+// operator's, the load generator's, the system account's admin), and authbus and sys name the
+// accounts. A tenant called "refresher" would otherwise get the
+// refreshers' password variable, and with it their rights. Sorted.
+var reservedTenants = []string{"admin", "authbus", "operator", "refresher", "serve", "storm", "sys", "system"}
+
+// internalUser is the NATS user name of a reserved name's user in
+// deploy/nats/accounts.conf.
+func internalUser(reserved string) string {
+	if reserved == "admin" {
+		return "admin"
+	}
+	return "authbus-" + reserved
 }
+
+// passwordVar is the environment variable nats-server reads the password
+// of tenant's user from. The encoding is injective (see the --help text):
+// the common names (lower case, digits, '-') keep the readable form they
+// always had, every other name is escaped behind a leading '_', which the
+// readable form never starts with.
+func passwordVar(tenant string) string {
+	const prefix = "AUTHBUS_PASSWORD_"
+	if plainTenant.MatchString(tenant) {
+		return prefix + strings.ToUpper(strings.ReplaceAll(tenant, "-", "_"))
+	}
+	var sb strings.Builder
+	sb.WriteString(prefix + "_")
+	for _, r := range tenant {
+		switch {
+		case r >= 'a' && r <= 'z':
+			sb.WriteRune(r - 'a' + 'A')
+		case r >= 'A' && r <= 'Z':
+			sb.WriteRune('_')
+			sb.WriteRune(r)
+		case r == '-':
+			sb.WriteString("__")
+		case r == '_':
+			sb.WriteString("_0")
+		default: // a digit; tenants are [A-Za-z0-9_-]
+			sb.WriteRune(r)
+		}
+	}
+	return sb.String()
+}
+
+// plainTenant is a tenant name whose password variable is simply its upper
+// case with '-' as '_'.
+var plainTenant = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)

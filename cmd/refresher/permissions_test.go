@@ -4,25 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
-	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+	"unicode"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/internal/authtest"
-	"github.com/authbus/authbus/internal/embedded"
 	"github.com/authbus/authbus/internal/fleet"
-	"github.com/authbus/authbus/kv"
-	"github.com/authbus/authbus/workers"
 )
 
 func permissionsBlock(t *testing.T, args ...string) string {
@@ -48,126 +39,130 @@ func TestPermissionsRefusesBadInput(t *testing.T) {
 	}
 }
 
-// tenantConn is a runtime of one tenant, connected as the tenant's user.
-type tenantConn struct {
-	nc *nats.Conn
-	js jetstream.JetStream
-
-	mu         sync.Mutex
-	violations []string
-}
-
-func (c *tenantConn) denied(what string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, v := range c.violations {
-		if strings.Contains(v, what) {
-			return true
+// Internal names are refused as tenants, and a tenant cannot be given an
+// internal user's name or password variable: each would log the tenant in
+// with the rights of the deployment's own users.
+func TestPermissionsRefusesReservedNames(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--tenant", "refresher"}, "reserved"},
+		{[]string{"--tenant", "Refresher"}, "reserved"},
+		{[]string{"--tenant", "operator"}, "reserved"},
+		{[]string{"--tenant", "STORM"}, "reserved"},
+		{[]string{"--tenant", "admin"}, "reserved"},
+		{[]string{"--tenant", "authbus"}, "reserved"},
+		{[]string{"--tenant", "sys"}, "reserved"},
+		{[]string{"--tenant", "acme", "--password-env", "AUTHBUS_PASSWORD_REFRESHER"}, "password variable"},
+		{[]string{"--tenant", "acme", "--user", "authbus-refresher"}, "name of the deployment's"},
+		{[]string{"--tenant", "acme", "--user", "admin"}, "name of the deployment's"},
+	} {
+		err := runPermissions(c.args, &bytes.Buffer{}, &bytes.Buffer{})
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("permissions %q: err %v, want one saying %q", c.args, err, c.want)
 		}
 	}
-	return false
 }
 
+// The tenant names the review found sharing a variable get distinct ones;
+// the readable form of the common names is what it always was.
+func TestPasswordVarDistinct(t *testing.T) {
+	for tenant, want := range map[string]string{
+		"acme":      "AUTHBUS_PASSWORD_ACME",
+		"acme-corp": "AUTHBUS_PASSWORD_ACME_CORP",
+		"a-b":       "AUTHBUS_PASSWORD_A_B",
+		"a_b":       "AUTHBUS_PASSWORD__A_0B",
+		"Acme":      "AUTHBUS_PASSWORD___ACME",
+		"-x":        "AUTHBUS_PASSWORD____X",
+		"1a":        "AUTHBUS_PASSWORD_1A",
+	} {
+		if got := passwordVar(tenant); got != want {
+			t.Errorf("passwordVar(%q) = %s, want %s", tenant, got, want)
+		}
+	}
+	for _, pair := range [][2]string{{"a-b", "a_b"}, {"Acme", "acme"}, {"--0", "_"}, {"-acme", "acme"}} {
+		if a, b := passwordVar(pair[0]), passwordVar(pair[1]); a == b {
+			t.Errorf("tenants %q and %q share the password variable %s", pair[0], pair[1], a)
+		}
+	}
+	for _, r := range reservedTenants {
+		for _, tenant := range []string{r, strings.ToUpper(r)} {
+			if err := checkTenant(tenant); err == nil {
+				t.Errorf("reserved name %q was accepted as a tenant", tenant)
+			}
+		}
+	}
+}
+
+// decodePasswordVar reads a tenant back from its password variable,
+// following the --help text; ok is false for a variable no tenant has.
+// Every variable reading back to its tenant proves the encoding injective.
+func decodePasswordVar(v string) (tenant string, ok bool) {
+	s, ok := strings.CutPrefix(v, "AUTHBUS_PASSWORD_")
+	if !ok || s == "" {
+		return "", false
+	}
+	esc, escaped := strings.CutPrefix(s, "_")
+	if !escaped {
+		return strings.ToLower(strings.ReplaceAll(s, "_", "-")), true
+	}
+	var sb strings.Builder
+	for i := 0; i < len(esc); i++ {
+		c := esc[i]
+		switch {
+		case c != '_':
+			sb.WriteByte(byte(unicode.ToLower(rune(c))))
+		case i+1 == len(esc):
+			return "", false
+		default:
+			i++
+			switch n := esc[i]; {
+			case n == '_':
+				sb.WriteByte('-')
+			case n == '0':
+				sb.WriteByte('_')
+			case n >= 'A' && n <= 'Z':
+				sb.WriteByte(n)
+			default:
+				return "", false
+			}
+		}
+	}
+	return sb.String(), true
+}
+
+func FuzzPasswordVar(f *testing.F) {
+	for _, s := range []string{"acme", "a-b", "a_b", "Acme", "ACME", "-", "_", "--0", "a__b", "refresher", "x9-Y_z"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, tenant string) {
+		if (events.Key{Tenant: tenant, User: "x", Server: "x"}).Validate() != nil {
+			return
+		}
+		v := passwordVar(tenant)
+		if !envName.MatchString(v) {
+			t.Fatalf("passwordVar(%q) = %q is not a variable name", tenant, v)
+		}
+		if back, ok := decodePasswordVar(v); !ok || back != tenant {
+			t.Fatalf("passwordVar(%q) = %s reads back as %q (%v): two tenants could share it", tenant, v, back, ok)
+		}
+	})
+}
+
+// tenantConn is a runtime of one tenant, connected as the tenant's user.
 // The printed blocks, loaded by the embedded server through --nats-config,
 // isolate tenants: A's user registers, publishes 401s, reads tokens and
 // watches its own keys, with its own inbox prefix and with the refreshers
-// running as their own user; it can neither publish, request nor subscribe
-// on B's subjects, nor on everyone's at once.
+// running as their own users; it can neither publish, request nor
+// subscribe on B's subjects, nor on everyone's at once.
 func TestTenantPermissions(t *testing.T) {
-	for _, v := range []string{"AUTHBUS_PASSWORD_ACME", "AUTHBUS_PASSWORD_BRAVO", "AUTHBUS_PASSWORD_REFRESHER"} {
-		t.Setenv(v, "pw-"+strings.ToLower(v))
-	}
-	conf := fmt.Sprintf("authorization {\n  users: [\n%s\n%s\n%s\n  ]\n}\n",
-		permissionsBlock(t, "--tenant", "acme"), permissionsBlock(t, "--tenant", "bravo"), permissionsBlock(t, "--refresher"))
-	dir := t.TempDir()
-	confPath := filepath.Join(dir, "nats.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ns, err := embedded.Start(embedded.Config{Listen: "127.0.0.1:0", DataDir: dir, ConfigFile: confPath})
-	if err != nil {
-		t.Fatalf("embedded server with the printed config: %v\n%s", err, conf)
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-
-	if _, err := nats.Connect(ns.ClientURL()); err == nil {
+	d := startTenantDeployment(t, nil)
+	if _, err := nats.Connect(d.ns.ClientURL()); err == nil {
 		t.Fatal("an anonymous connection was accepted: the config's users are not in force")
 	}
-
-	as := authtest.New(t)
-	as.AddClient(fleet.ClientID, fleet.ClientSecret)
-	ring, err := kv.NewKeyRing("k1", map[string][]byte{"k1": bytes.Repeat([]byte{1}, 32)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	refresherNC, err := nats.Connect(ns.ClientURL(), nats.UserInfo("authbus-refresher", "pw-authbus_password_refresher"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(refresherNC.Close)
-	var logs fleet.LogBuffer
-	pool, err := workers.New(context.Background(), refresherNC, workers.Config{
-		Workers: 4, TokenTimeout: 5 * time.Second, LeaseTTL: 3 * time.Second, AckWait: 3 * time.Second,
-		RetryBase: 50 * time.Millisecond, RetryMax: time.Second, LeaseWait: 100 * time.Millisecond,
-		Seal: ring, TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
-		Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
-	})
-	if err != nil {
-		t.Fatalf("a pool as the refresher user: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("pool: %v", err)
-		}
-	})
-
-	connect := func(tenant string) *tenantConn {
-		c := &tenantConn{}
-		nc, err := nats.Connect(ns.ClientURL(),
-			nats.UserInfo(tenant+"-runtime", "pw-authbus_password_"+tenant),
-			nats.CustomInboxPrefix(TenantInboxPrefix(tenant)),
-			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-				c.mu.Lock()
-				c.violations = append(c.violations, err.Error())
-				c.mu.Unlock()
-			}))
-		if err != nil {
-			t.Fatalf("connect as %s: %v", tenant, err)
-		}
-		t.Cleanup(nc.Close)
-		c.nc = nc
-		c.js, _ = jetstream.New(nc)
-		return c
-	}
-	a, b := connect("acme"), connect("bravo")
-	subj, _ := events.NewSubjects("")
-
-	register := func(c *tenantConn, key events.Key) (events.RegisterReply, error) {
-		tok := as.Issue(fleet.ClientID)
-		body, _ := json.Marshal(events.RegisterRequest{
-			Token:         events.RegisterToken{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, ExpiresIn: tok.ExpiresIn},
-			TokenEndpoint: as.TokenURL(), ClientID: fleet.ClientID, ClientSecret: fleet.ClientSecret,
-		})
-		var reply events.RegisterReply
-		var msg *nats.Msg
-		var err error
-		// The service starts asynchronously: retry while nobody answers.
-		fleet.Eventually(t, 10*time.Second, "the token service answers", func() bool {
-			msg, err = c.nc.Request(subj.Register(key), body, 2*time.Second)
-			return !errors.Is(err, nats.ErrNoResponders)
-		})
-		if err != nil {
-			return reply, err
-		}
-		if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
-			return reply, fmt.Errorf("%s: %s", code, msg.Data)
-		}
-		return reply, json.Unmarshal(msg.Data, &reply)
-	}
+	a, b, as, subj, logs := d.a, d.b, d.as, d.subj, d.logs
+	register := func(c *tenantConn, key events.Key) (events.RegisterReply, error) { return d.register(t, c, key, nil) }
 	aKey, bKey := fleet.MustKey(t, "acme.alice.github"), fleet.MustKey(t, "bravo.bob.github")
 
 	// A watches its own rotations, and tries to watch B's and everyone's.

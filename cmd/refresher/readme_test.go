@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/internal/natstest"
 )
@@ -160,7 +161,7 @@ func TestREADMEBlocksAreExercised(t *testing.T) {
 // (AUTHBUS_DEVSERVER_LISTEN). The test plays the person at a login: it opens
 // the printed URL and approves. Every watched credential must rotate.
 func TestREADMEWalkthrough(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	const secret = "readme-client-secret"
 	as.AddClient("my-client", secret)
@@ -172,8 +173,8 @@ func TestREADMEWalkthrough(t *testing.T) {
 	}
 	other := natstest.RunServer(t)
 	secrets := t.TempDir()
-	addr := freeAddr(t)
-	devAddr := freeAddr(t)
+	addr := cmdtest.FreeAddr(t)
+	devAddr := cmdtest.FreeAddr(t)
 
 	replacer := strings.NewReplacer(
 		"go run ./cmd/refresher", filepath.Join(bin, "refresher"),
@@ -185,18 +186,19 @@ func TestREADMEWalkthrough(t *testing.T) {
 		"nats://nats.internal:4222", other.ClientURL(),
 		"/secrets/", secrets+"/",
 	)
-	env := append(cleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"),
+	env := append(cmdtest.CleanEnv(), "AUTHBUS_LISTEN="+addr, "AUTHBUS_DATA_DIR="+filepath.Join(work, "authbus-data"),
 		"AUTHBUS_DEVSERVER_LISTEN="+devAddr, "AUTHBUS_NO_BROWSER=true")
 
 	type background struct {
 		cmd    *exec.Cmd
 		out    *fleet.LogBuffer
 		exited chan error
+		waited bool // exited was received: the process is gone
 	}
 	var daemons []*background
 	t.Cleanup(func() {
 		for _, d := range daemons {
-			if d.cmd.ProcessState == nil {
+			if !d.waited {
 				_ = d.cmd.Process.Kill()
 				<-d.exited
 			}
@@ -206,7 +208,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		t.Helper()
 		cmd := exec.Command("bash", "-c", "exec "+c)
 		// Two refreshers on one machine need their own operations listener.
-		cmd.Dir, cmd.Env = work, append(env, "AUTHBUS_METRICS_ADDR="+freeAddr(t))
+		cmd.Dir, cmd.Env = work, append(env, "AUTHBUS_METRICS_ADDR="+cmdtest.FreeAddr(t))
 		d := &background{cmd: cmd, out: &fleet.LogBuffer{}, exited: make(chan error, 1)}
 		cmd.Stdout, cmd.Stderr = d.out, d.out
 		if err := cmd.Start(); err != nil {
@@ -222,6 +224,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		_ = d.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case err := <-d.exited:
+			d.waited = true
 			if err != nil && !strings.Contains(what, "watch") {
 				t.Errorf("%s after SIGTERM: %v\n%s", what, err, d.out.String())
 			}
@@ -258,6 +261,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 				approve(t, login.out.String())
 				select {
 				case err := <-login.exited:
+					login.waited = true
 					if err != nil {
 						t.Fatalf("README.md:%d: %s: %v\n%s", b.line, c, err, login.out)
 					}
@@ -293,7 +297,7 @@ func TestREADMEWalkthrough(t *testing.T) {
 		t.Errorf("token-endpoint calls = %d, want 1 (the README's one 401)", got)
 	}
 	for _, d := range daemons {
-		if d.cmd.ProcessState == nil {
+		if !d.waited {
 			stop(d, strings.Join(d.cmd.Args, " "))
 		}
 	}

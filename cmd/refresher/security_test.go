@@ -21,6 +21,20 @@ func TestTokenHostFlags(t *testing.T) {
 	if !o.sec.tokenHosts(true).AllowLoopback {
 		t.Error("the embedded dev mode refuses loopback token endpoints: the README quick start breaks")
 	}
+	// With users configured (tenants), loopback is refused in the embedded
+	// mode too: any tenant could make the refresher call a service on its
+	// own machine and read parts of the answer back. The flag allows it.
+	withUsers, err := parseFlags([]string{"--nats-config", "users.conf"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if withUsers.sec.tokenHosts(true).AllowLoopback {
+		t.Error("the embedded mode with --nats-config allows loopback token endpoints")
+	}
+	withUsers, err = parseFlags([]string{"--nats-config", "users.conf", "--allow-loopback-token-hosts"}, &bytes.Buffer{})
+	if err != nil || !withUsers.sec.tokenHosts(true).AllowLoopback {
+		t.Errorf("--allow-loopback-token-hosts with --nats-config: %v", err)
+	}
 	t.Setenv("AUTHBUS_ALLOWED_TOKEN_HOSTS", "*.auth0.com")
 	o, err = parseFlags(nil, &bytes.Buffer{})
 	if err != nil || !slices.Equal(o.sec.tokenHosts(false).Allowed, []string{"*.auth0.com"}) {

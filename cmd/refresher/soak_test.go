@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/soak"
 )
 
@@ -15,7 +16,7 @@ import (
 // docs/performance.md.
 func TestSoakAgainstRefresherProcesses(t *testing.T) {
 	t.Parallel()
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	cmd := exec.Command(filepath.Join(bin, "publisher"), "soak", "--refresher", filepath.Join(bin, "refresher"),
 		"--credentials", "20", "--lifetime", "6s", "--duration", "12s", "--kill-at", "6s", "--json")
 	out, err := cmd.Output()

@@ -18,6 +18,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/authtest"
+	"github.com/authbus/authbus/internal/cmdtest"
 	"github.com/authbus/authbus/internal/fleet"
 )
 
@@ -26,7 +27,7 @@ import (
 // variable set; either way its operations listener serves /metrics with
 // the refresh it made, /readyz and /healthz, and stops with the process.
 func TestBinaryTelemetry(t *testing.T) {
-	bin := binaries(t)
+	bin := cmdtest.Binaries(t)
 	as := authtest.New(t)
 	as.AddClient("demo", "demo-secret")
 
@@ -39,7 +40,7 @@ func TestBinaryTelemetry(t *testing.T) {
 		{"nothing set", nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			addr, metricsAddr := freeAddr(t), freeAddr(t)
+			addr, metricsAddr := cmdtest.FreeAddr(t), cmdtest.FreeAddr(t)
 			cmd := exec.Command(filepath.Join(bin, "refresher"), "--data-dir", t.TempDir(), "--listen", addr, "--metrics-addr", metricsAddr)
 			cmd.Env = append(envWithoutOTel(), tc.env...)
 			stdout, stderr, exited := startRefresher(t, cmd)
@@ -171,7 +172,7 @@ func refreshOnce(t *testing.T, url string, as *authtest.Server, tok authtest.Tok
 // envWithoutOTel is cleanEnv without OTEL_* variables either.
 func envWithoutOTel() []string {
 	var env []string
-	for _, kv := range cleanEnv() {
+	for _, kv := range cmdtest.CleanEnv() {
 		if !strings.HasPrefix(kv, "OTEL_") {
 			env = append(env, kv)
 		}

@@ -29,6 +29,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -152,9 +153,11 @@ type Server struct {
 	now            func() time.Time
 	onToken        func(*http.Request)
 	onCall         func(Call)
-	fails          []reply // answers queued by Fail, oldest first
-	drops          int     // answers still to lose, see DropAnswers
-	noOAuthMeta    bool    // see SetMetadata
+	fails          []reply                          // answers queued by Fail, oldest first
+	clientFails    map[string]reply                 // see FailClient
+	rewrite        func(map[string]json.RawMessage) // see RewriteAnswers
+	drops          int                              // answers still to lose, see DropAnswers
+	noOAuthMeta    bool                             // see SetMetadata
 	noOIDCMeta     bool
 	noRevocation   bool          // see SetRevocation
 	deviceInterval time.Duration // see SetDeviceInterval
@@ -439,6 +442,40 @@ func (s *Server) Fail(n int, status int, body string, header http.Header) {
 	for range n {
 		s.fails = append(s.fails, rep)
 	}
+}
+
+// FailClient answers every token call that claims to be clientID with the
+// given failure (as Fail describes it) until it is called again for that
+// client with status 0, as a proxy or rate limiter in front of the server
+// that refuses one client only would. Queued Fail answers come first. It
+// is safe for concurrent use.
+func (s *Server) FailClient(clientID string, status int, body string, header http.Header) {
+	var rep reply
+	if status != 0 {
+		rep = failReply(status, body, header)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if status == 0 {
+		delete(s.clientFails, clientID)
+		return
+	}
+	if s.clientFails == nil {
+		s.clientFails = map[string]reply{}
+	}
+	s.clientFails[clientID] = rep
+}
+
+// RewriteAnswers makes the server pass every successful token answer (200,
+// after the grant was processed: a refresh token is redeemed) through f
+// before it is written, as a broken or hostile server would answer: f may
+// change, add or delete members, each a raw JSON value. nil removes it. f
+// runs on the server's goroutine of the call. It is safe for concurrent
+// use.
+func (s *Server) RewriteAnswers(f func(answer map[string]json.RawMessage)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rewrite = f
 }
 
 // DropAnswers loses the answers of the next n token calls that are not

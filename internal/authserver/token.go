@@ -95,6 +95,9 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	case len(s.fails) > 0:
 		f := s.fails[0]
 		s.fails, fail = s.fails[1:], &f
+	case s.clientFails[claimedClient(r, form)].status != 0:
+		f := s.clientFails[claimedClient(r, form)]
+		fail = &f
 	case s.drops > 0:
 		s.drops--
 		drop = true
@@ -123,7 +126,28 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		s.deliver(w, r, idx, *fail, false)
 		return
 	}
-	s.deliver(w, r, idx, s.serveToken(r), drop)
+	s.deliver(w, r, idx, s.rewritten(s.serveToken(r)), drop)
+}
+
+// rewritten passes a successful answer through the RewriteAnswers hook.
+func (s *Server) rewritten(rep reply) reply {
+	s.mu.Lock()
+	f := s.rewrite
+	s.mu.Unlock()
+	if f == nil || rep.status != http.StatusOK {
+		return rep
+	}
+	var answer map[string]json.RawMessage
+	if err := json.Unmarshal(rep.body, &answer); err != nil {
+		panic(err) // only our own answers are rewritten
+	}
+	f(answer)
+	body, err := json.Marshal(answer)
+	if err != nil {
+		panic(err)
+	}
+	rep.body = body
+	return rep
 }
 
 // claimedClient is the client a call says it is, before authentication.

@@ -1,5 +1,6 @@
-// Package cli holds what the authbus commands share: flags with environment
-// fallbacks and the NATS connection options.
+// Package cli holds what the two authbus commands (refresher and
+// publisher) share: flags with environment fallbacks, the NATS connection
+// grammar (Conn), and --help in one style (Usage).
 package cli
 
 import (
@@ -13,9 +14,13 @@ import (
 // that is set replaces the flag's default, and an explicit flag wins over
 // both. Bound flags say their variable in --help.
 type EnvFlags struct {
-	fs   *flag.FlagSet
-	envs map[string]binding // by flag name
+	fs      *flag.FlagSet
+	envs    map[string]binding  // by flag name
+	fromEnv map[string]envValue // flags set by a variable, by name
 }
+
+// envValue is what a variable set a flag to.
+type envValue struct{ env, value string }
 
 type binding struct {
 	env   string
@@ -24,7 +29,30 @@ type binding struct {
 
 // NewEnvFlags returns an EnvFlags for fs.
 func NewEnvFlags(fs *flag.FlagSet) *EnvFlags {
-	return &EnvFlags{fs: fs, envs: map[string]binding{}}
+	return &EnvFlags{fs: fs, envs: map[string]binding{}, fromEnv: map[string]envValue{}}
+}
+
+// FlagSet returns the flag set e binds.
+func (e *EnvFlags) FlagSet() *flag.FlagSet { return e.fs }
+
+// Origin says where the value of flag name came from after Parse, in the
+// words of an error message: "--listen" when given on the command line,
+// "AUTHBUS_LISTEN" when read from the environment, "" when it has its
+// default.
+func (e *EnvFlags) Origin(name string) string {
+	origin := ""
+	e.fs.Visit(func(f *flag.Flag) {
+		if f.Name != name {
+			return
+		}
+		origin = "--" + name
+		// A flag on the command line is set after the variable; it wins
+		// when it changed the value.
+		if v, ok := e.fromEnv[name]; ok && f.Value.String() == v.value {
+			origin = v.env
+		}
+	})
+	return origin
 }
 
 // Bind ties the already defined flag name to the environment variable env.
@@ -56,6 +84,7 @@ func (e *EnvFlags) Parse(args []string) error {
 		if err := e.fs.Set(name, v); err != nil {
 			return fmt.Errorf("environment %s=%q: %w", b.env, v, err)
 		}
+		e.fromEnv[name] = envValue{env: b.env, value: e.fs.Lookup(name).Value.String()}
 	}
 	return e.fs.Parse(args)
 }

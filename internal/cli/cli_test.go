@@ -64,3 +64,10 @@ func TestEnvMalformedNamesTheVariable(t *testing.T) {
 		t.Fatalf("Parse = %v, want an error naming TEST_LEASE_TTL", err)
 	}
 }
+
+func TestRedactURLs(t *testing.T) {
+	got := cli.RedactURLs("nats://svc:hunter2@n1:4222,nats://n2:4222")
+	if strings.Contains(got, "hunter2") || !strings.Contains(got, "n1:4222") || !strings.Contains(got, "nats://n2:4222") {
+		t.Errorf("RedactURLs = %q", got)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"testing"
@@ -178,9 +179,17 @@ func (b *Fleet) TryRegister(key events.Key, tok authtest.Tokens, tune func(*even
 	if err != nil {
 		return events.RegisterReply{}, err
 	}
-	msg, err := b.NC.Request(b.Subj.Register(key), body, 5*time.Second)
-	if err != nil {
-		return events.RegisterReply{}, err
+	var msg *nats.Msg
+	for attempt := 1; ; attempt++ {
+		if msg, err = b.NC.Request(b.Subj.Register(key), body, 5*time.Second); err != nil {
+			return events.RegisterReply{}, err
+		}
+		// 503: the refresher that answered serves as many of this
+		// tenant's requests as it may; the protocol says retry shortly.
+		if msg.Header.Get("Nats-Service-Error-Code") != "503" || attempt == 50 {
+			break
+		}
+		<-time.After(time.Duration(10+rand.IntN(40)) * time.Millisecond)
 	}
 	if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
 		return events.RegisterReply{}, fmt.Errorf("%s: %s", code, msg.Data)
@@ -189,19 +198,25 @@ func (b *Fleet) TryRegister(key events.Key, tok authtest.Tokens, tune func(*even
 	return reply, json.Unmarshal(msg.Data, &reply)
 }
 
-// Publish401 publishes a 401 as a runtime following the protocol does:
-// through JetStream, with the Nats-Msg-Id that de-duplicates a storm.
+// Publish401 publishes a 401. With withMsgID it is a runtime following the
+// protocol: a JetStream publish on the key's auth.401 subject, with the
+// Nats-Msg-Id that de-duplicates a storm, taken in by a refresher's intake.
+// Without, it is a report the de-duplication does not catch (one outside
+// the duplicate window): written straight into the work queue, as only
+// refreshers may, so that it reaches a worker whatever was reported before.
 func (b *Fleet) Publish401(t testing.TB, key events.Key, fingerprint, runtime string, withMsgID bool) *jetstream.PubAck {
 	t.Helper()
 	data, err := events.Encode(key, "test/"+runtime, events.Unauthorized{Fingerprint: fingerprint, Runtime: runtime, Status: 401})
 	if err != nil {
 		t.Fatal(err)
 	}
+	subject := b.Subj.Work(events.Type401, key)
 	var opts []jetstream.PublishOpt
 	if withMsgID {
+		subject = b.Subj.Event(events.Type401, key)
 		opts = append(opts, jetstream.WithMsgID(events.MsgID(events.Type401, key, fingerprint)))
 	}
-	ack, err := b.JS.Publish(context.Background(), b.Subj.Event(events.Type401, key), data, opts...)
+	ack, err := b.JS.Publish(context.Background(), subject, data, opts...)
 	if err != nil {
 		t.Fatalf("publish 401: %v", err)
 	}
@@ -306,18 +321,29 @@ func Eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 func (b *Fleet) Settled(t testing.TB) {
 	t.Helper()
 	Eventually(t, 30*time.Second, "all events processed", func() bool {
-		info, err := b.JS.Consumer(context.Background(), b.Subj.EventsStream(), "refreshers")
-		if err != nil {
-			return false
-		}
-		ci, err := info.Info(context.Background())
-		return err == nil && ci.NumPending == 0 && ci.NumAckPending == 0 && ci.NumWaiting >= 0
+		return QueueEmpty(b.JS, b.Subj)
 	})
 	// Announcements are published before the ack; a flush round trip on
 	// the subscriber's connection delivers what is in flight.
 	if err := b.NC.Flush(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// QueueEmpty reports whether both lanes of the work queue (the consumers
+// "refreshers" and "refreshers-slow") hold no pending or unacked event.
+func QueueEmpty(js jetstream.JetStream, subj events.Subjects) bool {
+	for _, name := range []string{"refreshers", "refreshers-slow"} {
+		c, err := js.Consumer(context.Background(), subj.EventsStream(), name)
+		if err != nil {
+			return false
+		}
+		ci, err := c.Info(context.Background())
+		if err != nil || ci.NumPending != 0 || ci.NumAckPending != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Cred returns the stored credential of key.
@@ -328,6 +354,21 @@ func (b *Fleet) Cred(t testing.TB, key events.Key) *kv.Credential {
 		t.Fatalf("get %s: %v", key, err)
 	}
 	return c
+}
+
+// LastFailure returns the failed refresh of key's generation in force that
+// status would show, or nil: read as an operator reads it (kv.Inspector).
+func (b *Fleet) LastFailure(t testing.TB, key events.Key) *kv.Failure {
+	t.Helper()
+	in, err := kv.OpenInspector(context.Background(), b.JS, b.Subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	infos, err := in.Inspect(context.Background(), key.String())
+	if err != nil || len(infos) != 1 {
+		t.Fatalf("inspect %s: %d credentials, %v", key, len(infos), err)
+	}
+	return infos[0].LastFailure
 }
 
 // MustKey parses a credential key or fails the test.

@@ -279,13 +279,17 @@ func (s *soak) lostSchedules(ctx context.Context) int {
 		if err != nil {
 			return nil
 		}
-		for _, filter := range []string{s.subj.ScheduleWildcard(), s.subj.EventWildcard(events.TypeExpiring)} {
+		for _, filter := range []string{s.subj.ScheduleWildcard(), s.subj.WorkWildcard(events.TypeExpiring), s.subj.SlowWildcard(events.TypeExpiring)} {
 			info, err := stream.Info(ctx, jetstream.WithSubjectFilter(filter))
 			if err != nil {
 				return nil
 			}
 			for subject := range info.State.Subjects {
-				if _, k, err := s.subj.Parse(subject); err == nil {
+				_, k, err := s.subj.ParseWork(subject)
+				if err != nil {
+					_, k, err = s.subj.Parse(subject) // a schedule
+				}
+				if err == nil {
 					out[k.String()] = true
 				}
 			}

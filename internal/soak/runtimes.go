@@ -214,7 +214,17 @@ func (s *soak) register(ctx context.Context) error {
 				rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 				msg, err = s.nc.RequestWithContext(rctx, s.subj.Register(key), body)
 				cancel()
-				if err == nil || attempt == 3 || ctx.Err() != nil {
+				if err == nil && msg.Header.Get("Nats-Service-Error-Code") == "503" && attempt < 100 {
+					// The refresher that answered serves as many of this
+					// tenant's requests as it may: retry shortly, as the
+					// protocol says (the soak is one tenant).
+					select {
+					case <-time.After(time.Duration(10+rand.IntN(40)) * time.Millisecond):
+					case <-ctx.Done():
+					}
+					continue
+				}
+				if err == nil || attempt >= 3 || ctx.Err() != nil {
 					break
 				}
 			}

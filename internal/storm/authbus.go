@@ -110,7 +110,7 @@ func (a *authbus) startPools(ctx context.Context) error {
 		return err
 	}
 	for p := range a.cfg.Pools {
-		nc, err := connect(a.env.url, fmt.Sprintf("pool-%d", p))
+		nc, err := a.env.connect(fmt.Sprintf("pool-%d", p))
 		if err != nil {
 			return err
 		}
@@ -310,7 +310,7 @@ func (a *authbus) cleanup() {
 	if s, err := a.env.js.Stream(ctx, a.subj.EventsStream()); err == nil {
 		_ = s.Purge(ctx, jetstream.WithPurgeSubject(a.subj.Prefix()+".schedule."+a.keys[0].Tenant+".>"))
 	}
-	if b, err := a.env.js.KeyValue(ctx, a.subj.BucketName("CREDENTIALS")); err == nil {
+	if b, err := a.env.js.KeyValue(ctx, a.subj.CredentialsBucket()); err == nil {
 		for _, k := range a.keys {
 			_ = b.Purge(ctx, k.String())
 		}

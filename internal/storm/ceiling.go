@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/kv"
 )
 
 // ceiling is the bare-NATS ceiling: the NATS operations one refresh needs
@@ -29,8 +30,8 @@ type ceiling struct {
 	ep     *endpoint
 	env    *natsEnv
 	run    string
-	prefix string // subject prefix
-	names  string // stream and bucket name prefix
+	prefix string          // subject prefix
+	subj   events.Subjects // names of its stream and buckets
 	keys   []events.Key
 
 	mu  sync.Mutex
@@ -74,8 +75,17 @@ const (
 
 func newCeiling(cfg Config, ep *endpoint, env *natsEnv, run string) *ceiling {
 	return &ceiling{cfg: cfg, ep: ep, env: env, run: run,
-		prefix: "stormceil" + run, names: "STORMCEIL_" + strings.ToUpper(run),
+		prefix: "stormceil" + run, subj: mustSubjects("stormceil" + run),
 		keys: stormKeys(run, "ceiling", cfg.Credentials), cur: make([]current, cfg.Credentials)}
+}
+
+// mustSubjects is events.NewSubjects for a prefix made of valid tokens.
+func mustSubjects(prefix string) events.Subjects {
+	s, err := events.NewSubjects(prefix)
+	if err != nil {
+		panic(err)
+	}
+	return s
 }
 
 func (c *ceiling) prepare(ctx context.Context) error {
@@ -85,14 +95,14 @@ func (c *ceiling) prepare(ctx context.Context) error {
 	// replication.
 	replicas := 1
 	if subj, err := events.NewSubjects(c.cfg.Prefix); err == nil {
-		if s, err := js.Stream(ctx, "KV_"+subj.BucketName("CREDENTIALS")); err == nil {
+		if s, err := js.Stream(ctx, kv.BucketStream(subj.CredentialsBucket())); err == nil {
 			replicas = s.CachedInfo().Config.Replicas
 		}
 	}
 	var err error
 	c.stream, err = js.CreateStream(ctx, jetstream.StreamConfig{
-		Name:       c.names + "_EVENTS",
-		Subjects:   []string{c.prefix + ".401.*.*.*"},
+		Name:       c.subj.EventsStream(),
+		Subjects:   []string{c.subj.EventWildcard(events.Type401)},
 		Retention:  jetstream.WorkQueuePolicy,
 		Storage:    jetstream.FileStorage,
 		Duplicates: 30 * time.Second,
@@ -101,16 +111,16 @@ func (c *ceiling) prepare(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create ceiling stream: %w", err)
 	}
-	if _, err = js.CreateConsumer(ctx, c.names+"_EVENTS", jetstream.ConsumerConfig{
+	if _, err = js.CreateConsumer(ctx, c.subj.EventsStream(), jetstream.ConsumerConfig{
 		Durable: ceilingConsumer, AckPolicy: jetstream.AckExplicitPolicy,
 		AckWait: 30 * time.Second, MaxDeliver: 20, MaxAckPending: -1,
 	}); err != nil {
 		return fmt.Errorf("create ceiling consumer: %w", err)
 	}
-	if c.creds, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_CREDS", History: 5, Replicas: replicas}); err != nil {
+	if c.creds, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.subj.CredentialsBucket(), History: 5, Replicas: replicas}); err != nil {
 		return fmt.Errorf("create ceiling credential bucket: %w", err)
 	}
-	if _, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.names + "_LEASES", History: 1, LimitMarkerTTL: time.Second, Replicas: replicas}); err != nil {
+	if _, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: c.subj.LeasesBucket(), History: 1, LimitMarkerTTL: time.Second, Replicas: replicas}); err != nil {
 		return fmt.Errorf("create ceiling lease bucket: %w", err)
 	}
 	if c.sub, err = c.env.nc.Subscribe(c.prefix+".rotated.>", c.onRotated); err != nil {
@@ -149,19 +159,19 @@ func (c *ceiling) prepare(ctx context.Context) error {
 }
 
 func (c *ceiling) startGroup(ctx context.Context, p int) error {
-	nc, err := connect(c.env.url, fmt.Sprintf("ceiling-%d", p))
+	nc, err := c.env.connect(fmt.Sprintf("ceiling-%d", p))
 	if err != nil {
 		return err
 	}
 	g := &ceilingGroup{nc: nc, done: make(chan struct{})}
 	if g.js, err = jetstream.New(nc); err == nil {
-		if g.creds, err = g.js.KeyValue(ctx, c.names+"_CREDS"); err == nil {
-			g.leases, err = g.js.KeyValue(ctx, c.names+"_LEASES")
+		if g.creds, err = g.js.KeyValue(ctx, c.subj.CredentialsBucket()); err == nil {
+			g.leases, err = g.js.KeyValue(ctx, c.subj.LeasesBucket())
 		}
 	}
 	var cons jetstream.Consumer
 	if err == nil {
-		cons, err = g.js.Consumer(ctx, c.names+"_EVENTS", ceilingConsumer)
+		cons, err = g.js.Consumer(ctx, c.subj.EventsStream(), ceilingConsumer)
 	}
 	var msgs jetstream.MessagesContext
 	if err == nil {
@@ -292,11 +302,11 @@ func (c *ceiling) onRotated(m *nats.Msg) {
 }
 
 func (c *ceiling) wave(ctx context.Context, ws *waveState) error {
-	return runWave(ctx, c.cfg, c.env.js, c.names+"_EVENTS", ceilingConsumer, &c.ws, ws, c.cfg.Runtimes, false, c.msg401())
+	return runWave(ctx, c.cfg, c.env.js, c.subj.EventsStream(), ceilingConsumer, &c.ws, ws, c.cfg.Runtimes, false, c.msg401())
 }
 
 func (c *ceiling) drain(ctx context.Context, ws *waveState) (time.Duration, error) {
-	return drainWave(ctx, c.cfg, c.env.js, c.names+"_EVENTS", ceilingConsumer, &c.ws, ws, c.msg401())
+	return drainWave(ctx, c.cfg, c.env.js, c.subj.EventsStream(), ceilingConsumer, &c.ws, ws, c.msg401())
 }
 
 // msg401 returns the 401 of every credential's current token: the same
@@ -314,7 +324,7 @@ func (c *ceiling) msg401() func(i int) (string, []byte, string, error) {
 			key, fp = c.keys[i], fps[i]
 		}
 		data, err := events.Encode(key, "storm/runtime", events.Unauthorized{Fingerprint: fp, Runtime: "storm", Status: 401})
-		return c.prefix + ".401." + key.String(), data, events.MsgID(events.Type401, key, fp), err
+		return c.subj.Event(events.Type401, key), data, events.MsgID(events.Type401, key, fp), err
 	}
 }
 
@@ -334,7 +344,7 @@ func (c *ceiling) probe(ctx context.Context, i int) (time.Duration, time.Duratio
 	calls := c.ep.tr.count()
 	start := time.Now()
 	ws.started(i)
-	if _, err := c.env.js.Publish(ctx, c.prefix+".401."+c.keys[i].String(), data,
+	if _, err := c.env.js.Publish(ctx, c.subj.Event(events.Type401, c.keys[i]), data,
 		jetstream.WithMsgID(events.MsgID(events.Type401, c.keys[i], fp))); err != nil {
 		return 0, 0, false, fmt.Errorf("publish 401: %w", err)
 	}
@@ -360,7 +370,7 @@ func (c *ceiling) close() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_ = c.env.js.DeleteStream(ctx, c.names+"_EVENTS")
-	_ = c.env.js.DeleteKeyValue(ctx, c.names+"_CREDS")
-	_ = c.env.js.DeleteKeyValue(ctx, c.names+"_LEASES")
+	_ = c.env.js.DeleteStream(ctx, c.subj.EventsStream())
+	_ = c.env.js.DeleteKeyValue(ctx, c.subj.CredentialsBucket())
+	_ = c.env.js.DeleteKeyValue(ctx, c.subj.LeasesBucket())
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/authbus/authbus/internal/cli"
 	"github.com/authbus/authbus/internal/embedded"
 )
 
@@ -58,7 +59,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.Endpoint = cfg.TokenURL + " (client_credentials)"
 	}
 	if cfg.NATSURL != "" {
-		rep.NATS = cfg.NATSURL + " (its refreshers do the authbus refreshes)"
+		rep.NATS = cli.RedactURLs(cfg.NATSURL) + " (its refreshers do the authbus refreshes)"
 	}
 
 	var env *natsEnv
@@ -265,15 +266,16 @@ func (ws *waveState) unrefreshed() int {
 // natsEnv is the NATS deployment the authbus and ceiling modes use: an
 // embedded server started for the storm, or an external one.
 type natsEnv struct {
-	srv *server.Server // nil when external
-	dir string
-	url string
-	nc  *nats.Conn // the runtimes' connection: publishes 401s, watches events
-	js  jetstream.JetStream
+	srv  *server.Server // nil when external
+	dir  string
+	url  string
+	opts []nats.Option // with url: authentication, TLS
+	nc   *nats.Conn    // the runtimes' connection: publishes 401s, watches events
+	js   jetstream.JetStream
 }
 
 func startNATS(cfg Config) (*natsEnv, error) {
-	env := &natsEnv{url: cfg.NATSURL}
+	env := &natsEnv{url: cfg.NATSURL, opts: cfg.NATSOptions}
 	if cfg.NATSURL == "" {
 		dir, err := os.MkdirTemp("", "authbus-storm-")
 		if err != nil {
@@ -287,7 +289,7 @@ func startNATS(cfg Config) (*natsEnv, error) {
 		env.url = env.srv.ClientURL()
 	}
 	var err error
-	if env.nc, err = connect(env.url, "runtimes"); err != nil {
+	if env.nc, err = env.connect("runtimes"); err != nil {
 		env.close()
 		return nil, err
 	}
@@ -298,10 +300,12 @@ func startNATS(cfg Config) (*natsEnv, error) {
 	return env, nil
 }
 
-func connect(url, name string) (*nats.Conn, error) {
-	nc, err := nats.Connect(url, nats.Name("authbus-storm-"+name), nats.MaxReconnects(-1))
+// connect opens a connection of its own, as another process would.
+func (env *natsEnv) connect(name string) (*nats.Conn, error) {
+	opts := append([]nats.Option{nats.Name("authbus-storm-" + name), nats.MaxReconnects(-1)}, env.opts...)
+	nc, err := nats.Connect(env.url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("storm: connect to NATS %s: %w; check --nats-url", url, err)
+		return nil, fmt.Errorf("storm: connect to NATS %s: %w; check --nats-url", cli.RedactURLs(env.url), err)
 	}
 	return nc, nil
 }

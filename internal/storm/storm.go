@@ -25,6 +25,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/authbus/authbus/internal/authserver"
 )
 
@@ -100,6 +102,9 @@ type Config struct {
 	// refreshes) instead of starting an embedded NATS server with pools in
 	// this process. Its refreshers must reach the token endpoint.
 	NATSURL string
+	// NATSOptions are the options of every connection to NATSURL
+	// (authentication, TLS, inbox prefix).
+	NATSOptions []nats.Option
 	// Prefix is the subject prefix of the deployment; "" means "auth".
 	Prefix string
 

@@ -1,6 +1,6 @@
 // Builds the real refresher binary from this repository and runs it with its
 // embedded NATS server on a free loopback port, a temporary data directory,
-// and the NATS users `refresher permissions` prints: the refreshers' own, a
+// and the NATS users `refresher permissions` prints: the refreshers' two, a
 // runtime user of tenant "acme" (so every test runs under the permissions a
 // real tenant gets), and an unrestricted test user that can forge events.
 
@@ -47,10 +47,11 @@ export class Refresher {
     await run("go", ["build", "-o", bin, "./cmd/refresher"], { cwd: repoRoot });
     const users = await Promise.all([
       run(bin, ["permissions", "--refresher"]),
+      run(bin, ["permissions", "--serving", "--tenant", TENANT]),
       run(bin, ["permissions", "--tenant", TENANT]),
     ]);
     const pw = () => randomBytes(12).toString("hex");
-    const passwords = { refresher: pw(), tenant: pw(), admin: pw() };
+    const passwords = { refresher: pw(), serve: pw(), tenant: pw(), admin: pw() };
     await writeFile(
       join(dir, "nats.conf"),
       `authorization {\n  users: [\n${users.map((u) => u.stdout).join("\n")}\n    { user: "test-admin", password: $AUTHBUS_TEST_ADMIN_PASSWORD }\n  ]\n}\n`,
@@ -60,12 +61,18 @@ export class Refresher {
     const child = spawn(
       bin,
       ["--listen", "127.0.0.1:0", "--data-dir", join(dir, "data"), "--nats-config", join(dir, "nats.conf"),
-        "--nats-user", "authbus-refresher", "--metrics-addr", "", "--log-format", "json", "--log-level", "info"],
+        "--nats-user", "authbus-refresher", "--nats-serve-user", "authbus-serve",
+        // With users configured, loopback token endpoints must be allowed
+        // explicitly: the test authorization server is one.
+        "--allow-loopback-token-hosts",
+        "--metrics-addr", "", "--log-format", "json", "--log-level", "info"],
       {
         env: {
           ...process.env,
           NATS_PASSWORD: passwords.refresher,
+          NATS_SERVE_PASSWORD: passwords.serve,
           AUTHBUS_PASSWORD_REFRESHER: passwords.refresher,
+          AUTHBUS_PASSWORD_SERVE: passwords.serve,
           [`AUTHBUS_PASSWORD_${TENANT.toUpperCase()}`]: passwords.tenant,
           AUTHBUS_TEST_ADMIN_PASSWORD: passwords.admin,
         },

@@ -1,0 +1,195 @@
+package workers
+
+import (
+	"context"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// dispatcher hands events to the pool's workers, fairly among tenants:
+//
+//   - the work lane first, the slow lane (a tenant's flood) only when the
+//     work lane has nothing waiting (see intake.go);
+//   - a tenant runs at most Config.TenantWorkers refreshes at once, so
+//     that a tenant whose token endpoint hangs cannot take every worker:
+//     the others stay free for every other tenant. Its further events wait
+//     in this process, without a worker, and start as its refreshes end,
+//     tenants with waiting events taking turns; they are reported in
+//     progress meanwhile, so JetStream does not redeliver them.
+//
+// It runs in Run's goroutine; only done is written from elsewhere.
+type dispatcher struct {
+	p        *Pool
+	ctx      context.Context // ends the intake of new events (shutdown)
+	work     context.Context // what refreshes run on: it outlives ctx
+	free     int             // workers without a refresh
+	running  map[string]int  // refreshes per tenant
+	waiting  map[string][]waiting
+	turns    []string // tenants with waiting events, in the order they take turns
+	done     chan string
+	inflight int
+}
+
+// waiting is an event held back because its tenant runs as many refreshes
+// as it may.
+type waiting struct {
+	msg   jetstream.Msg
+	since time.Time
+}
+
+// maxWaitingPerTenant bounds the events a tenant may have waiting in this
+// process; beyond it they go back to the stream for a while.
+func (p *Pool) maxWaitingPerTenant() int { return 2 * p.cfg.Workers }
+
+func newDispatcher(p *Pool, ctx, work context.Context) *dispatcher {
+	return &dispatcher{p: p, ctx: ctx, work: work, free: p.cfg.Workers,
+		running: map[string]int{}, waiting: map[string][]waiting{}, done: make(chan string, p.cfg.Workers)}
+}
+
+// run dispatches the events of both lanes until both are closed (Run
+// stopped the intake) and every refresh has ended.
+func (d *dispatcher) run(workLane, slowLane <-chan jetstream.Msg) {
+	progress := time.NewTicker(max(d.p.cfg.AckWait/3, time.Millisecond))
+	defer progress.Stop()
+	for workLane != nil || slowLane != nil || d.inflight > 0 {
+		d.startWaiting()
+		var wl, sl <-chan jetstream.Msg
+		if d.free > 0 {
+			wl, sl = workLane, slowLane
+		}
+		if wl != nil {
+			// The work lane first, whenever it has an event.
+			select {
+			case msg, ok := <-wl:
+				if !ok {
+					workLane = nil
+				} else {
+					d.take(msg)
+				}
+				continue
+			default:
+			}
+		}
+		select {
+		case tenant := <-d.done:
+			d.finish(tenant)
+		case msg, ok := <-wl:
+			if !ok {
+				workLane = nil
+				continue
+			}
+			d.take(msg)
+		case msg, ok := <-sl:
+			if !ok {
+				slowLane = nil
+				continue
+			}
+			d.take(msg)
+		case <-progress.C:
+			d.progress()
+		}
+	}
+	// Lanes closed: what still waits goes back for another refresher.
+	for _, ws := range d.waiting {
+		for _, w := range ws {
+			_ = w.msg.Nak()
+		}
+	}
+}
+
+// take starts msg now, or holds it back while its tenant runs as many
+// refreshes as it may.
+func (d *dispatcher) take(msg jetstream.Msg) {
+	if d.ctx.Err() != nil {
+		// Fetched but not started: let another refresher have it now.
+		_ = msg.Nak()
+		return
+	}
+	tenant := tenantOf(msg.Subject())
+	if d.running[tenant] < d.p.cfg.TenantWorkers {
+		d.start(tenant, msg)
+		return
+	}
+	if len(d.waiting[tenant]) >= d.p.maxWaitingPerTenant() {
+		d.p.settle(d.work, msg, resultOf(outTenantBusy, jitter(d.p.cfg.LeaseWait), "its tenant has as many events waiting in this refresher as it may"), attemptOf(msg), time.Now())
+		return
+	}
+	if len(d.waiting[tenant]) == 0 {
+		d.turns = append(d.turns, tenant)
+	}
+	d.waiting[tenant] = append(d.waiting[tenant], waiting{msg: msg, since: time.Now()})
+}
+
+// startWaiting starts held-back events while workers are free, one per
+// tenant in turn, skipping tenants still at their limit.
+func (d *dispatcher) startWaiting() {
+	for n := len(d.turns); d.free > 0 && n > 0; n-- {
+		tenant := d.turns[0]
+		d.turns = d.turns[1:]
+		if d.running[tenant] >= d.p.cfg.TenantWorkers {
+			d.turns = append(d.turns, tenant)
+			continue
+		}
+		ws := d.waiting[tenant]
+		d.start(tenant, ws[0].msg)
+		if ws = ws[1:]; len(ws) > 0 {
+			d.waiting[tenant] = ws
+			d.turns = append(d.turns, tenant)
+		} else {
+			delete(d.waiting, tenant)
+		}
+	}
+}
+
+func (d *dispatcher) start(tenant string, msg jetstream.Msg) {
+	d.free--
+	d.inflight++
+	d.running[tenant]++
+	d.p.handlers.Go(func() {
+		defer func() { d.done <- tenant }()
+		d.p.handle(d.work, msg)
+	})
+}
+
+func (d *dispatcher) finish(tenant string) {
+	d.free++
+	d.inflight--
+	if d.running[tenant]--; d.running[tenant] <= 0 {
+		delete(d.running, tenant)
+	}
+}
+
+// progress tells JetStream that events held back for a while are still
+// being worked on.
+func (d *dispatcher) progress() {
+	limit := d.p.cfg.AckWait / 3
+	for _, ws := range d.waiting {
+		for _, w := range ws {
+			if time.Since(w.since) >= limit {
+				_ = w.msg.InProgress()
+			}
+		}
+	}
+}
+
+// tenantOf is the tenant of a work or slow lane subject
+// (<prefix>.<lane>.<word>.<tenant>.<user>.<server>): the fourth token from
+// the end. A subject too short to have one is its own tenant (the refresh
+// refuses it as bad input).
+func tenantOf(subject string) string {
+	parts := strings.Split(subject, ".")
+	if len(parts) < 3 {
+		return subject
+	}
+	return parts[len(parts)-3]
+}
+
+// attemptOf is msg's delivery count, 1 when its metadata cannot be read.
+func attemptOf(msg jetstream.Msg) uint64 {
+	if md, err := msg.Metadata(); err == nil {
+		return md.NumDelivered
+	}
+	return 1
+}
