@@ -91,7 +91,8 @@ func (p *Pool) announceNeedsReauth(ctx context.Context, c *kv.Credential) error 
 // in the first half of the lead before ExpiresAt (see Config.RefreshLead).
 // The schedule subject holds one pending schedule per credential, so this
 // replaces the previous generation's; a token without expiry removes it.
-// Failure is logged, not fatal: a 401 still refreshes the credential.
+// Failure is logged, not fatal: the reconciler restores a missing schedule
+// (see reconcile.go), and a 401 still refreshes the credential.
 func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	if c.ExpiresAt.IsZero() {
 		// No expiry: refreshed on 401 only. An older generation's schedule
@@ -102,12 +103,7 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 		}
 		return
 	}
-	msg, opts, span, err := p.scheduleMsg(ctx, c)
-	if err == nil {
-		defer span.End()
-		_, err = p.js.PublishMsg(ctx, msg, opts...)
-	}
-	if err != nil {
+	if err := p.scheduleSync(ctx, c, p.nextAt(c)); err != nil {
 		p.scheduleFailed(c, err)
 	}
 }
@@ -126,7 +122,7 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 			"key", c.Key.String())
 		return
 	}
-	msg, opts, span, err := p.scheduleMsg(ctx, c)
+	msg, opts, span, err := p.scheduleMsg(ctx, c, p.nextAt(c))
 	if err != nil {
 		p.scheduleFailed(c, err)
 		return
@@ -149,16 +145,21 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 
 // scheduleFailed logs a schedule that did not make it into the stream.
 func (p *Pool) scheduleFailed(c *kv.Credential, err error) {
-	p.log.Warn("scheduling the proactive refresh failed; the credential will be refreshed on its next 401",
+	p.log.Warn("scheduling the proactive refresh failed; the reconciler restores it (see Config.ReconcileEvery), a 401 refreshes the credential before that",
 		"key", c.Key.String(), "error", err)
 }
 
-// scheduleMsg builds the schedule of c's proactive refresh, with the trace
-// context of a new producer span in its headers; the server copies them
-// into the auth.expiring it fires, whose process span links to this one.
-// The caller ends the span.
-func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential) (*nats.Msg, []jetstream.PublishOpt, trace.Span, error) {
-	at := scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
+// nextAt is when the proactive refresh of c's current token fires.
+func (p *Pool) nextAt(c *kv.Credential) time.Time {
+	return scheduleAt(c, p.lead(c), time.Now(), rand.Float64())
+}
+
+// scheduleMsg builds the schedule of c's proactive refresh firing at at,
+// with the trace context of a new producer span in its headers; the server
+// copies them into the auth.expiring it fires, whose process span links to
+// this one, and so it does with scheduledForHeader (see scheduleLag). The
+// caller ends the span.
+func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential, at time.Time) (*nats.Msg, []jetstream.PublishOpt, trace.Span, error) {
 	data, err := events.Encode(c.Key, p.cfg.Source, events.Expiring{Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
 	if err != nil {
 		return nil, nil, nil, err
@@ -178,6 +179,7 @@ func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential) (*nats.Msg, []
 	msg := nats.NewMsg(subject)
 	msg.Data = data
 	telemetry.Inject(ctx, msg.Header)
+	msg.Header.Set(scheduledForHeader, at.UTC().Format(time.RFC3339))
 	return msg, []jetstream.PublishOpt{
 		jetstream.WithScheduleAt(at),
 		jetstream.WithScheduleTarget(target),

@@ -65,6 +65,12 @@ type Config struct {
 	// schedule fires at a random point of the first half of the lead, so
 	// credentials registered together do not all refresh in the same second.
 	RefreshLead time.Duration
+	// ReconcileEvery is how often the pool checks that every active
+	// credential with an expiry has a pending proactive refresh and
+	// restores those that have none (see Pool.Reconcile); the first check
+	// runs a few seconds after Run starts. 0 means 15m; negative turns the
+	// checks off.
+	ReconcileEvery time.Duration
 	// Replicas of the streams and buckets this pool creates; 0 means 1.
 	// Streams and buckets that exist keep the replica count they have: a
 	// refresher never changes a deployment's, and logs a warning when a
@@ -193,6 +199,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Requests == 0 {
 		c.Requests = 64
+	}
+	if c.ReconcileEvery == 0 {
+		c.ReconcileEvery = 15 * time.Minute
 	}
 	c.replicasSet = c.Replicas != 0
 	if c.Replicas == 0 {

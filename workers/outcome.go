@@ -28,6 +28,7 @@ const (
 	outStoreFailed                // a redeemed token could not be stored
 	outLeaseLost                  // the lease was lost before a permanent failure could be recorded
 	outRequeued                   // the refresh this event joined did not finish: decided again on redelivery
+	outParked                     // an auth.expiring the open breaker refused: rescheduled for after it half-opens (keep.go)
 	outTenantBusy                 // the event's tenant has as many events waiting in this refresher as it may
 )
 
@@ -79,6 +80,7 @@ var outcomes = [...]struct {
 	outStoreFailed: {"store_failed", actionNak, slog.LevelWarn, true, joinedRequeue},
 	outLeaseLost:   {"lease_lost", actionNak, slog.LevelInfo, false, joinedRequeue},
 	outRequeued:    {"requeued", actionNak, slog.LevelDebug, false, joinedRequeue},
+	outParked:      {"parked", actionAck, slog.LevelInfo, false, joinedRequeue},
 	outTenantBusy:  {"tenant_busy", actionNak, slog.LevelDebug, false, joinedRequeue},
 }
 

@@ -2,7 +2,6 @@ package workers
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -56,6 +55,7 @@ type Pool struct {
 	log      *slog.Logger
 	tracer   trace.Tracer
 	metrics  *metrics
+	keeper   *keeper // parked credentials and schedule metrics (keep.go)
 }
 
 // New checks cfg, and creates the streams, consumer and buckets when they
@@ -90,9 +90,13 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 		p.serve = nc
 	}
 	p.cfg.HTTPClient = instrumentHTTP(cfg.HTTPClient, cfg.TracerProvider, cfg.MeterProvider)
+	if p.keeper, err = newKeeper(cfg.MeterProvider); err != nil {
+		return nil, err
+	}
 	p.breakers = newBreakers(cfg.BreakerFailures, cfg.BreakerOpenFor, func(k breakerKey, from, to gobreaker.State) {
 		p.log.Warn("token endpoint breaker changed state", "scope", k.scope.String(), "endpoint", redactURL(k.endpoint),
 			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
+		p.keeper.breakerChanged(k.endpoint, from, to)
 	})
 	lanes, err := p.provision(ctx)
 	if err != nil {
@@ -158,8 +162,15 @@ func (p *Pool) Run(ctx context.Context) error {
 	}
 	// Also when Run ends without ctx (its connection closed under it).
 	defer intake.stop()
-	pull := func(c jetstream.Consumer, batch int) (jetstream.MessagesContext, error) {
-		return c.Messages(
+	workLane, slowLane := make(chan jetstream.Msg), make(chan jetstream.Msg)
+	// Consume, not Messages: Messages hands events and the server's status
+	// messages over through a channel of the pull batch's size and drops
+	// what does not fit; registering a million credentials on a starved
+	// machine did ("slow consumer, messages dropped" on the pools' pull
+	// inboxes). Consume queues them; its handler blocks while the
+	// dispatcher has no free worker, and pulls again only after it returns.
+	consume := func(c jetstream.Consumer, batch int, lane chan<- jetstream.Msg) (jetstream.ConsumeContext, error) {
+		return c.Consume(func(msg jetstream.Msg) { lane <- msg },
 			// A pull batch near the worker count: the default of 500 lets
 			// one process hoard a storm while the others idle.
 			jetstream.PullMaxMessages(batch),
@@ -170,28 +181,33 @@ func (p *Pool) Run(ctx context.Context) error {
 			// small heartbeat message every 2s.
 			jetstream.PullExpiry(10*time.Second),
 			jetstream.PullHeartbeat(2*time.Second),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				// Missed heartbeats and the like: the consumer recovers by itself.
+				p.log.Warn("consumer hiccup", "error", err)
+			}),
 		)
 	}
-	msgs, err := pull(p.cons, p.cfg.Workers)
+	workCC, err := consume(p.cons, p.cfg.Workers, workLane)
 	if err != nil {
 		intake.stop()
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), consumerName, err)
 	}
 	// The slow lane's batch is small: its messages may wait in this process
 	// while the work lane is busy, and their ack wait runs meanwhile.
-	slowMsgs, err := pull(p.slow, max(1, p.cfg.Workers/4))
+	slowCC, err := consume(p.slow, max(1, p.cfg.Workers/4), slowLane)
 	if err != nil {
 		intake.stop()
-		msgs.Stop()
+		workCC.Stop()
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), slowConsumerName, err)
 	}
 	stop := context.AfterFunc(ctx, func() {
 		_ = svc.Stop()
 		intake.stop()
-		msgs.Drain()
-		slowMsgs.Drain()
+		workCC.Drain()
+		slowCC.Drain()
 	})
 	defer stop()
+	defer p.keepSchedules(ctx)()
 	p.log.Info("refresh pool running", "instance", p.cfg.Instance, "workers", p.cfg.Workers, "stream", p.subj.EventsStream())
 	// Subscriptions reach the server asynchronously: once a round trip
 	// has, a request sent from anywhere finds them.
@@ -200,10 +216,11 @@ func (p *Pool) Run(ctx context.Context) error {
 	}
 	close(p.started)
 
-	workLane, slowLane := make(chan jetstream.Msg), make(chan jetstream.Msg)
+	// No handler runs once a consumer is closed (shutdown, or the
+	// connection closed under Run): then its lane ends.
 	var readers sync.WaitGroup
-	readers.Go(func() { p.read(msgs, workLane) })
-	readers.Go(func() { p.read(slowMsgs, slowLane) })
+	readers.Go(func() { <-workCC.Closed(); close(workLane) })
+	readers.Go(func() { <-slowCC.Closed(); close(slowLane) })
 
 	// In-flight refreshes outlive ctx: abandoning a token-endpoint call
 	// half-way may burn a rotating refresh token.
@@ -213,24 +230,6 @@ func (p *Pool) Run(ctx context.Context) error {
 	p.bg.Wait()
 	p.log.Info("refresh pool stopped", "instance", p.cfg.Instance)
 	return nil
-}
-
-// read hands the events of one lane to the dispatcher until the lane's
-// iterator is closed (shutdown), then closes ch.
-func (p *Pool) read(it jetstream.MessagesContext, ch chan<- jetstream.Msg) {
-	defer close(ch)
-	for {
-		msg, err := it.Next()
-		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			return
-		}
-		if err != nil {
-			// Missed heartbeats and the like: the iterator recovers by itself.
-			p.log.Warn("consumer hiccup", "error", err)
-			continue
-		}
-		ch <- msg
-	}
 }
 
 // handle processes one event and settles it: ack, nak with a delay, or
@@ -285,7 +284,7 @@ func (p *Pool) handle(ctx context.Context, msg jetstream.Msg) {
 // last delivery becomes a termination.
 func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt uint64, start time.Time) result {
 	gaveUp := false
-	if r.action == actionNak && attempt >= uint64(p.cfg.MaxDeliver) {
+	if p.givesUp(r, attempt) {
 		// A work-queue stream keeps a message that reached MaxDeliver
 		// forever, with only an advisory: terminate it ourselves.
 		r.action, r.detail = actionTerm, fmt.Sprintf("gave up after %d deliveries: %s %s", attempt, r.outcome, r.detail)
@@ -317,6 +316,9 @@ func (p *Pool) settle(ctx context.Context, msg jetstream.Msg, r result, attempt 
 	}
 	if r.action == actionNak {
 		attrs = append(attrs, slog.Duration("retry_in", r.delay))
+	}
+	if lag, ok := p.scheduleLag(ctx, msg, attempt, start); ok {
+		attrs = append(attrs, slog.Duration("schedule_lag", lag))
 	}
 	if err != nil {
 		attrs = append(attrs, slog.String("settle_error", err.Error()))

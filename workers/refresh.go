@@ -34,8 +34,11 @@ type refresh struct {
 
 // refresh runs steps 1–7 for one event and returns how to settle it. The
 // lease, once claimed, is released after the caller settled the event.
-func (p *Pool) refresh(ctx context.Context, in inbound, attempt uint64, f *flight) result {
+// Whatever the outcome, an auth.expiring leaves its credential with a
+// pending proactive refresh (keepScheduled).
+func (p *Pool) refresh(ctx context.Context, in inbound, attempt uint64, f *flight) (res result) {
 	r := &refresh{p: p, in: in, attempt: attempt, f: f}
+	defer func() { res = r.keepScheduled(ctx, res) }()
 	if res, done := r.validate(ctx); done { // 1
 		return res
 	}

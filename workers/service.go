@@ -223,7 +223,11 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 	if err := p.announceRotated(ctx, c); err != nil {
 		p.log.Warn("announcing a registration failed", "key", key.String(), "error", err)
 	}
-	p.schedule(ctx, c)
+	if !c.ExpiresAt.IsZero() || c.Version > 1 {
+		// A first registration without expiry has no schedule to replace:
+		// its purge would be a stream API request for nothing.
+		p.schedule(ctx, c)
+	}
 	p.log.Info("credential registered", "key", key.String(), "version", c.Version, "fingerprint", c.Fingerprint, "expires_at", c.ExpiresAt)
 	p.replyJSON(req, events.RegisterReply{Version: c.Version, Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
 }

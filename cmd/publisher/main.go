@@ -52,6 +52,7 @@ var commands = []command{
 	{"login", "KEY", "log in at an authorization server (browser with PKCE, or --device) and register the tokens", login},
 	{"devserver", "", "run a development authorization server on loopback, to try login and rotation", devserver},
 	{"storm", "", "load test: a 401 storm through naive, in-process and authbus refreshing, side by side", stormCmd},
+	{"soak", "", "load test: a steady fleet for minutes, with runtimes using the tokens, an outage, refresher restarts", soakCmd},
 }
 
 // streams are the standard streams of one run, so tests can run commands

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"testing"
@@ -178,9 +179,17 @@ func (b *Fleet) TryRegister(key events.Key, tok authtest.Tokens, tune func(*even
 	if err != nil {
 		return events.RegisterReply{}, err
 	}
-	msg, err := b.NC.Request(b.Subj.Register(key), body, 5*time.Second)
-	if err != nil {
-		return events.RegisterReply{}, err
+	var msg *nats.Msg
+	for attempt := 1; ; attempt++ {
+		if msg, err = b.NC.Request(b.Subj.Register(key), body, 5*time.Second); err != nil {
+			return events.RegisterReply{}, err
+		}
+		// 503: the refresher that answered serves as many of this
+		// tenant's requests as it may; the protocol says retry shortly.
+		if msg.Header.Get("Nats-Service-Error-Code") != "503" || attempt == 50 {
+			break
+		}
+		<-time.After(time.Duration(10+rand.IntN(40)) * time.Millisecond)
 	}
 	if code := msg.Header.Get("Nats-Service-Error-Code"); code != "" {
 		return events.RegisterReply{}, fmt.Errorf("%s: %s", code, msg.Data)
