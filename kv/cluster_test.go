@@ -80,6 +80,20 @@ func setupCluster(t *testing.T) *clusterBundle {
 	return b
 }
 
+// leaseNow describes, for a failure, how long l was held and its key's
+// last message as the lease bucket's leader holds it now.
+func (b *clusterBundle) leaseNow(ctx context.Context, l *Lease, since time.Time) string {
+	l.mu.Lock()
+	rev := l.rev
+	l.mu.Unlock()
+	msg, err := leaderGet(ctx, b.farJS.Conn(), jetstream.DefaultAPIPrefix, b.farL.stream.CachedInfo().Config.Name, b.farL.subPrefix+l.key.String(), true)
+	if err != nil {
+		return fmt.Sprintf("held %v at revision %d; the key's last message: %v", time.Since(since), rev, err)
+	}
+	return fmt.Sprintf("held %v at revision %d; the key's last message: sequence %d, headers %v, data %q",
+		time.Since(since), rev, msg.Sequence, msg.Header, msg.Data)
+}
+
 // TestFenceWithLaggingFollower is the contested claim that lost refresh
 // tokens on replicated deployments, repeated: refresher A reads, claims,
 // rotates (stores revision r+1) and releases; refresher B, on another
@@ -107,6 +121,10 @@ func TestFenceWithLaggingFollower(t *testing.T) {
 		}
 	}
 	b.c.WaitCurrent("KV_cred_"+b.name, "KV_lease_"+b.name)
+	eventually(t, 10*time.Second, "direct gets through the third node are answered", func() bool {
+		_, _, err := b.far.Get(ctx, creds[0].Key)
+		return err == nil
+	})
 	b.c.Lag(b.lagging, 100*time.Millisecond)
 	var (
 		mu          sync.Mutex
@@ -132,6 +150,7 @@ func TestFenceWithLaggingFollower(t *testing.T) {
 					t.Errorf("A load: %v", err)
 					return
 				}
+				aClaimedAt := time.Now()
 				al, err := b.nearL.Claim(ctx, c.Key, "A", aread)
 				if err != nil {
 					t.Errorf("A claim: %v", err)
@@ -156,7 +175,7 @@ func TestFenceWithLaggingFollower(t *testing.T) {
 				n.Version++
 				stored, err := b.near.UpdateUnder(ctx, al, n, arev)
 				if rerr := al.Release(ctx); err != nil || rerr != nil {
-					t.Errorf("A store %v, release %v", err, rerr)
+					t.Errorf("A store %v, release %v (%s)", err, rerr, b.leaseNow(ctx, al, aClaimedAt))
 					return
 				}
 				if round%10 == 9 {
@@ -179,9 +198,10 @@ func TestFenceWithLaggingFollower(t *testing.T) {
 					_ = bl.Release(ctx)
 					return
 				}
+				claimedAt := time.Now()
 				_, brev, err := b.far.Fence(ctx, bl, bc)
 				if rerr := bl.Release(ctx); err != nil || rerr != nil {
-					t.Errorf("B fence %v, release %v", err, rerr)
+					t.Errorf("B fence %v, release %v (%s)", err, rerr, b.leaseNow(ctx, bl, claimedAt))
 					return
 				}
 				mu.Lock()

@@ -181,10 +181,12 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 		// stores the key, which is later, so trust measured from here ends
 		// earlier.
 		start := time.Now()
-		ack, err := l.js.Publish(ctx, l.putPrefix+k.String(), []byte(holder),
-			jetstream.WithExpectLastSequencePerSubject(last),
-			jetstream.WithMsgTTL(l.ttl),
-		)
+		ack, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
+			return l.js.Publish(ctx, l.putPrefix+k.String(), []byte(holder),
+				jetstream.WithExpectLastSequencePerSubject(last),
+				jetstream.WithMsgTTL(l.ttl),
+			)
+		})
 		if err == nil {
 			var quietAt time.Time
 			if last == 0 {
@@ -458,10 +460,12 @@ func (l *Lease) renew(ctx context.Context) error {
 	// expires, so renew with a raw publish to the key's subject that carries
 	// both the expected revision and a fresh TTL; its sequence is the new
 	// revision.
-	ack, err := l.leases.js.Publish(ctx, l.leases.putPrefix+l.key.String(), l.holder,
-		jetstream.WithExpectLastSequencePerSubject(rev),
-		jetstream.WithMsgTTL(l.leases.ttl),
-	)
+	ack, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
+		return l.leases.js.Publish(ctx, l.leases.putPrefix+l.key.String(), l.holder,
+			jetstream.WithExpectLastSequencePerSubject(rev),
+			jetstream.WithMsgTTL(l.leases.ttl),
+		)
+	})
 	if err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {
@@ -516,7 +520,9 @@ func (l *Lease) Release(ctx context.Context) error {
 	if left != 0 {
 		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))
 	}
-	_, err := l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(leaseMarkerTTL))
+	_, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
+		return l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(leaseMarkerTTL))
+	})
 	if err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {

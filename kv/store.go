@@ -130,7 +130,7 @@ func (s *Store) Create(ctx context.Context, c *Credential) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	rev, err := s.kv.Create(ctx, c.Key.String(), data)
+	rev, err := retryInProcess(ctx, func() (uint64, error) { return s.kv.Create(ctx, c.Key.String(), data) })
 	if err != nil {
 		return 0, fmt.Errorf("create credential %s: %w", c.Key, mapErr(credentials, opCreate, err))
 	}
@@ -149,7 +149,7 @@ func (s *Store) Update(ctx context.Context, c *Credential, rev uint64) (uint64, 
 	if err != nil {
 		return 0, err
 	}
-	newRev, err := s.kv.Update(ctx, c.Key.String(), data, rev)
+	newRev, err := retryInProcess(ctx, func() (uint64, error) { return s.kv.Update(ctx, c.Key.String(), data, rev) })
 	if err != nil {
 		return 0, fmt.Errorf("update credential %s at revision %d: %w", c.Key, rev, mapErr(credentials, opCAS, err))
 	}
@@ -165,7 +165,10 @@ func (s *Store) Delete(ctx context.Context, k events.Key, rev uint64) error {
 	}
 	// Purge, not Delete: the history holds old (sealed) refresh tokens, and
 	// a deleted credential should not keep them.
-	if err := s.kv.Purge(ctx, k.String(), jetstream.LastRevision(rev)); err != nil {
+	_, err := retryInProcess(ctx, func() (struct{}, error) {
+		return struct{}{}, s.kv.Purge(ctx, k.String(), jetstream.LastRevision(rev))
+	})
+	if err != nil {
 		return fmt.Errorf("delete credential %s at revision %d: %w", k, rev, mapErr(credentials, opCAS, err))
 	}
 	return nil
