@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // Errors of Discovery.Lookup. Every lookup error wraps exactly one of them,
@@ -84,7 +85,7 @@ type DiscoveryConfig struct {
 	// host and the addresses it resolves to) before a redirect is followed;
 	// nil checks only the scheme. Config.TokenHosts of the pool that makes
 	// the Discovery.
-	TokenHosts *TokenHostPolicy
+	TokenHosts *egress.Policy
 }
 
 // maxDiscoveryRedirects bounds the redirects one metadata fetch follows.
@@ -246,7 +247,7 @@ func (p *Pool) discover(ctx context.Context, req micro.Request, rr *events.Regis
 // checkRedirect allows a metadata redirect within the rules the issuer
 // itself had to pass: at most maxDiscoveryRedirects, https (plain http only
 // to loopback), and a host the token-host policy allows.
-func checkRedirect(req *http.Request, via []*http.Request, hosts *TokenHostPolicy) error {
+func checkRedirect(req *http.Request, via []*http.Request, hosts *egress.Policy) error {
 	if len(via) >= maxDiscoveryRedirects {
 		return fmt.Errorf("%w: more than %d redirects", errRedirectRefused, maxDiscoveryRedirects)
 	}
@@ -325,7 +326,7 @@ func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, pro
 		if errors.Is(err, errRedirectRefused) {
 			return md, unwrapURLError(err), false, true
 		}
-		if errors.Is(err, ErrTokenHostRefused) {
+		if errors.Is(err, egress.ErrRefused) {
 			return md, "refused by the token host policy (" + unwrapURLError(err) + ")", false, false
 		}
 		if ctx.Err() != nil {

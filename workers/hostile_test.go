@@ -14,6 +14,7 @@ import (
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // A token endpoint that answers a refresh with a redirect does not get the
@@ -64,18 +65,18 @@ func TestDiscoveryRedirectsStayWithinPolicy(t *testing.T) {
 	})
 	issuer = srv.URL
 	same := strings.Replace(srv.URL, "127.0.0.1", "localhost", 1)
-	loopbackOnly := &workers.TokenHostPolicy{Allowed: []string{"localhost"}, AllowLoopback: true}
+	loopbackOnly := &egress.Policy{Allowed: []string{"localhost"}, AllowLoopback: true}
 
 	for _, tc := range []struct {
 		name   string
 		to     func() string
-		policy *workers.TokenHostPolicy
+		policy *egress.Policy
 		ok     bool
 		want   string
 	}{
-		{"allowed host", func() string { return target.URL + "/doc?issuer=" + issuer }, &workers.TokenHostPolicy{AllowLoopback: true}, true, ""},
+		{"allowed host", func() string { return target.URL + "/doc?issuer=" + issuer }, &egress.Policy{AllowLoopback: true}, true, ""},
 		{"host outside the allow-list", func() string { return target.URL + "/doc?issuer=" + issuer }, loopbackOnly, false, "allowed token hosts"},
-		{"loopback refused by policy", func() string { return target.URL + "/doc?issuer=" + issuer }, &workers.TokenHostPolicy{}, false, "loopback"},
+		{"loopback refused by policy", func() string { return target.URL + "/doc?issuer=" + issuer }, &egress.Policy{}, false, "loopback"},
 		{"plain http elsewhere", func() string { return "http://as.example/doc" }, nil, false, "is not https"},
 		{"redirect loop", func() string { return same + "/again" }, loopbackOnly, false, "more than 3 redirects"},
 	} {
