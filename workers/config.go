@@ -16,6 +16,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/workers/discovery"
 	"github.com/authbus/authbus/workers/egress"
 )
 
@@ -135,7 +136,7 @@ type Config struct {
 	// (RFC 8414) and caches them; nil means one per pool that fetches with
 	// HTTPClient, caches for an hour and gives up after 5s. Pools of one
 	// process may share one.
-	Discovery *Discovery
+	Discovery *discovery.Resolver
 	// Logger receives the pool's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// TracerProvider makes the pool's spans (process, lease claim, token
@@ -230,7 +231,7 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Discovery == nil {
 		hosts := c.TokenHosts
-		c.Discovery = NewDiscovery(DiscoveryConfig{HTTPClient: c.HTTPClient, TokenHosts: &hosts})
+		c.Discovery = discovery.NewResolver(discovery.Config{HTTPClient: c.HTTPClient, Hosts: &hosts})
 	}
 	return c
 }

@@ -13,14 +13,14 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/events"
-	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/discovery"
 )
 
 // serverMetadata is the part of an authorization server's metadata (RFC
 // 8414 §2) that login and revoke use: what the refreshers' discovery keeps,
 // and the endpoints a person's login and a revocation need.
 type serverMetadata struct {
-	workers.Metadata
+	discovery.Metadata
 	AuthorizationEndpoint       string `json:"authorization_endpoint"`
 	DeviceAuthorizationEndpoint string `json:"device_authorization_endpoint"`
 	RevocationEndpoint          string `json:"revocation_endpoint"`
@@ -31,22 +31,22 @@ type serverMetadata struct {
 const httpTimeout = 30 * time.Second
 
 // discover looks up issuer's metadata the way the refreshers do for a
-// registration with an issuer (workers.Discovery: the RFC 8414 location,
+// registration with an issuer (package discovery: the RFC 8414 location,
 // then the OpenID Connect one, the issuer checked to be identical), so
 // login and register agree on which document counts, and reads the other
-// endpoints from the document that Discovery accepted.
+// endpoints from the document that the Resolver accepted.
 func discover(ctx context.Context, hc *http.Client, issuer string) (serverMetadata, error) {
 	rec := &recordingTransport{base: hc.Transport}
-	d := workers.NewDiscovery(workers.DiscoveryConfig{HTTPClient: &http.Client{Transport: rec, Timeout: hc.Timeout}})
+	d := discovery.NewResolver(discovery.Config{HTTPClient: &http.Client{Transport: rec, Timeout: hc.Timeout}})
 	md, err := d.Lookup(ctx, issuer)
-	if errors.Is(err, workers.ErrIssuerMetadata) {
+	if errors.Is(err, discovery.ErrIssuerMetadata) {
 		return serverMetadata{}, usageErrorf("--issuer: %w", err)
 	}
 	if err != nil {
 		return serverMetadata{}, fmt.Errorf("--issuer: %w", err)
 	}
 	var full serverMetadata
-	// Discovery stops at the first usable document, so the last one
+	// The Resolver stops at the first usable document, so the last one
 	// answered 200 is the one it accepted.
 	if err := json.Unmarshal(rec.last(), &full); err != nil {
 		return serverMetadata{}, fmt.Errorf("--issuer %s: metadata: %w", issuer, err)
