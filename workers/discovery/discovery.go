@@ -7,9 +7,9 @@
 // issuer.
 //
 // What the server sends is not trusted: a document counts only when it
-// names exactly the issuer asked for and its token endpoint is https (plain
-// http on loopback only), and a redirect is followed only where the issuer
-// itself could have pointed.
+// names exactly the issuer asked for and its token endpoint has no
+// EndpointProblem, and a redirect is followed only where the issuer itself
+// could have pointed.
 package discovery
 
 import (
@@ -60,7 +60,9 @@ const (
 )
 
 // Metadata is the part of an authorization server's metadata (RFC 8414 §2,
-// OpenID Connect Discovery §3) that authbus uses.
+// OpenID Connect Discovery §3) that authbus uses. Lookup checks Issuer and
+// TokenEndpoint; the other endpoints are passed on as the server wrote
+// them, and whoever sends something there checks them (EndpointProblem).
 type Metadata struct {
 	// Issuer is the issuer identifier; it equals the one looked up.
 	Issuer string `json:"issuer"`
@@ -69,6 +71,15 @@ type Metadata struct {
 	// TokenEndpointAuthMethods lists the client authentication methods the
 	// token endpoint supports; empty means client_secret_basic (RFC 8414).
 	TokenEndpointAuthMethods []string `json:"token_endpoint_auth_methods_supported,omitempty"`
+	// AuthorizationEndpoint is where a person logs in (RFC 6749 §3.1); ""
+	// when the server offers no authorization code grant.
+	AuthorizationEndpoint string `json:"authorization_endpoint,omitempty"`
+	// DeviceAuthorizationEndpoint starts the device authorization grant
+	// (RFC 8628 §4); "" when the server offers none.
+	DeviceAuthorizationEndpoint string `json:"device_authorization_endpoint,omitempty"`
+	// RevocationEndpoint revokes tokens (RFC 7009, RFC 8414 §2); "" when
+	// the server has none.
+	RevocationEndpoint string `json:"revocation_endpoint,omitempty"`
 }
 
 // AuthStyle is the auth_style a registration gets when it sets none:
@@ -234,7 +245,7 @@ func checkRedirect(req *http.Request, via []*http.Request, hosts *egress.Policy)
 		return fmt.Errorf("%w: more than %d redirects", errRedirectRefused, maxDiscoveryRedirects)
 	}
 	target := events.TruncateText(req.URL.Redacted(), maxReflected)
-	if p := tokenEndpointProblem(req.URL.String()); p != "" {
+	if p := EndpointProblem(req.URL.String()); p != "" {
 		return fmt.Errorf("%w: redirect to %s: it %s", errRedirectRefused, target, p)
 	}
 	if hosts != nil {
@@ -337,16 +348,18 @@ func (d *Resolver) try(ctx context.Context, issuer, u string) (md Metadata, prob
 	case md.TokenEndpoint == "":
 		return Metadata{}, "has no token_endpoint", false, true
 	}
-	if p := tokenEndpointProblem(md.TokenEndpoint); p != "" {
+	if p := EndpointProblem(md.TokenEndpoint); p != "" {
 		return Metadata{}, fmt.Sprintf("token_endpoint %q %s", events.TruncateText(md.TokenEndpoint, maxReflected), p), false, true
 	}
 	return md, "", false, true
 }
 
-// tokenEndpointProblem applies the register request's rule for
-// token_endpoint to a discovered one: an absolute https URL, plain http only
-// on loopback, no credentials, no fragment.
-func tokenEndpointProblem(s string) string {
+// EndpointProblem says why the endpoint URL s may not be sent a client
+// secret or a token, as a phrase to follow the URL ("is not https …"), or
+// "" when it may. The rule is the register request's for token_endpoint:
+// an absolute https URL, plain http only on loopback (local test servers),
+// without user name, password or fragment.
+func EndpointProblem(s string) string {
 	u, err := url.Parse(s)
 	switch {
 	case err != nil || u.Scheme == "" || u.Hostname() == "":

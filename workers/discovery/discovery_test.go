@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -200,5 +201,52 @@ func TestDiscoveryRedirectsStayWithinPolicy(t *testing.T) {
 				t.Errorf("Lookup error %v, want ErrIssuerMetadata saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// Lookup passes on the endpoints a person's login and a revocation use,
+// and their absence when the server has none.
+func TestLookupReadsLoginAndRevocationEndpoints(t *testing.T) {
+	as := authtest.New(t)
+	md, err := discovery.NewResolver(discovery.Config{}).Lookup(context.Background(), as.BaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := discovery.Metadata{
+		Issuer:                      as.BaseURL(),
+		TokenEndpoint:               as.TokenURL(),
+		TokenEndpointAuthMethods:    []string{"client_secret_basic", "client_secret_post"},
+		AuthorizationEndpoint:       as.BaseURL() + "/authorize",
+		DeviceAuthorizationEndpoint: as.BaseURL() + "/device_authorization",
+		RevocationEndpoint:          as.BaseURL() + "/revoke",
+	}
+	if !reflect.DeepEqual(md, want) {
+		t.Errorf("Lookup = %+v\nwant %+v", md, want)
+	}
+
+	as.SetRevocation(false)
+	md, err = discovery.NewResolver(discovery.Config{}).Lookup(context.Background(), as.BaseURL())
+	if err != nil || md.RevocationEndpoint != "" {
+		t.Errorf("without revocation: Lookup = %+v, %v; want no revocation endpoint", md, err)
+	}
+}
+
+func TestEndpointProblem(t *testing.T) {
+	for s, want := range map[string]string{
+		"https://auth.example.com/token":   "",
+		"http://localhost:8080/token":      "",
+		"http://127.0.0.2/token":           "",
+		"http://[::1]:9/token":             "",
+		"http://auth.example.com/token":    "is not https",
+		"ftp://auth.example.com/token":     "is not https",
+		"https://u:p@auth.example.com/tok": "contains a user name or password",
+		"https://auth.example.com/t#frag":  "has a fragment",
+		"/token":                           "is not an absolute URL",
+		"https://":                         "is not an absolute URL",
+	} {
+		got := discovery.EndpointProblem(s)
+		if want == "" && got != "" || want != "" && !strings.HasPrefix(got, want) {
+			t.Errorf("EndpointProblem(%q) = %q, want %q", s, got, want)
+		}
 	}
 }
