@@ -19,15 +19,7 @@ import (
 	"github.com/authbus/authbus/workers/egress"
 )
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// Idle keep-alive connections of a test server's client end with
-		// the server; the runtime may not have reaped them yet.
-		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
-	)
-}
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // Concurrent lookups of one issuer make one fetch.
 func TestDiscoveryConcurrentLookupsFetchOnce(t *testing.T) {
