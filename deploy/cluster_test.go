@@ -30,6 +30,7 @@ import (
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // nodeFiles are the per-node NATS config files compose.yaml mounts, in
@@ -332,7 +333,7 @@ func TestComposeTopology(t *testing.T) {
 			AckWait:      5 * time.Second,
 			// The test's authorization server is on loopback; compose's Dex
 			// is at a private address (--allow-private-token-hosts).
-			TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+			TokenHosts: egress.Policy{AllowLoopback: true},
 			Logger:     slog.New(slog.DiscardHandler),
 			// As compose starts them: serving as the serving user.
 			ServeConn: c.connect(t, i, "serve"),

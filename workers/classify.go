@@ -74,7 +74,7 @@ func classify(err error) answer {
 	case (s == http.StatusBadRequest || s == http.StatusUnauthorized || s == http.StatusForbidden) && re.ErrorCode != "":
 		o.verdict = permanent
 	case s >= 300 && s < 400:
-		// Token requests follow no redirect (refuseRedirect): the refresh
+		// Token requests follow no redirect (egress.RefuseRedirect): the refresh
 		// token must not travel on to wherever the answer points.
 		o.verdict, o.reason = permanent, "unexpected_response"
 		o.description = "token endpoint answered HTTP " + strconv.Itoa(s) +

@@ -21,6 +21,7 @@ import (
 	"github.com/authbus/authbus/internal/natstest"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // Clustered tests: a real 3-node JetStream cluster inside the test process,
@@ -66,7 +67,7 @@ func (f *clusterFleet) clusterConfig(name string) workers.Config {
 	cfg := workers.Config{
 		Replicas: 3, Seal: f.ring, Instance: name,
 		MaxDeliver: 200, RetryBase: 50 * time.Millisecond, RetryMax: time.Second, LeaseWait: 100 * time.Millisecond,
-		TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+		TokenHosts: egress.Policy{AllowLoopback: true},
 		Logger:     slog.New(slog.NewJSONHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	faultConfig(&cfg)

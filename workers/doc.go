@@ -8,4 +8,9 @@
 // consumer; the per-credential lease in KV makes sure only one of them calls
 // the token endpoint for a credential at a time, and compare-and-set on the
 // credential's revision makes sure a late result never overwrites a newer one.
+//
+// Two ideas the pool uses live in packages of their own: egress decides
+// which hosts a refresher may call (Config.TokenHosts), and discovery finds
+// an authorization server's endpoints from its issuer (Config.Discovery),
+// for the publisher's login and revoke too.
 package workers

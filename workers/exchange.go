@@ -18,6 +18,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // exchange makes the one token-endpoint call of a refresh, through the
@@ -43,8 +44,8 @@ func (p *Pool) exchange(ctx context.Context, c *kv.Credential) (*oauth2.Token, e
 		call.Transport = formParams{base: call.Transport, add: add}
 	}
 	// Whatever client the pool was given: a redirect is answered, never
-	// followed (see refuseRedirect); classify makes it permanent.
-	call.CheckRedirect = refuseRedirect
+	// followed (see egress.RefuseRedirect); classify makes it permanent.
+	call.CheckRedirect = egress.RefuseRedirect
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, &call)
 	start := time.Now()
 	tok, err := p.breakers.do(ctx, breakerKeyOf(c), func(ctx context.Context) (*oauth2.Token, error) {

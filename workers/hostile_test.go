@@ -3,7 +3,6 @@ package workers_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,7 +12,6 @@ import (
 	"github.com/authbus/authbus/internal/authtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
-	"github.com/authbus/authbus/workers"
 )
 
 // A token endpoint that answers a refresh with a redirect does not get the
@@ -44,57 +42,6 @@ func TestTokenRequestFollowsNoRedirect(t *testing.T) {
 			}
 			if n := b.AS.Calls(); n != 1 {
 				t.Errorf("token-endpoint calls = %d, want 1", n)
-			}
-		})
-	}
-}
-
-// Discovery follows a redirect only where the issuer itself could have
-// pointed: https (plain http on loopback only), a host the token-host
-// policy allows, at most three hops.
-func TestDiscoveryRedirectsStayWithinPolicy(t *testing.T) {
-	// target serves a usable document for any issuer it is asked about.
-	target := newMetadataServer(t, func(s *metadataServer, w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, map[string]any{"issuer": r.URL.Query().Get("issuer"), "token_endpoint": "https://as.example/token"})
-	})
-	var issuer string
-	var to func() string
-	srv := newMetadataServer(t, func(s *metadataServer, w http.ResponseWriter, r *http.Request) {
-		http.Redirect(w, r, to(), http.StatusFound)
-	})
-	issuer = srv.URL
-	same := strings.Replace(srv.URL, "127.0.0.1", "localhost", 1)
-	loopbackOnly := &workers.TokenHostPolicy{Allowed: []string{"localhost"}, AllowLoopback: true}
-
-	for _, tc := range []struct {
-		name   string
-		to     func() string
-		policy *workers.TokenHostPolicy
-		ok     bool
-		want   string
-	}{
-		{"allowed host", func() string { return target.URL + "/doc?issuer=" + issuer }, &workers.TokenHostPolicy{AllowLoopback: true}, true, ""},
-		{"host outside the allow-list", func() string { return target.URL + "/doc?issuer=" + issuer }, loopbackOnly, false, "allowed token hosts"},
-		{"loopback refused by policy", func() string { return target.URL + "/doc?issuer=" + issuer }, &workers.TokenHostPolicy{}, false, "loopback"},
-		{"plain http elsewhere", func() string { return "http://as.example/doc" }, nil, false, "is not https"},
-		{"redirect loop", func() string { return same + "/again" }, loopbackOnly, false, "more than 3 redirects"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			to = tc.to
-			hc := srv.Client()
-			d := workers.NewDiscovery(workers.DiscoveryConfig{HTTPClient: hc, TokenHosts: tc.policy})
-			md, err := d.Lookup(context.Background(), issuer)
-			if tc.ok {
-				if err != nil || md.TokenEndpoint != "https://as.example/token" {
-					t.Fatalf("Lookup = %+v, %v; want the redirected document", md, err)
-				}
-				return
-			}
-			if err == nil {
-				t.Fatalf("the redirect was followed: Lookup = %+v", md)
-			}
-			if !errors.Is(err, workers.ErrIssuerMetadata) || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("Lookup error %v, want ErrIssuerMetadata saying %q", err, tc.want)
 			}
 		})
 	}

@@ -10,14 +10,16 @@ import (
 	"time"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/internal/authtest"
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/discovery"
 )
 
 // slowIssuer is an issuer whose metadata requests wait until release is
 // closed; it counts the requests that arrived.
 type slowIssuer struct {
-	*metadataServer
+	*authtest.MetadataServer
 	released chan struct{}
 	once     sync.Once
 	arrived  chan string
@@ -27,7 +29,7 @@ func (s *slowIssuer) release() { s.once.Do(func() { close(s.released) }) }
 
 func newSlowIssuer(t *testing.T, tokenURL string) *slowIssuer {
 	s := &slowIssuer{released: make(chan struct{}), arrived: make(chan string, 100)}
-	s.metadataServer = newMetadataServer(t, func(m *metadataServer, w http.ResponseWriter, r *http.Request) {
+	s.MetadataServer = authtest.NewMetadataServer(t, func(m *authtest.MetadataServer, w http.ResponseWriter, r *http.Request) {
 		s.arrived <- r.URL.Path
 		select {
 		case <-s.released:
@@ -35,7 +37,7 @@ func newSlowIssuer(t *testing.T, tokenURL string) *slowIssuer {
 			return
 		}
 		issuer := m.URL + strings.TrimPrefix(r.URL.Path, "/.well-known/oauth-authorization-server")
-		writeJSON(w, map[string]any{"issuer": issuer, "token_endpoint": tokenURL})
+		authtest.WriteJSON(w, map[string]any{"issuer": issuer, "token_endpoint": tokenURL})
 	})
 	return s
 }
@@ -62,7 +64,7 @@ func TestSlowIssuersOfOneTenantDoNotDelayAnother(t *testing.T) {
 	slow := newSlowIssuer(t, b.AS.TokenURL())
 	defer slow.release() // before the pool stops: it waits for the registrations
 	b.StartPools(t, 1, func(c *workers.Config) {
-		c.Discovery = workers.NewDiscovery(workers.DiscoveryConfig{HTTPClient: slow.Client(), Timeout: time.Minute})
+		c.Discovery = discovery.NewResolver(discovery.Config{HTTPClient: slow.Client(), Timeout: time.Minute})
 	})
 	done := make(chan string, 10)
 	for i := range 3 {
@@ -102,7 +104,7 @@ func TestRequestsBeyondATenantsShareAreRefused(t *testing.T) {
 	defer slow.release() // before the pool stops: it waits for the registrations
 	b.StartPools(t, 1, func(c *workers.Config) {
 		c.Requests = 4 // a tenant: 1 served, 2 waiting
-		c.Discovery = workers.NewDiscovery(workers.DiscoveryConfig{HTTPClient: slow.Client(), Timeout: time.Minute})
+		c.Discovery = discovery.NewResolver(discovery.Config{HTTPClient: slow.Client(), Timeout: time.Minute})
 	})
 	done := make(chan string, 10)
 	for i := range 4 {

@@ -17,6 +17,7 @@ import (
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/telemetry"
+	"github.com/authbus/authbus/workers/discovery"
 )
 
 // Version is the authbus service version announced by `nats micro ls`.
@@ -230,6 +231,36 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 	}
 	p.log.Info("credential registered", "key", key.String(), "version", c.Version, "fingerprint", c.Fingerprint, "expires_at", c.ExpiresAt)
 	p.replyJSON(req, events.RegisterReply{Version: c.Version, Fingerprint: c.Fingerprint, ExpiresAt: c.ExpiresAt})
+}
+
+// discover resolves the issuer of a registration to its token endpoint, and
+// its auth style when the request sets none, both stored explicitly: refreshes
+// then need no discovery, and a wrong issuer is refused while someone waits
+// for the answer. It answers the request itself and returns false when
+// discovery fails: 503 unavailable when the issuer may recover by itself,
+// else 400 invalid_request naming the field issuer.
+func (p *Pool) discover(ctx context.Context, req micro.Request, rr *events.RegisterRequest) bool {
+	// The metadata fetch is a request to a URL a runtime chose: the same
+	// host policy as for token endpoints applies before anything is sent.
+	if err := p.cfg.TokenHosts.CheckEndpoint(ctx, rr.Issuer); err != nil {
+		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("field \"issuer\": %v", err), "")
+		return false
+	}
+	md, err := p.cfg.Discovery.Lookup(ctx, rr.Issuer)
+	if err != nil {
+		code := events.CodeInvalidRequest
+		if errors.Is(err, discovery.ErrIssuerUnavailable) {
+			code = events.CodeUnavailable
+		}
+		p.log.Warn("issuer discovery failed", "subject", req.Subject(), "issuer", rr.Issuer, "error", err)
+		p.replyError(req, code, "field \"issuer\": "+err.Error(), "")
+		return false
+	}
+	rr.TokenEndpoint = md.TokenEndpoint
+	if rr.AuthStyle == "" {
+		rr.AuthStyle = md.AuthStyle()
+	}
+	return true
 }
 
 // handleToken answers with the current access token of a credential.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/cli"
+	"github.com/authbus/authbus/workers/discovery"
 )
 
 func login(ctx context.Context, args []string, s streams) error {
@@ -140,7 +141,7 @@ command ready to run.`, s)
 
 // browserLogin runs the authorization code grant with PKCE and a loopback
 // redirect (RFC 8252 §7.3) and returns the exchanged tokens.
-func browserLogin(ctx context.Context, cfg *oauth2.Config, md serverMetadata, extra []oauth2.AuthCodeOption, open bool, s streams) (*oauth2.Token, error) {
+func browserLogin(ctx context.Context, cfg *oauth2.Config, md discovery.Metadata, extra []oauth2.AuthCodeOption, open bool, s streams) (*oauth2.Token, error) {
 	if md.AuthorizationEndpoint == "" {
 		return nil, usageErrorf("the metadata of %s names no authorization_endpoint: it does not offer browser logins; try --device", md.Issuer)
 	}
@@ -260,7 +261,7 @@ func openBrowser(ctx context.Context, u string) error {
 
 // deviceLogin runs the device authorization grant (RFC 8628) and returns
 // the tokens once a person approved the code on another device.
-func deviceLogin(ctx context.Context, cfg *oauth2.Config, md serverMetadata, extra []oauth2.AuthCodeOption, s streams) (*oauth2.Token, error) {
+func deviceLogin(ctx context.Context, cfg *oauth2.Config, md discovery.Metadata, extra []oauth2.AuthCodeOption, s streams) (*oauth2.Token, error) {
 	if md.DeviceAuthorizationEndpoint == "" {
 		return nil, usageErrorf("the metadata of %s names no device_authorization_endpoint: it does not offer the device grant; log in without --device", md.Issuer)
 	}

@@ -5,7 +5,7 @@ import (
 	"io"
 
 	"github.com/authbus/authbus/internal/cli"
-	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // dispatch runs a subcommand, or the daemon when args name none.
@@ -56,8 +56,8 @@ func bindSecurityFlags(fs *flag.FlagSet, env *cli.EnvFlags, o *securityOptions) 
 // not once --nats-config configures users: then tenants register, and any
 // of them could make the refresher call a service on the refresher's own
 // machine and read parts of its answer back.
-func (o securityOptions) tokenHosts(embedded bool) workers.TokenHostPolicy {
-	return workers.TokenHostPolicy{
+func (o securityOptions) tokenHosts(embedded bool) egress.Policy {
+	return egress.Policy{
 		Allowed:       o.allowedTokenHosts,
 		AllowLoopback: (embedded && o.natsConfig == "") || o.allowLoopbackHosts,
 		AllowPrivate:  o.allowPrivateHosts,

@@ -24,6 +24,7 @@ import (
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // tenantDeployment is a deployment with tenants, as `refresher
@@ -114,7 +115,7 @@ func startTenants(t *testing.T, combined bool, tune func(*workers.Config)) *tena
 	cfg := workers.Config{
 		Workers: 8, TokenTimeout: 5 * time.Second, LeaseTTL: 3 * time.Second, AckWait: 3 * time.Second,
 		RetryBase: 50 * time.Millisecond, RetryMax: time.Second, LeaseWait: 100 * time.Millisecond,
-		Seal: ring, TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+		Seal: ring, TokenHosts: egress.Policy{AllowLoopback: true},
 		ServeConn: serveNC,
 		Logger:    slog.New(slog.NewJSONHandler(d.logs, nil)),
 	}

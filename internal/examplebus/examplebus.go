@@ -22,6 +22,7 @@ import (
 	"github.com/authbus/authbus/internal/embedded"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // Bus is a running authbus: NATS and one refresher.
@@ -58,7 +59,7 @@ func Start() *Bus {
 	pool, err := workers.New(context.Background(), poolNC, workers.Config{
 		Seal:       ring,
 		Logger:     slog.New(slog.DiscardHandler),
-		TokenHosts: workers.TokenHostPolicy{AllowLoopback: true}, // the embedded dev mode
+		TokenHosts: egress.Policy{AllowLoopback: true}, // the embedded dev mode
 	})
 	if err != nil {
 		log.Fatal(err)

@@ -28,6 +28,7 @@ import (
 	"github.com/authbus/authbus/internal/natstest"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // The OAuth client every fleet registers at its test authorization server.
@@ -116,7 +117,7 @@ func (b *Fleet) TestConfig() workers.Config {
 		BreakerOpenFor:  time.Second,
 		BreakerFailures: 5,
 		Seal:            b.Ring,
-		TokenHosts:      workers.TokenHostPolicy{AllowLoopback: true}, // the test AS listens on 127.0.0.1
+		TokenHosts:      egress.Policy{AllowLoopback: true}, // the test AS listens on 127.0.0.1
 		Logger:          slog.New(slog.NewJSONHandler(b.Logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // slot is one refresher of the soak, through its restarts: a process
@@ -67,7 +68,7 @@ func (sl *slot) start(ctx context.Context) error {
 			Instance:    instance,
 			Seal:        sl.s.ring,
 			// The authorization server listens on 127.0.0.1.
-			TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+			TokenHosts: egress.Policy{AllowLoopback: true},
 			Logger:     slog.New(slog.NewJSONHandler(sink, nil)),
 		})
 		if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // authbus is the authbus mode: the runtimes publish auth.401 and watch
@@ -121,7 +122,7 @@ func (a *authbus) startPools(ctx context.Context) error {
 			Seal:       ring,
 			HTTPClient: a.ep.hc,
 			// The built-in server listens on 127.0.0.1.
-			TokenHosts: workers.TokenHostPolicy{AllowLoopback: true},
+			TokenHosts: egress.Policy{AllowLoopback: true},
 			Logger:     slog.New(slog.NewJSONHandler(a.cfg.PoolLog, nil)),
 		})
 		if err != nil {

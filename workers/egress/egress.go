@@ -1,4 +1,12 @@
-package workers
+// Package egress decides which hosts and addresses a refresher may send
+// requests to: token endpoints and issuers' metadata, whose URLs come from
+// runtimes. Without it a runtime could register a "token endpoint" on the
+// cloud metadata service or an internal admin port and make the refreshers
+// call it, with a client secret, and read parts of the answer back in an
+// error. A Policy checks a URL when it is registered and, through the
+// dialer of the HTTP client it builds, every address actually dialed; that
+// client is direct (no proxy) and follows no redirect.
+package egress
 
 import (
 	"context"
@@ -6,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"net/url"
 	"strings"
@@ -13,24 +22,24 @@ import (
 	"time"
 )
 
-// ErrTokenHostRefused marks a token endpoint that the pool's TokenHostPolicy
-// does not allow: a host outside the allowed patterns, or one that resolves
-// to a loopback, private, link-local or otherwise non-public address. A
-// registration naming such an endpoint is refused (400); a refusal at
-// connect time (the name now resolves elsewhere) is logged and retried as a
-// transient failure, never turned into needs_reauth: the refresh token was
-// not sent, and only an operator (allow-list, DNS) can fix it.
-var ErrTokenHostRefused = errors.New("token endpoint host refused")
+// ErrRefused marks a token endpoint that a Policy does not allow: a host
+// outside the allowed patterns, or one that resolves to a loopback,
+// private, link-local or otherwise non-public address. A registration
+// naming such an endpoint is refused (400); a refusal at connect time (the
+// name now resolves elsewhere) is logged and retried as a transient
+// failure, never turned into needs_reauth: the refresh token was not sent,
+// and only an operator (allow-list, DNS) can fix it.
+var ErrRefused = errors.New("token endpoint host refused")
 
-// TokenHostPolicy says which token endpoints a pool may call. Registration
-// data comes from runtimes, so without it a runtime could make the
-// refreshers send requests (with a client secret) to the metadata service
-// or an internal admin port. The check runs on every connection, on the
-// address actually dialed, because a name can resolve to something else
+// Policy says which token endpoints (and issuers) a pool may call.
+// Registration data comes from runtimes, so without it a runtime could make
+// the refreshers send requests (with a client secret) to the metadata
+// service or an internal admin port. The check runs on every connection, on
+// the address actually dialed, because a name can resolve to something else
 // after it was registered (DNS rebinding). The zero value allows any host
 // whose addresses are public. It is a plain value, safe for concurrent use
 // once built.
-type TokenHostPolicy struct {
+type Policy struct {
 	// Allowed lists host patterns a token endpoint must match: an exact
 	// host ("auth.example.com", "10.1.2.3") or "*." and a domain
 	// ("*.okta.com", which matches any name under okta.com but not
@@ -52,8 +61,8 @@ type TokenHostPolicy struct {
 	AllowPrivate bool
 }
 
-// validate reports malformed patterns.
-func (p TokenHostPolicy) validate() error {
+// Validate reports malformed patterns in Allowed, all of them at once.
+func (p Policy) Validate() error {
 	var errs []error
 	for _, pat := range p.Allowed {
 		name := strings.TrimPrefix(pat, "*.")
@@ -65,7 +74,7 @@ func (p TokenHostPolicy) validate() error {
 }
 
 // matchHost reports whether host is allowed by the patterns.
-func (p TokenHostPolicy) matchHost(host string) bool {
+func (p Policy) matchHost(host string) bool {
 	if len(p.Allowed) == 0 {
 		return true
 	}
@@ -84,10 +93,10 @@ func (p TokenHostPolicy) matchHost(host string) bool {
 }
 
 // checkHost refuses a host name outside the allowed patterns.
-func (p TokenHostPolicy) checkHost(host string) error {
+func (p Policy) checkHost(host string) error {
 	if !p.matchHost(host) {
 		return fmt.Errorf("%w: host %q matches none of the allowed token hosts (%s); add it to --allowed-token-hosts (TokenHosts.Allowed)",
-			ErrTokenHostRefused, host, strings.Join(p.Allowed, ", "))
+			ErrRefused, host, strings.Join(p.Allowed, ", "))
 	}
 	return nil
 }
@@ -166,7 +175,7 @@ func embeddedIPv4(ip netip.Addr) (judged, alternates []netip.Addr) {
 // itself and, for an IPv6 address that embeds an IPv4 one (IPv4-mapped,
 // NAT64, 6to4, Teredo, IPv4-compatible or -translated), every IPv4 address
 // it may lead to.
-func (p TokenHostPolicy) checkAddr(ip netip.Addr) error {
+func (p Policy) checkAddr(ip netip.Addr) error {
 	ip = ip.Unmap()
 	if err := p.checkOne(ip); err != nil {
 		return err
@@ -196,9 +205,9 @@ func inAny(ps []netip.Prefix, ip netip.Addr) bool {
 }
 
 // checkOne refuses an address by its own kind.
-func (p TokenHostPolicy) checkOne(ip netip.Addr) error {
+func (p Policy) checkOne(ip netip.Addr) error {
 	refuse := func(kind, fix string) error {
-		return fmt.Errorf("%w: address %s is %s; %s", ErrTokenHostRefused, ip, kind, fix)
+		return fmt.Errorf("%w: address %s is %s; %s", ErrRefused, ip, kind, fix)
 	}
 	switch {
 	case !ip.IsValid():
@@ -228,11 +237,11 @@ const registrationLookupTimeout = 2 * time.Second
 // CheckEndpoint checks a token endpoint URL at registration: its host must
 // match the allowed patterns, an IP literal must be an allowed address, and
 // every address a host name resolves to now must be allowed. Errors wrap
-// ErrTokenHostRefused and say what to change.
-func (p TokenHostPolicy) CheckEndpoint(ctx context.Context, endpoint string) error {
+// ErrRefused and say what to change.
+func (p Policy) CheckEndpoint(ctx context.Context, endpoint string) error {
 	u, err := url.Parse(endpoint)
 	if err != nil || u.Hostname() == "" {
-		return fmt.Errorf("%w: token endpoint %q has no host; send an absolute https URL", ErrTokenHostRefused, endpoint)
+		return fmt.Errorf("%w: token endpoint %q has no host; send an absolute https URL", ErrRefused, endpoint)
 	}
 	host := u.Hostname()
 	if err := p.checkHost(host); err != nil {
@@ -260,7 +269,7 @@ func (p TokenHostPolicy) CheckEndpoint(ctx context.Context, endpoint string) err
 // resolved, and each resolved address in the dialer's Control hook, right
 // before the socket connects, so no later DNS answer can slip past. Refusals
 // are logged here, where host and address are both known.
-func (p TokenHostPolicy) dialContext(log *slog.Logger) func(ctx context.Context, network, addr string) (net.Conn, error) {
+func (p Policy) dialContext(log *slog.Logger) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
@@ -276,7 +285,7 @@ func (p TokenHostPolicy) dialContext(log *slog.Logger) func(ctx context.Context,
 			Control: func(_, address string, _ syscall.RawConn) error {
 				ap, err := netip.ParseAddrPort(address)
 				if err != nil {
-					return fmt.Errorf("%w: cannot parse dialed address %q", ErrTokenHostRefused, address)
+					return fmt.Errorf("%w: cannot parse dialed address %q", ErrRefused, address)
 				}
 				if err := p.checkAddr(ap.Addr()); err != nil {
 					log.Warn("token endpoint refused at connect time", "host", host, "address", ap.Addr().String(), "error", err)
@@ -288,3 +297,25 @@ func (p TokenHostPolicy) dialContext(log *slog.Logger) func(ctx context.Context,
 		return d.DialContext(ctx, network, addr)
 	}
 }
+
+// Client returns an HTTP client for calls to token endpoints that enforces
+// p on every connection and keeps up to idlePerHost idle connections per
+// host. It connects directly, without HTTP_PROXY: a proxy would resolve the
+// name where the address cannot be checked. It follows no redirect: a 307
+// or 308 answer to a token request would send the refresh token, and in
+// post style the client secret, to wherever it points (see RefuseRedirect).
+// Refusals are logged to log.
+func (p Policy) Client(idlePerHost int, log *slog.Logger) *http.Client {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.Proxy = nil
+	t.DialContext = p.dialContext(log)
+	t.MaxIdleConnsPerHost = idlePerHost
+	t.MaxIdleConns = 4 * idlePerHost
+	return &http.Client{Transport: t, CheckRedirect: RefuseRedirect}
+}
+
+// RefuseRedirect is an http.Client CheckRedirect that hands a redirect
+// answer back as it is. A token request must never follow one: a 307 or
+// 308 would send the refresh token, and in post style the client secret,
+// to wherever the answer points.
+func RefuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }

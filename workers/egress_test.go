@@ -10,6 +10,7 @@ import (
 	"github.com/authbus/authbus/internal/fleet"
 	"github.com/authbus/authbus/kv"
 	"github.com/authbus/authbus/workers"
+	"github.com/authbus/authbus/workers/egress"
 )
 
 // A registration naming a token endpoint the policy refuses gets a 400
@@ -17,11 +18,11 @@ import (
 func TestRegisterRefusesTokenHost(t *testing.T) {
 	for _, c := range []struct {
 		name   string
-		policy workers.TokenHostPolicy
+		policy egress.Policy
 		want   string
 	}{
-		{"loopback by default", workers.TokenHostPolicy{}, "loopback"},
-		{"outside the allow-list", workers.TokenHostPolicy{Allowed: []string{"*.okta.com"}, AllowLoopback: true}, "allowed-token-hosts"},
+		{"loopback by default", egress.Policy{}, "loopback"},
+		{"outside the allow-list", egress.Policy{Allowed: []string{"*.okta.com"}, AllowLoopback: true}, "allowed-token-hosts"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := fleet.Setup(t)
@@ -52,7 +53,7 @@ func TestTokenHostRefusedAtConnectTime(t *testing.T) {
 	b.StopPools(t)
 
 	b.StartPools(t, 1, func(cfg *workers.Config) {
-		cfg.TokenHosts = workers.TokenHostPolicy{} // loopback refused
+		cfg.TokenHosts = egress.Policy{} // loopback refused
 		cfg.MaxDeliver = 3
 	})
 	b.Publish401(t, key, events.Fingerprint(tok.AccessToken), "rt", true)

@@ -1,4 +1,16 @@
-package workers
+// Package discovery finds an authorization server's endpoints from its
+// issuer: its RFC 8414 metadata or, when the server does not publish that,
+// its OpenID Connect Discovery document. The refreshers use it to turn a
+// registration's issuer into a token endpoint and auth style; the publisher
+// uses it to find the authorization, device and revocation endpoints for a
+// person's login and a revocation. A Resolver caches the answers per
+// issuer.
+//
+// What the server sends is not trusted: a document counts only when it
+// names exactly the issuer asked for and its token endpoint has no
+// EndpointProblem, and a redirect is followed only where the issuer itself
+// could have pointed.
+package discovery
 
 import (
 	"context"
@@ -13,13 +25,13 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/micro"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/authbus/authbus/events"
+	"github.com/authbus/authbus/workers/egress"
 )
 
-// Errors of Discovery.Lookup. Every lookup error wraps exactly one of them,
+// Errors of Resolver.Lookup. Every lookup error wraps exactly one of them,
 // and its text names the issuer, each URL tried and what went wrong there.
 var (
 	// ErrIssuerUnavailable: the issuer did not answer usefully right now
@@ -34,21 +46,23 @@ var (
 	ErrIssuerMetadata = errors.New("authorization server metadata unusable")
 )
 
-// Discovery defaults.
+// Resolver defaults.
 const (
-	// DefaultDiscoveryTTL is how long discovered metadata is reused.
-	DefaultDiscoveryTTL = time.Hour
-	// DefaultDiscoveryTimeout bounds one lookup, all URLs tried included. It
-	// is short because a registration waits for it.
-	DefaultDiscoveryTimeout = 5 * time.Second
-	// DefaultDiscoveryEntries bounds how many issuers are cached.
-	DefaultDiscoveryEntries = 1000
+	// DefaultTTL is how long discovered metadata is reused.
+	DefaultTTL = time.Hour
+	// DefaultTimeout bounds one lookup, all URLs tried included. It is
+	// short because a registration waits for it.
+	DefaultTimeout = 5 * time.Second
+	// DefaultMaxEntries bounds how many issuers are cached.
+	DefaultMaxEntries = 1000
 	// maxMetadataSize bounds a metadata document; real ones are a few KiB.
 	maxMetadataSize = 256 << 10
 )
 
 // Metadata is the part of an authorization server's metadata (RFC 8414 §2,
-// OpenID Connect Discovery §3) that authbus uses.
+// OpenID Connect Discovery §3) that authbus uses. Lookup checks Issuer and
+// TokenEndpoint; the other endpoints are passed on as the server wrote
+// them, and whoever sends something there checks them (EndpointProblem).
 type Metadata struct {
 	// Issuer is the issuer identifier; it equals the one looked up.
 	Issuer string `json:"issuer"`
@@ -57,6 +71,15 @@ type Metadata struct {
 	// TokenEndpointAuthMethods lists the client authentication methods the
 	// token endpoint supports; empty means client_secret_basic (RFC 8414).
 	TokenEndpointAuthMethods []string `json:"token_endpoint_auth_methods_supported,omitempty"`
+	// AuthorizationEndpoint is where a person logs in (RFC 6749 §3.1); ""
+	// when the server offers no authorization code grant.
+	AuthorizationEndpoint string `json:"authorization_endpoint,omitempty"`
+	// DeviceAuthorizationEndpoint starts the device authorization grant
+	// (RFC 8628 §4); "" when the server offers none.
+	DeviceAuthorizationEndpoint string `json:"device_authorization_endpoint,omitempty"`
+	// RevocationEndpoint revokes tokens (RFC 7009, RFC 8414 §2); "" when
+	// the server has none.
+	RevocationEndpoint string `json:"revocation_endpoint,omitempty"`
 }
 
 // AuthStyle is the auth_style a registration gets when it sets none:
@@ -70,21 +93,22 @@ func (m Metadata) AuthStyle() string {
 	return events.AuthStyleBasic
 }
 
-// DiscoveryConfig configures a Discovery. Zero values mean the defaults.
-type DiscoveryConfig struct {
-	// HTTPClient fetches metadata; nil means http.DefaultClient.
+// Config configures a Resolver. Zero values mean the defaults.
+type Config struct {
+	// HTTPClient fetches metadata; nil means http.DefaultClient. Its
+	// CheckRedirect is replaced by the Resolver's own rule.
 	HTTPClient *http.Client
-	// TTL is how long metadata is reused; 0 means DefaultDiscoveryTTL.
+	// TTL is how long metadata is reused; 0 means DefaultTTL.
 	TTL time.Duration
-	// Timeout bounds one lookup; 0 means DefaultDiscoveryTimeout.
+	// Timeout bounds one lookup; 0 means DefaultTimeout.
 	Timeout time.Duration
-	// MaxEntries bounds the cache; 0 means DefaultDiscoveryEntries.
+	// MaxEntries bounds the cache; 0 means DefaultMaxEntries.
 	MaxEntries int
-	// TokenHosts, when set, is the policy a redirect target must pass (its
-	// host and the addresses it resolves to) before a redirect is followed;
-	// nil checks only the scheme. Config.TokenHosts of the pool that makes
-	// the Discovery.
-	TokenHosts *TokenHostPolicy
+	// Hosts, when set, is the policy a redirect target must pass (its host
+	// and the addresses it resolves to) before a redirect is followed; nil
+	// checks only the scheme. A refresher sets its token-host policy here
+	// (workers.Config.TokenHosts).
+	Hosts *egress.Policy
 }
 
 // maxDiscoveryRedirects bounds the redirects one metadata fetch follows.
@@ -94,11 +118,11 @@ const maxDiscoveryRedirects = 3
 // an error reply repeats: the document may be 256 KiB of anything.
 const maxReflected = 200
 
-// Discovery finds an authorization server's token endpoint from its issuer
-// and caches the answer per issuer. Concurrent lookups of one issuer share a
+// Resolver finds an authorization server's metadata from its issuer and
+// caches the answer per issuer. Concurrent lookups of one issuer share a
 // single fetch. Failures are not cached, so a repaired issuer works on the
 // next registration. It is safe for concurrent use.
-type Discovery struct {
+type Resolver struct {
 	client  *http.Client
 	ttl     time.Duration
 	timeout time.Duration
@@ -116,9 +140,9 @@ type cached struct {
 	expires time.Time
 }
 
-// NewDiscovery returns an empty Discovery.
-func NewDiscovery(cfg DiscoveryConfig) *Discovery {
-	d := &Discovery{
+// NewResolver returns a Resolver with an empty cache.
+func NewResolver(cfg Config) *Resolver {
+	d := &Resolver{
 		client:  cfg.HTTPClient,
 		ttl:     cfg.TTL,
 		timeout: cfg.Timeout,
@@ -134,17 +158,17 @@ func NewDiscovery(cfg DiscoveryConfig) *Discovery {
 	// the request itself could have gone.
 	c := *d.client
 	c.CheckRedirect = func(req *http.Request, via []*http.Request) error {
-		return checkRedirect(req, via, cfg.TokenHosts)
+		return checkRedirect(req, via, cfg.Hosts)
 	}
 	d.client = &c
 	if d.ttl <= 0 {
-		d.ttl = DefaultDiscoveryTTL
+		d.ttl = DefaultTTL
 	}
 	if d.timeout <= 0 {
-		d.timeout = DefaultDiscoveryTimeout
+		d.timeout = DefaultTimeout
 	}
 	if d.max <= 0 {
-		d.max = DefaultDiscoveryEntries
+		d.max = DefaultMaxEntries
 	}
 	return d
 }
@@ -156,7 +180,7 @@ func NewDiscovery(cfg DiscoveryConfig) *Discovery {
 // usable when its issuer is identical to the one asked for (RFC 8414 §3.3)
 // and its token endpoint is https (http on loopback only). Errors wrap
 // ErrIssuerUnavailable or ErrIssuerMetadata.
-func (d *Discovery) Lookup(ctx context.Context, issuer string) (Metadata, error) {
+func (d *Resolver) Lookup(ctx context.Context, issuer string) (Metadata, error) {
 	if md, ok := d.cached(issuer); ok {
 		return md, nil
 	}
@@ -181,7 +205,7 @@ func (d *Discovery) Lookup(ctx context.Context, issuer string) (Metadata, error)
 	return v.(Metadata), nil
 }
 
-func (d *Discovery) cached(issuer string) (Metadata, bool) {
+func (d *Resolver) cached(issuer string) (Metadata, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	c, ok := d.cache[issuer]
@@ -191,7 +215,7 @@ func (d *Discovery) cached(issuer string) (Metadata, bool) {
 	return c.md, true
 }
 
-func (d *Discovery) store(issuer string, md Metadata) {
+func (d *Resolver) store(issuer string, md Metadata) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := d.now()
@@ -213,45 +237,15 @@ func (d *Discovery) store(issuer string, md Metadata) {
 	d.cache[issuer] = cached{md: md, expires: now.Add(d.ttl)}
 }
 
-// discover resolves the issuer of a registration to its token endpoint, and
-// its auth style when the request sets none, both stored explicitly: refreshes
-// then need no discovery, and a wrong issuer is refused while someone waits
-// for the answer. It answers the request itself and returns false when
-// discovery fails: 503 unavailable when the issuer may recover by itself,
-// else 400 invalid_request naming the field issuer.
-func (p *Pool) discover(ctx context.Context, req micro.Request, rr *events.RegisterRequest) bool {
-	// The metadata fetch is a request to a URL a runtime chose: the same
-	// host policy as for token endpoints applies before anything is sent.
-	if err := p.cfg.TokenHosts.CheckEndpoint(ctx, rr.Issuer); err != nil {
-		p.replyError(req, events.CodeInvalidRequest, fmt.Sprintf("field \"issuer\": %v", err), "")
-		return false
-	}
-	md, err := p.cfg.Discovery.Lookup(ctx, rr.Issuer)
-	if err != nil {
-		code := events.CodeInvalidRequest
-		if errors.Is(err, ErrIssuerUnavailable) {
-			code = events.CodeUnavailable
-		}
-		p.log.Warn("issuer discovery failed", "subject", req.Subject(), "issuer", rr.Issuer, "error", err)
-		p.replyError(req, code, "field \"issuer\": "+err.Error(), "")
-		return false
-	}
-	rr.TokenEndpoint = md.TokenEndpoint
-	if rr.AuthStyle == "" {
-		rr.AuthStyle = md.AuthStyle()
-	}
-	return true
-}
-
 // checkRedirect allows a metadata redirect within the rules the issuer
 // itself had to pass: at most maxDiscoveryRedirects, https (plain http only
 // to loopback), and a host the token-host policy allows.
-func checkRedirect(req *http.Request, via []*http.Request, hosts *TokenHostPolicy) error {
+func checkRedirect(req *http.Request, via []*http.Request, hosts *egress.Policy) error {
 	if len(via) >= maxDiscoveryRedirects {
 		return fmt.Errorf("%w: more than %d redirects", errRedirectRefused, maxDiscoveryRedirects)
 	}
 	target := events.TruncateText(req.URL.Redacted(), maxReflected)
-	if p := tokenEndpointProblem(req.URL.String()); p != "" {
+	if p := EndpointProblem(req.URL.String()); p != "" {
 		return fmt.Errorf("%w: redirect to %s: it %s", errRedirectRefused, target, p)
 	}
 	if hosts != nil {
@@ -285,7 +279,7 @@ func wellKnownURLs(issuer string) ([]string, error) {
 
 // fetch tries the well-known URLs in order and returns the first usable
 // document.
-func (d *Discovery) fetch(ctx context.Context, issuer string) (Metadata, error) {
+func (d *Resolver) fetch(ctx context.Context, issuer string) (Metadata, error) {
 	urls, err := wellKnownURLs(issuer)
 	if err != nil {
 		return Metadata{}, fmt.Errorf("%w: %w", err, ErrIssuerMetadata)
@@ -314,7 +308,7 @@ func (d *Discovery) fetch(ctx context.Context, issuer string) (Metadata, error) 
 // try fetches one metadata URL. problem is "" for a usable document;
 // otherwise retry says whether trying later might help, and answered whether
 // the server answered over HTTP at all.
-func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, problem string, retry, answered bool) {
+func (d *Resolver) try(ctx context.Context, issuer, u string) (md Metadata, problem string, retry, answered bool) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return md, err.Error(), false, false
@@ -325,7 +319,7 @@ func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, pro
 		if errors.Is(err, errRedirectRefused) {
 			return md, unwrapURLError(err), false, true
 		}
-		if errors.Is(err, ErrTokenHostRefused) {
+		if errors.Is(err, egress.ErrRefused) {
 			return md, "refused by the token host policy (" + unwrapURLError(err) + ")", false, false
 		}
 		if ctx.Err() != nil {
@@ -354,16 +348,18 @@ func (d *Discovery) try(ctx context.Context, issuer, u string) (md Metadata, pro
 	case md.TokenEndpoint == "":
 		return Metadata{}, "has no token_endpoint", false, true
 	}
-	if p := tokenEndpointProblem(md.TokenEndpoint); p != "" {
+	if p := EndpointProblem(md.TokenEndpoint); p != "" {
 		return Metadata{}, fmt.Sprintf("token_endpoint %q %s", events.TruncateText(md.TokenEndpoint, maxReflected), p), false, true
 	}
 	return md, "", false, true
 }
 
-// tokenEndpointProblem applies the register request's rule for
-// token_endpoint to a discovered one: an absolute https URL, plain http only
-// on loopback, no credentials, no fragment.
-func tokenEndpointProblem(s string) string {
+// EndpointProblem says why the endpoint URL s may not be sent a client
+// secret or a token, as a phrase to follow the URL ("is not https …"), or
+// "" when it may. The rule is the register request's for token_endpoint:
+// an absolute https URL, plain http only on loopback (local test servers),
+// without user name, password or fragment.
+func EndpointProblem(s string) string {
 	u, err := url.Parse(s)
 	switch {
 	case err != nil || u.Scheme == "" || u.Hostname() == "":

@@ -1,4 +1,4 @@
-package workers
+package egress
 
 import (
 	"context"
@@ -10,7 +10,7 @@ import (
 	"testing"
 )
 
-func TestTokenHostPolicyAddresses(t *testing.T) {
+func TestPolicyAddresses(t *testing.T) {
 	cases := []struct {
 		addr                  string
 		public, loopback, dev bool // allowed by: zero policy, AllowLoopback, AllowLoopback+AllowPrivate
@@ -60,26 +60,26 @@ func TestTokenHostPolicyAddresses(t *testing.T) {
 		ip := netip.MustParseAddr(c.addr)
 		for _, p := range []struct {
 			name   string
-			policy TokenHostPolicy
+			policy Policy
 			want   bool
 		}{
-			{"zero", TokenHostPolicy{}, c.public},
-			{"loopback", TokenHostPolicy{AllowLoopback: true}, c.loopback},
-			{"loopback+private", TokenHostPolicy{AllowLoopback: true, AllowPrivate: true}, c.dev},
+			{"zero", Policy{}, c.public},
+			{"loopback", Policy{AllowLoopback: true}, c.loopback},
+			{"loopback+private", Policy{AllowLoopback: true, AllowPrivate: true}, c.dev},
 		} {
 			err := p.policy.checkAddr(ip)
 			if got := err == nil; got != p.want {
 				t.Errorf("%s policy, %s: allowed=%v, want %v (err %v)", p.name, c.addr, got, p.want, err)
 			}
-			if err != nil && !errors.Is(err, ErrTokenHostRefused) {
-				t.Errorf("%s: error %v does not wrap ErrTokenHostRefused", c.addr, err)
+			if err != nil && !errors.Is(err, ErrRefused) {
+				t.Errorf("%s: error %v does not wrap ErrRefused", c.addr, err)
 			}
 		}
 	}
 }
 
-func TestTokenHostPolicyPatterns(t *testing.T) {
-	p := TokenHostPolicy{Allowed: []string{"*.okta.com", "auth.example.com", "10.1.2.3"}}
+func TestPolicyPatterns(t *testing.T) {
+	p := Policy{Allowed: []string{"*.okta.com", "auth.example.com", "10.1.2.3"}}
 	for host, want := range map[string]bool{
 		"acme.okta.com":      true,
 		"a.b.okta.com":       true,
@@ -96,11 +96,11 @@ func TestTokenHostPolicyPatterns(t *testing.T) {
 			t.Errorf("matchHost(%q) = %v, want %v", host, got, want)
 		}
 	}
-	if !(TokenHostPolicy{}).matchHost("anything.example") {
+	if !(Policy{}).matchHost("anything.example") {
 		t.Error("an empty allow-list refused a host")
 	}
 	for _, bad := range []string{"", "*", "*.", "http://x.com", "x.com:443", "a.*.com", ".x.com"} {
-		if err := (TokenHostPolicy{Allowed: []string{bad}}).validate(); err == nil {
+		if err := (Policy{Allowed: []string{bad}}).Validate(); err == nil {
 			t.Errorf("pattern %q was accepted", bad)
 		}
 	}
@@ -109,32 +109,32 @@ func TestTokenHostPolicyPatterns(t *testing.T) {
 func TestCheckEndpoint(t *testing.T) {
 	ctx := context.Background()
 	cases := []struct {
-		policy   TokenHostPolicy
+		policy   Policy
 		endpoint string
 		ok       bool
 	}{
-		{TokenHostPolicy{}, "https://93.184.216.34/token", true},
-		{TokenHostPolicy{}, "http://127.0.0.1:8080/token", false},
-		{TokenHostPolicy{AllowLoopback: true}, "http://127.0.0.1:8080/token", true},
-		{TokenHostPolicy{}, "https://169.254.169.254/latest/meta-data", false},
-		{TokenHostPolicy{}, "https://[fe80::1]/token", false},
-		{TokenHostPolicy{}, "https://[64:ff9b:1::a9fe:a9fe]/token", false},
-		{TokenHostPolicy{}, "https://[2002:a9fe:a9fe::1]/token", false},
-		{TokenHostPolicy{}, "https://[::a9fe:a9fe]/token", false},
-		{TokenHostPolicy{}, "https://[64:ff9b::808:808]/token", true},
+		{Policy{}, "https://93.184.216.34/token", true},
+		{Policy{}, "http://127.0.0.1:8080/token", false},
+		{Policy{AllowLoopback: true}, "http://127.0.0.1:8080/token", true},
+		{Policy{}, "https://169.254.169.254/latest/meta-data", false},
+		{Policy{}, "https://[fe80::1]/token", false},
+		{Policy{}, "https://[64:ff9b:1::a9fe:a9fe]/token", false},
+		{Policy{}, "https://[2002:a9fe:a9fe::1]/token", false},
+		{Policy{}, "https://[::a9fe:a9fe]/token", false},
+		{Policy{}, "https://[64:ff9b::808:808]/token", true},
 		// A name is resolved: localhost resolves to loopback.
-		{TokenHostPolicy{}, "http://localhost:8080/token", false},
-		{TokenHostPolicy{AllowLoopback: true}, "http://localhost:8080/token", true},
-		{TokenHostPolicy{Allowed: []string{"*.okta.com"}, AllowLoopback: true}, "http://127.0.0.1:8080/token", false},
-		{TokenHostPolicy{}, "no host", false},
+		{Policy{}, "http://localhost:8080/token", false},
+		{Policy{AllowLoopback: true}, "http://localhost:8080/token", true},
+		{Policy{Allowed: []string{"*.okta.com"}, AllowLoopback: true}, "http://127.0.0.1:8080/token", false},
+		{Policy{}, "no host", false},
 	}
 	for _, c := range cases {
 		err := c.policy.CheckEndpoint(ctx, c.endpoint)
 		if (err == nil) != c.ok {
 			t.Errorf("%+v %s: err %v, want ok=%v", c.policy, c.endpoint, err, c.ok)
 		}
-		if err != nil && !errors.Is(err, ErrTokenHostRefused) {
-			t.Errorf("%s: error %v does not wrap ErrTokenHostRefused", c.endpoint, err)
+		if err != nil && !errors.Is(err, ErrRefused) {
+			t.Errorf("%s: error %v does not wrap ErrRefused", c.endpoint, err)
 		}
 	}
 }
@@ -160,18 +160,18 @@ func TestDialerChecksResolvedAddress(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctx := context.Background()
 
-	dial := TokenHostPolicy{Allowed: []string{"localhost"}}.dialContext(log)
+	dial := Policy{Allowed: []string{"localhost"}}.dialContext(log)
 	if c, err := dial(ctx, "tcp", net.JoinHostPort("localhost", port)); err == nil {
 		c.Close()
 		t.Fatal("dialing localhost (loopback) was allowed by a policy without AllowLoopback")
-	} else if !errors.Is(err, ErrTokenHostRefused) {
-		t.Fatalf("dial error %v does not wrap ErrTokenHostRefused", err)
+	} else if !errors.Is(err, ErrRefused) {
+		t.Fatalf("dial error %v does not wrap ErrRefused", err)
 	}
-	if _, err := dial(ctx, "tcp", net.JoinHostPort("127.0.0.1", port)); !errors.Is(err, ErrTokenHostRefused) {
-		t.Fatalf("host outside the allow-list: err %v, want ErrTokenHostRefused", err)
+	if _, err := dial(ctx, "tcp", net.JoinHostPort("127.0.0.1", port)); !errors.Is(err, ErrRefused) {
+		t.Fatalf("host outside the allow-list: err %v, want ErrRefused", err)
 	}
 
-	dial = TokenHostPolicy{AllowLoopback: true}.dialContext(log)
+	dial = Policy{AllowLoopback: true}.dialContext(log)
 	c, err := dial(ctx, "tcp", net.JoinHostPort("localhost", port))
 	if err != nil {
 		t.Fatalf("loopback allowed, dial: %v", err)
