@@ -141,6 +141,26 @@ func TestBreakerOfTenantOpensWhenTwoClientsFail(t *testing.T) {
 	}
 }
 
+// An outage in a deployment with a client per credential: every call is a
+// new client's first failure, so no client's breaker ever opens; the
+// tenant's opens after BreakerFailures failures once two clients have
+// failed, not after a call per credential.
+func TestBreakerOfTenantOpensWhenEveryCallIsANewClient(t *testing.T) {
+	c := newCalls(t, 3)
+	calls := 0
+	for i := range 1000 {
+		k := key("acme", fmt.Sprintf("c%d", i))
+		c.do(k, true, answer503)
+		calls += c.n[k]
+	}
+	if calls != 4 {
+		t.Errorf("%d calls of 1 000 clients went out, want 4 (the first client's failure, then 3 counted)", calls)
+	}
+	if c.bs.open(key("bravo", "b1")) {
+		t.Error("one tenant's failures opened another tenant's way to the endpoint")
+	}
+}
+
 // Failures before any request was sent (name, connect, TLS) cannot depend
 // on the client: enough of them in a row open the endpoint's breaker, even
 // when one client saw them all.
