@@ -3,8 +3,6 @@ package workers_test
 import (
 	"fmt"
 	"log/slog"
-	"os"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -25,13 +23,7 @@ import (
 //
 //	AUTHBUS_SCALE=1000000 go test -run '^$' -bench Reconcile -benchtime 3x -timeout 60m ./workers/
 func BenchmarkReconcile(b *testing.B) {
-	n := 100_000
-	if v := os.Getenv("AUTHBUS_SCALE"); v != "" {
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 1000 {
-			b.Fatalf("AUTHBUS_SCALE=%q: want a number ≥ 1000", v)
-		}
-	}
+	n := scaleN(b)
 	bd := fleet.Setup(b)
 	bd.StartPools(b, 1, func(c *workers.Config) {
 		c.Logger = slog.New(slog.NewJSONHandler(bd.Logs, &slog.HandlerOptions{Level: slog.LevelWarn}))

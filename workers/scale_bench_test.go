@@ -27,13 +27,7 @@ import (
 //
 //	AUTHBUS_SCALE=1000000 go test -run '^$' -bench Scale -benchtime 1x -timeout 60m ./workers/
 func BenchmarkScale(b *testing.B) {
-	n := 100_000
-	if v := os.Getenv("AUTHBUS_SCALE"); v != "" {
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 1000 {
-			b.Fatalf("AUTHBUS_SCALE=%q: want a number ≥ 1000", v)
-		}
-	}
+	n := scaleN(b)
 	bd := fleet.Setup(b)
 	bd.AS.SetExpiresIn(0) // no schedules: this measures the store, not the scheduler
 	bd.StartPools(b, 3, func(c *workers.Config) {
@@ -165,4 +159,17 @@ func rssBytes(b *testing.B) int64 {
 		}
 	}
 	return 0
+}
+
+// scaleN is the number of credentials of the scale benchmarks:
+// AUTHBUS_SCALE, 100 000 by default.
+func scaleN(b *testing.B) int {
+	n := 100_000
+	if v := os.Getenv("AUTHBUS_SCALE"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1000 {
+			b.Fatalf("AUTHBUS_SCALE=%q: want a number ≥ 1000", v)
+		}
+	}
+	return n
 }
