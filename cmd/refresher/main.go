@@ -103,7 +103,7 @@ func parseFlags(args []string, stdout io.Writer) (options, error) {
 	env.Bind("duplicate-window", "AUTHBUS_DUPLICATE_WINDOW")
 	fs.IntVar(&o.pool.MaxDeliver, "max-deliver", 0, "deliveries of an event before it is terminated with a reason (default 20)")
 	env.Bind("max-deliver", "AUTHBUS_MAX_DELIVER")
-	fs.DurationVar(&o.pool.ReconcileEvery, "reconcile-every", 15*time.Minute, "how often to check that every active credential with an expiry has a pending proactive refresh, restoring missing ones (also a few seconds after start); negative turns it off")
+	fs.DurationVar(&o.pool.ReconcileEvery, "reconcile-every", 0, "how often to check that every active credential with an expiry has a pending proactive refresh, restoring missing ones (also a few seconds after start); negative turns it off (default 15m)")
 	env.Bind("reconcile-every", "AUTHBUS_RECONCILE_EVERY")
 	fs.IntVar(&o.pool.Replicas, "replicas", 0, "replicas of the streams and buckets this refresher creates (3 in a clustered deployment; 0 means 1); existing ones keep theirs")
 	env.Bind("replicas", "AUTHBUS_REPLICAS")
