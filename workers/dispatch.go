@@ -43,6 +43,20 @@ type waiting struct {
 // process; beyond it they go back to the stream for a while.
 func (p *Pool) maxWaitingPerTenant() int { return 2 * p.cfg.Workers }
 
+// busyDelay is how long an event whose tenant had no room in this process
+// waits before it is delivered again: short at first, since a tenant's
+// refreshes usually end within milliseconds, then doubling with each
+// delivery up to LeaseWait, so that a tenant whose refreshes hang costs a
+// delivery per LeaseWait, and a long backlog does not use up MaxDeliver
+// in a second. A flat LeaseWait (1s) left a 500-event storm of one tenant
+// waiting a second for most of it: its backlog drained at half the speed.
+func (p *Pool) busyDelay(attempt uint64) time.Duration {
+	return min(busyDelayFirst<<min(max(attempt, 1)-1, 10), p.cfg.LeaseWait)
+}
+
+// busyDelayFirst is busyDelay's first delay: a few refreshes' time.
+const busyDelayFirst = 25 * time.Millisecond
+
 func newDispatcher(p *Pool, ctx, work context.Context) *dispatcher {
 	return &dispatcher{p: p, ctx: ctx, work: work, free: p.cfg.Workers,
 		running: map[string]int{}, waiting: map[string][]waiting{}, done: make(chan string, p.cfg.Workers)}
@@ -113,7 +127,8 @@ func (d *dispatcher) take(msg jetstream.Msg) {
 		return
 	}
 	if len(d.waiting[tenant]) >= d.p.maxWaitingPerTenant() {
-		d.p.settle(d.work, msg, resultOf(outTenantBusy, jitter(d.p.cfg.LeaseWait), "its tenant has as many events waiting in this refresher as it may"), attemptOf(msg), time.Now())
+		attempt := attemptOf(msg)
+		d.p.settle(d.work, msg, resultOf(outTenantBusy, jitter(d.p.busyDelay(attempt)), "its tenant has as many events waiting in this refresher as it may"), attempt, time.Now())
 		return
 	}
 	if len(d.waiting[tenant]) == 0 {
