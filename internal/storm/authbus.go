@@ -226,11 +226,22 @@ func (a *authbus) onEvent(t events.Type, m *nats.Msg) {
 }
 
 func (a *authbus) wave(ctx context.Context, ws *waveState) error {
-	return runWave(ctx, a.cfg, a.env.js, a.subj.EventsStream(), "refreshers", &a.ws, ws, a.cfg.Runtimes, false, a.msg401())
+	return runWave(ctx, a.cfg, a.env.js, a.lanes(), &a.ws, ws, a.cfg.Runtimes, false, a.msg401())
 }
 
 func (a *authbus) drain(ctx context.Context, ws *waveState) (time.Duration, error) {
-	return drainWave(ctx, a.cfg, a.env.js, a.subj.EventsStream(), "refreshers", &a.ws, ws, a.msg401())
+	return drainWave(ctx, a.cfg, a.env.js, a.lanes(), &a.ws, ws, a.msg401())
+}
+
+// lanes are the refreshers' two consumers (docs/protocol.md): a storm of
+// one tenant outruns its rate, and the intake puts the rest in the slow
+// lane. A wake for either is written straight into its lane.
+func (a *authbus) lanes() lanes {
+	wake := wakeKey(a.keys[0])
+	return lanes{stream: a.subj.EventsStream(), consumers: []lane{
+		{"refreshers", a.subj.Work(events.Type401, wake)},
+		{"refreshers-slow", a.subj.Slow(events.Type401, wake)},
+	}}
 }
 
 // msg401 returns the 401 of every credential's current token.
@@ -318,30 +329,43 @@ func (a *authbus) cleanup() {
 	}
 }
 
+// lanes are the consumers a mode's events reach.
+type lanes struct {
+	stream    string
+	consumers []lane
+}
+
+// lane is one consumer and where to write a message that wakes it.
+type lane struct {
+	consumer, wake string
+}
+
 // runWave publishes the 401s of a wave (msg(i) returns credential i's, and
-// msg(-1) one for wakeKey) and waits until every credential
-// settled and the consumer has nothing left, so that counts are final.
-// With paused, the consumer is paused while the 401s are published and the
-// time from its resumption to the last settled credential is returned: the
-// time the refreshers took to work off a backlog of one event per
-// credential, without publishing going on at the same time.
-func runWave(ctx context.Context, cfg Config, js jetstream.JetStream, stream, consumer string, cur *atomic.Pointer[waveState], ws *waveState, runtimes int, paused bool, msg func(i int) (string, []byte, string, error)) error {
-	_, err := runWaveTimed(ctx, cfg, js, stream, consumer, cur, ws, runtimes, paused, msg)
+// msg(-1) one for wakeKey) and waits until every credential settled and
+// the consumers have nothing left, so that counts are final. With paused,
+// the consumers are paused while the 401s are published and the time from
+// their resumption to the last settled credential is returned: the time the
+// refreshers took to work off a backlog of one event per credential,
+// without publishing going on at the same time.
+func runWave(ctx context.Context, cfg Config, js jetstream.JetStream, ls lanes, cur *atomic.Pointer[waveState], ws *waveState, runtimes int, paused bool, msg func(i int) (string, []byte, string, error)) error {
+	_, err := runWaveTimed(ctx, cfg, js, ls, cur, ws, runtimes, paused, msg)
 	return err
 }
 
-func drainWave(ctx context.Context, cfg Config, js jetstream.JetStream, stream, consumer string, cur *atomic.Pointer[waveState], ws *waveState, msg func(i int) (string, []byte, string, error)) (time.Duration, error) {
-	return runWaveTimed(ctx, cfg, js, stream, consumer, cur, ws, 1, true, msg)
+func drainWave(ctx context.Context, cfg Config, js jetstream.JetStream, ls lanes, cur *atomic.Pointer[waveState], ws *waveState, msg func(i int) (string, []byte, string, error)) (time.Duration, error) {
+	return runWaveTimed(ctx, cfg, js, ls, cur, ws, 1, true, msg)
 }
 
-func runWaveTimed(ctx context.Context, cfg Config, js jetstream.JetStream, stream, consumer string, cur *atomic.Pointer[waveState], ws *waveState, runtimes int, paused bool, msg func(i int) (string, []byte, string, error)) (time.Duration, error) {
+func runWaveTimed(ctx context.Context, cfg Config, js jetstream.JetStream, ls lanes, cur *atomic.Pointer[waveState], ws *waveState, runtimes int, paused bool, msg func(i int) (string, []byte, string, error)) (time.Duration, error) {
 	cur.Store(ws)
 	defer cur.Store(nil)
 	if paused {
-		// Paused until a deadline, so that a storm that dies here cannot
-		// leave a deployment's refreshers paused for good.
-		if _, err := js.PauseConsumer(ctx, stream, consumer, time.Now().Add(cfg.WaveTimeout)); err != nil {
-			return 0, fmt.Errorf("pause consumer %s/%s: %w", stream, consumer, err)
+		for _, l := range ls.consumers {
+			// Paused until a deadline, so that a storm that dies here
+			// cannot leave a deployment's refreshers paused for good.
+			if _, err := js.PauseConsumer(ctx, ls.stream, l.consumer, time.Now().Add(cfg.WaveTimeout)); err != nil {
+				return 0, fmt.Errorf("pause consumer %s/%s: %w", ls.stream, l.consumer, err)
+			}
 		}
 	}
 	if err := publish401s(ctx, cfg, js, ws, runtimes, msg); err != nil {
@@ -349,27 +373,77 @@ func runWaveTimed(ctx context.Context, cfg Config, js jetstream.JetStream, strea
 	}
 	start := time.Now()
 	if paused {
-		if _, err := js.ResumeConsumer(ctx, stream, consumer); err != nil {
-			return 0, fmt.Errorf("resume consumer %s/%s: %w", stream, consumer, err)
+		for _, l := range ls.consumers {
+			if _, err := js.ResumeConsumer(ctx, ls.stream, l.consumer); err != nil {
+				return 0, fmt.Errorf("resume consumer %s/%s: %w", ls.stream, l.consumer, err)
+			}
 		}
 		start = time.Now()
-		// nats-server 2.15 does not wake a resumed consumer: the pull
-		// requests waiting since the pause get nothing until a new message
-		// arrives or they expire (seconds later). A 401 for a credential
-		// that does not exist wakes it, and is terminated as unknown.
-		subject, data, _, err := msg(-1)
-		if err == nil {
-			_, err = js.Publish(ctx, subject, data)
-		}
-		if err != nil {
-			return 0, fmt.Errorf("wake consumer %s/%s: %w", stream, consumer, err)
+		if err := wake(ctx, js, ls, ws, msg); err != nil {
+			return 0, err
 		}
 	}
 	if err := ws.wait(ctx); err != nil {
 		return 0, err
 	}
 	took := time.Since(start)
-	return took, waitQuiet(ctx, js, stream, consumer)
+	for _, l := range ls.consumers {
+		if err := waitQuiet(ctx, js, ls.stream, l.consumer); err != nil {
+			return took, err
+		}
+	}
+	return took, nil
+}
+
+// wake wakes resumed consumers. nats-server 2.15 does not: the pull
+// requests waiting since the pause get nothing until a new message arrives
+// or they expire (seconds later), and on a replicated stream a message
+// that arrives before the consumer leader applied the resumption wakes
+// nothing either. So a 401 for a credential that does not exist (it is
+// terminated as unknown) is written into each consumer's lane until the
+// consumer delivers, or has nothing to deliver, or the wave is done.
+func wake(ctx context.Context, js jetstream.JetStream, ls lanes, ws *waveState, msg func(i int) (string, []byte, string, error)) error {
+	_, data, _, err := msg(-1)
+	if err != nil {
+		return err
+	}
+	asleep := make(map[string]lane, len(ls.consumers))
+	before := map[string]uint64{}
+	for _, l := range ls.consumers {
+		asleep[l.consumer] = l
+		if c, err := js.Consumer(ctx, ls.stream, l.consumer); err == nil {
+			if ci, err := c.Info(ctx); err == nil {
+				before[l.consumer] = ci.Delivered.Consumer
+			}
+		}
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for len(asleep) > 0 {
+		for name, l := range asleep {
+			if _, err := js.Publish(ctx, l.wake, data); err != nil {
+				return fmt.Errorf("wake consumer %s/%s: %w", ls.stream, name, err)
+			}
+		}
+		select {
+		case <-ws.all:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("wake consumers of %s: %w", ls.stream, context.Cause(ctx))
+		case <-tick.C:
+		}
+		for name := range asleep {
+			c, err := js.Consumer(ctx, ls.stream, name)
+			if err != nil {
+				continue
+			}
+			// A woken consumer delivers more than the wakes written to it.
+			if ci, err := c.Info(ctx); err == nil && (ci.Delivered.Consumer > before[name]+1 || ci.NumPending == 0) {
+				delete(asleep, name)
+			}
+		}
+	}
+	return nil
 }
 
 // wakeKey is a credential key of the run that is never registered: a 401 for

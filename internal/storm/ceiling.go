@@ -302,11 +302,17 @@ func (c *ceiling) onRotated(m *nats.Msg) {
 }
 
 func (c *ceiling) wave(ctx context.Context, ws *waveState) error {
-	return runWave(ctx, c.cfg, c.env.js, c.subj.EventsStream(), ceilingConsumer, &c.ws, ws, c.cfg.Runtimes, false, c.msg401())
+	return runWave(ctx, c.cfg, c.env.js, c.lanes(), &c.ws, ws, c.cfg.Runtimes, false, c.msg401())
 }
 
 func (c *ceiling) drain(ctx context.Context, ws *waveState) (time.Duration, error) {
-	return drainWave(ctx, c.cfg, c.env.js, c.subj.EventsStream(), ceilingConsumer, &c.ws, ws, c.msg401())
+	return drainWave(ctx, c.cfg, c.env.js, c.lanes(), &c.ws, ws, c.msg401())
+}
+
+// lanes is the ceiling's one consumer; the runtimes write into its stream.
+func (c *ceiling) lanes() lanes {
+	return lanes{stream: c.subj.EventsStream(), consumers: []lane{
+		{ceilingConsumer, c.subj.Event(events.Type401, wakeKey(c.keys[0]))}}}
 }
 
 // msg401 returns the 401 of every credential's current token: the same
