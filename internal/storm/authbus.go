@@ -446,6 +446,16 @@ func wake(ctx context.Context, js jetstream.JetStream, ls lanes, ws *waveState, 
 	return nil
 }
 
+// duplicateInProcess reports nats-server's answer to a publish whose
+// Nats-Msg-Id another publish to a replicated stream is committing right
+// now (10158): the report is being stored, as a duplicate would have been.
+// The ceiling's runtimes publish into its stream directly and meet it on a
+// cluster; authbus's intake answers it for them.
+func duplicateInProcess(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == 10158
+}
+
 // wakeKey is a credential key of the run that is never registered: a 401 for
 // it wakes a resumed consumer (see runWaveTimed) and is terminated.
 func wakeKey(k events.Key) events.Key {
@@ -480,7 +490,8 @@ func publish401s(ctx context.Context, cfg Config, js jetstream.JetStream, ws *wa
 				r := j / k
 				i := (j%k + r*k/n) % k
 				ws.started(i)
-				if _, err := js.Publish(ctx, msgs[i].subject, msgs[i].data, jetstream.WithMsgID(msgs[i].id)); err != nil {
+				_, err := js.Publish(ctx, msgs[i].subject, msgs[i].data, jetstream.WithMsgID(msgs[i].id))
+				if err != nil && !duplicateInProcess(err) {
 					return fmt.Errorf("publish 401 on %s: %w", msgs[i].subject, err)
 				}
 			}
