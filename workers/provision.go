@@ -69,7 +69,10 @@ func (p *Pool) provision(ctx context.Context) (consumers, error) {
 		return none, fmt.Errorf("NATS server %s does not support message scheduling (stream %s has no AllowMsgSchedules): authbus needs nats-server 2.12 or later, upgrade the server",
 			p.nc.ConnectedServerVersion(), p.subj.EventsStream())
 	}
-	if _, err := p.provisionStream(ctx, jetstream.StreamConfig{
+	// Created with the events stream's replicas: on a deployment upgraded
+	// from a version without it, that is the deployment's count, whatever
+	// --replicas the first refresher of this version was given.
+	if _, err := p.provisionStreamAt(ctx, work.CachedInfo().Config.Replicas, jetstream.StreamConfig{
 		Name:        p.subj.SchedulesStream(),
 		Description: "authbus proactive refreshes: one pending schedule per credential, and the auth.expiring events they fired",
 		// A schedule fires into the stream that holds it. A stream of its
@@ -171,6 +174,12 @@ func (p *Pool) migrateEvents(ctx context.Context) error {
 // (change replicas with "nats stream edit"). It says so when the two
 // differ.
 func (p *Pool) provisionStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	return p.provisionStreamAt(ctx, p.cfg.Replicas, cfg)
+}
+
+// provisionStreamAt is provisionStream creating a missing stream with
+// replicas.
+func (p *Pool) provisionStreamAt(ctx context.Context, replicas int, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
 	for attempt := 1; ; attempt++ {
 		existing, err := p.js.Stream(ctx, cfg.Name)
 		switch {
@@ -187,7 +196,7 @@ func (p *Pool) provisionStream(ctx context.Context, cfg jetstream.StreamConfig) 
 		case !errors.Is(err, jetstream.ErrStreamNotFound):
 			return nil, fmt.Errorf("look up stream %s: %w; check that JetStream is enabled for the NATS user", cfg.Name, err)
 		}
-		cfg.Replicas = p.cfg.Replicas
+		cfg.Replicas = replicas
 		if cfg.Replicas > 1 {
 			// Replicated streams are made durable by their log.
 			cfg.PersistMode = jetstream.DefaultPersistMode
