@@ -193,7 +193,7 @@ func checkExample(t *testing.T, where string, subj events.Subjects, b block, hdr
 	if tp, ok := hdr["traceparent"]; ok && !traceparentRE.MatchString(tp) {
 		t.Errorf("%s: traceparent %q is not W3C trace context", where, tp)
 	}
-	wantWord := map[string]string{"register-request": "register", "register-reply": "register", "token-reply": "token", "schedule": "schedule", "publish-ack": "401"}
+	wantWord := map[string]string{"register-request": "register", "register-reply": "register", "token-reply": "token", "schedule": "proactive", "publish-ack": "401"}
 	if w, ok := wantWord[b.kind]; ok && w != word {
 		t.Errorf("%s: a %s travels on %s.%s.<key>, not on %s", where, b.kind, subj.Prefix(), w, b.subject)
 		return
@@ -277,8 +277,8 @@ func checkEventHeaders(t *testing.T, where string, subj events.Subjects, kind st
 	t.Helper()
 	switch {
 	case kind == "schedule":
-		if hdr["Nats-Schedule-Target"] != subj.Work(events.TypeExpiring, key) || !strings.HasPrefix(hdr["Nats-Schedule"], "@at ") {
-			t.Errorf("%s: schedule headers %q: want Nats-Schedule \"@at <time>\" and Nats-Schedule-Target %s", where, hdr, subj.Work(events.TypeExpiring, key))
+		if hdr["Nats-Schedule-Target"] != subj.Due(events.TypeExpiring, key) || !strings.HasPrefix(hdr["Nats-Schedule"], "@at ") {
+			t.Errorf("%s: schedule headers %q: want Nats-Schedule \"@at <time>\" and Nats-Schedule-Target %s", where, hdr, subj.Due(events.TypeExpiring, key))
 		}
 	case ev.Type == events.Type401 || ev.Type == events.TypeExpiring:
 		if want := events.MsgID(ev.Type, key, ev.Fingerprint()); hdr["Nats-Msg-Id"] != want {

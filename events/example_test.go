@@ -79,11 +79,11 @@ func ExampleParseKey() {
 
 func ExampleSubjects_EventsStream() {
 	s, _ := events.NewSubjects("acme.auth")
-	fmt.Println(s.EventsStream(), s.ReauthStream(), s.LeasesBucket())
+	fmt.Println(s.EventsStream(), s.SchedulesStream(), s.ReauthStream(), s.LeasesBucket())
 	fmt.Println(s.EventWildcard(events.TypeExpiring), s.ScheduleWildcard())
 	// Output:
-	// ACME_AUTH_EVENTS ACME_AUTH_REAUTH ACME_AUTH_LEASES
-	// acme.auth.expiring.*.*.* acme.auth.schedule.*.*.*
+	// ACME_AUTH_EVENTS ACME_AUTH_SCHEDULES ACME_AUTH_REAUTH ACME_AUTH_LEASES
+	// acme.auth.expiring.*.*.* acme.auth.proactive.*.*.*
 }
 
 // A register request with several mistakes is refused with all of them, each

@@ -58,9 +58,11 @@ func typeOfWord(word string) (Type, bool) {
 const (
 	wordToken    = "token"
 	wordRegister = "register"
-	wordSchedule = "schedule"
+	wordSchedule = "proactive"
+	wordLegacy   = "schedule"
 	wordWork     = "work"
 	wordSlow     = "slow"
+	wordDue      = "due"
 )
 
 // DefaultPrefix is the first subject token of every authbus subject unless
@@ -129,9 +131,21 @@ func (s Subjects) Token(k Key) string { return s.subject(wordToken, k) }
 // tokens for k and how to refresh them.
 func (s Subjects) Register(k Key) string { return s.subject(wordRegister, k) }
 
-// Schedule returns "<prefix>.schedule.<key>", where the pending proactive
-// refresh of k waits in the events stream.
+// Schedule returns "<prefix>.proactive.<key>", where the pending proactive
+// refresh of k waits in the schedules stream (see SchedulesStream) until it
+// fires on Due(TypeExpiring, k).
 func (s Subjects) Schedule(k Key) string { return s.subject(wordSchedule, k) }
+
+// LegacySchedule returns "<prefix>.schedule.<key>", where refreshers before
+// the schedules stream kept the pending proactive refresh of k: in the
+// events stream, firing on Work(TypeExpiring, k). Refreshers no longer
+// write it, but count and remove what an earlier version left there.
+func (s Subjects) LegacySchedule(k Key) string { return s.subject(wordLegacy, k) }
+
+// Due returns "<prefix>.due.<word>.<tenant>.<user>.<server>", where a
+// schedule fires in the schedules stream: the auth.expiring of a proactive
+// refresh, waiting for a refresher. Only the server's scheduler writes it.
+func (s Subjects) Due(t Type, k Key) string { return s.subject(wordDue+"."+t.Word(), k) }
 
 // Work returns "<prefix>.work.<word>.<tenant>.<user>.<server>", where an
 // auth.401 or auth.expiring waits in the events stream for a refresher.
@@ -153,16 +167,19 @@ func (s Subjects) WorkWildcard(t Type) string { return s.wildcard(wordWork + "."
 // SlowWildcard returns "<prefix>.slow.<word>.*.*.*".
 func (s Subjects) SlowWildcard(t Type) string { return s.wildcard(wordSlow + "." + t.Word()) }
 
-// ParseWork splits a subject built by Work or Slow. Errors wrap
+// DueWildcard returns "<prefix>.due.<word>.*.*.*".
+func (s Subjects) DueWildcard(t Type) string { return s.wildcard(wordDue + "." + t.Word()) }
+
+// ParseWork splits a subject built by Work, Slow or Due. Errors wrap
 // ErrInvalidSubject.
 func (s Subjects) ParseWork(subject string) (Type, Key, error) {
-	for _, lane := range []string{wordWork, wordSlow} {
+	for _, lane := range []string{wordWork, wordSlow, wordDue} {
 		if rest, ok := strings.CutPrefix(subject, s.Prefix()+"."+lane+"."); ok {
 			return s.ParseEvent(s.Prefix() + "." + rest)
 		}
 	}
-	return "", Key{}, fmt.Errorf("subject %s: does not start with %q or %q: %w", quote(subject),
-		s.Prefix()+"."+wordWork+".", s.Prefix()+"."+wordSlow+".", ErrInvalidSubject)
+	return "", Key{}, fmt.Errorf("subject %s: does not start with %q, %q or %q: %w", quote(subject),
+		s.Prefix()+"."+wordWork+".", s.Prefix()+"."+wordSlow+".", s.Prefix()+"."+wordDue+".", ErrInvalidSubject)
 }
 
 // EventWildcard returns "<prefix>.<word>.*.*.*", matching events of type t
@@ -177,9 +194,14 @@ func (s Subjects) TokenWildcard() string { return s.wildcard(wordToken) }
 // service subscribes to.
 func (s Subjects) RegisterWildcard() string { return s.wildcard(wordRegister) }
 
-// ScheduleWildcard returns "<prefix>.schedule.*.*.*", the schedule subjects
-// the events stream must capture.
+// ScheduleWildcard returns "<prefix>.proactive.*.*.*", the schedule
+// subjects the schedules stream captures.
 func (s Subjects) ScheduleWildcard() string { return s.wildcard(wordSchedule) }
+
+// LegacyScheduleWildcard returns "<prefix>.schedule.*.*.*", the subjects of
+// the schedules an earlier version kept in the events stream (see
+// LegacySchedule).
+func (s Subjects) LegacyScheduleWildcard() string { return s.wildcard(wordLegacy) }
 
 // Parse splits a subject of the form "<prefix>.<word>.<tenant>.<user>.<server>"
 // for any word (event words, "token", "register", "schedule", …). Errors wrap
@@ -229,10 +251,17 @@ func (s Subjects) streamBase() string {
 	return strings.ToUpper(strings.ReplaceAll(s.Prefix(), ".", "_"))
 }
 
-// EventsStream returns the name of the work-queue stream of auth.401,
-// auth.expiring and the schedules: "AUTH_EVENTS" for the default prefix,
-// "ACME_AUTH_EVENTS" for "acme.auth".
+// EventsStream returns the name of the work-queue stream of auth.401 and
+// auth.expiring: "AUTH_EVENTS" for the default prefix, "ACME_AUTH_EVENTS"
+// for "acme.auth".
 func (s Subjects) EventsStream() string { return s.streamBase() + "_EVENTS" }
+
+// SchedulesStream returns the name of the work-queue stream of the pending
+// proactive refreshes and the auth.expiring they fire: "AUTH_SCHEDULES" for
+// the default prefix. A stream of its own, because a JetStream stream
+// stores its writes one after another: with every write synced to disk,
+// the schedules kept in the events stream halved what it could take in.
+func (s Subjects) SchedulesStream() string { return s.streamBase() + "_SCHEDULES" }
 
 // ReauthStream returns the name of the stream that keeps the last
 // auth.needs_reauth per key: "AUTH_REAUTH" for the default prefix.

@@ -61,12 +61,17 @@ func TestSubjects(t *testing.T) {
 			"needs_reauth":     "auth.needs_reauth.acme.alice.github",
 			"Token":            "auth.token.acme.alice.github",
 			"Register":         "auth.register.acme.alice.github",
-			"Schedule":         "auth.schedule.acme.alice.github",
+			"Schedule":         "auth.proactive.acme.alice.github",
+			"LegacySchedule":   "auth.schedule.acme.alice.github",
+			"Due":              "auth.due.expiring.acme.alice.github",
 			"EventWildcard":    "auth.401.*.*.*",
 			"TokenWildcard":    "auth.token.*.*.*",
 			"RegisterWildcard": "auth.register.*.*.*",
-			"ScheduleWildcard": "auth.schedule.*.*.*",
+			"ScheduleWildcard": "auth.proactive.*.*.*",
+			"LegacyWildcard":   "auth.schedule.*.*.*",
+			"DueWildcard":      "auth.due.expiring.*.*.*",
 			"EventsStream":     "AUTH_EVENTS",
+			"SchedulesStream":  "AUTH_SCHEDULES",
 			"ReauthStream":     "AUTH_REAUTH",
 			"Credentials":      "AUTH_CREDENTIALS",
 			"Leases":           "AUTH_LEASES",
@@ -79,12 +84,17 @@ func TestSubjects(t *testing.T) {
 			"needs_reauth":     "acme.auth.needs_reauth.acme.alice.github",
 			"Token":            "acme.auth.token.acme.alice.github",
 			"Register":         "acme.auth.register.acme.alice.github",
-			"Schedule":         "acme.auth.schedule.acme.alice.github",
+			"Schedule":         "acme.auth.proactive.acme.alice.github",
+			"LegacySchedule":   "acme.auth.schedule.acme.alice.github",
+			"Due":              "acme.auth.due.expiring.acme.alice.github",
 			"EventWildcard":    "acme.auth.401.*.*.*",
 			"TokenWildcard":    "acme.auth.token.*.*.*",
 			"RegisterWildcard": "acme.auth.register.*.*.*",
-			"ScheduleWildcard": "acme.auth.schedule.*.*.*",
+			"ScheduleWildcard": "acme.auth.proactive.*.*.*",
+			"LegacyWildcard":   "acme.auth.schedule.*.*.*",
+			"DueWildcard":      "acme.auth.due.expiring.*.*.*",
 			"EventsStream":     "ACME_AUTH_EVENTS",
+			"SchedulesStream":  "ACME_AUTH_SCHEDULES",
 			"ReauthStream":     "ACME_AUTH_REAUTH",
 			"Credentials":      "ACME_AUTH_CREDENTIALS",
 			"Leases":           "ACME_AUTH_LEASES",
@@ -103,11 +113,16 @@ func TestSubjects(t *testing.T) {
 				"Token":            s.Token(k),
 				"Register":         s.Register(k),
 				"Schedule":         s.Schedule(k),
+				"LegacySchedule":   s.LegacySchedule(k),
+				"Due":              s.Due(events.TypeExpiring, k),
 				"EventWildcard":    s.EventWildcard(events.Type401),
 				"TokenWildcard":    s.TokenWildcard(),
 				"RegisterWildcard": s.RegisterWildcard(),
 				"ScheduleWildcard": s.ScheduleWildcard(),
+				"LegacyWildcard":   s.LegacyScheduleWildcard(),
+				"DueWildcard":      s.DueWildcard(events.TypeExpiring),
 				"EventsStream":     s.EventsStream(),
+				"SchedulesStream":  s.SchedulesStream(),
 				"ReauthStream":     s.ReauthStream(),
 				"Credentials":      s.CredentialsBucket(),
 				"Leases":           s.LeasesBucket(),
@@ -124,10 +139,17 @@ func TestSubjects(t *testing.T) {
 					t.Errorf("ParseEvent(Event(%s)) = %s, %v, %v", typ, gotType, gotKey, err)
 				}
 			}
-			for word, subj := range map[string]string{"token": s.Token(k), "register": s.Register(k), "schedule": s.Schedule(k)} {
+			for word, subj := range map[string]string{"token": s.Token(k), "register": s.Register(k), "proactive": s.Schedule(k), "schedule": s.LegacySchedule(k)} {
 				gotWord, gotKey, err := s.Parse(subj)
 				if err != nil || gotWord != word || gotKey != k {
 					t.Errorf("Parse(%q) = %q, %v, %v", subj, gotWord, gotKey, err)
+				}
+			}
+			// A fired schedule is work like the lanes' events.
+			for _, subj := range []string{s.Work(events.TypeExpiring, k), s.Slow(events.TypeExpiring, k), s.Due(events.TypeExpiring, k)} {
+				gotType, gotKey, err := s.ParseWork(subj)
+				if err != nil || gotType != events.TypeExpiring || gotKey != k {
+					t.Errorf("ParseWork(%q) = %s, %v, %v", subj, gotType, gotKey, err)
 				}
 			}
 		})

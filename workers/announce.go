@@ -97,15 +97,18 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	if c.ExpiresAt.IsZero() {
 		// No expiry: refreshed on 401 only. An older generation's schedule
 		// would fire for a token that no longer exists; drop it.
-		if err := p.work.Purge(ctx, jetstream.WithPurgeSubject(p.subj.Schedule(c.Key))); err != nil {
+		if err := p.sched.Purge(ctx, jetstream.WithPurgeSubject(p.subj.Schedule(c.Key))); err != nil {
 			p.log.Warn("removing the previous proactive refresh failed; it will fire and be answered as stale",
 				"key", c.Key.String(), "error", err)
 		}
+		p.dropLegacy(ctx, c.Key)
 		return
 	}
 	if err := p.scheduleSync(ctx, c, p.nextAt(c)); err != nil {
 		p.scheduleFailed(c, err)
+		return
 	}
+	p.dropLegacy(ctx, c.Key)
 }
 
 // scheduleAsync is schedule for the refresh path: the publish ack is
@@ -137,10 +140,27 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 		defer span.End()
 		select {
 		case <-ack.Ok():
+			p.dropLegacy(ctx, c.Key)
 		case err := <-ack.Err():
 			p.scheduleFailed(c, err)
 		}
 	})
+}
+
+// dropLegacy removes the schedule an earlier version kept for k in the
+// events stream (LegacySchedule), once k's schedule is written in the
+// schedules stream, so that a credential ends with one. It costs a request
+// only while the events stream may hold such schedules (see
+// Pool.legacySchedules); failure is logged: a leftover fires once and is
+// answered as stale or not due.
+func (p *Pool) dropLegacy(ctx context.Context, k events.Key) {
+	if !p.legacySchedules.Load() {
+		return
+	}
+	if err := p.work.Purge(ctx, jetstream.WithPurgeSubject(p.subj.LegacySchedule(k))); err != nil {
+		p.log.Warn("removing the proactive refresh an earlier version scheduled in the events stream failed; it fires once and is answered as stale",
+			"key", k.String(), "error", err)
+	}
 }
 
 // scheduleFailed logs a schedule that did not make it into the stream.
@@ -164,7 +184,7 @@ func (p *Pool) scheduleMsg(ctx context.Context, c *kv.Credential, at time.Time) 
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	subject, target := p.subj.Schedule(c.Key), p.subj.Work(events.TypeExpiring, c.Key)
+	subject, target := p.subj.Schedule(c.Key), p.subj.Due(events.TypeExpiring, c.Key)
 	ctx, span := p.tracer.Start(ctx, "send "+p.subj.ScheduleWildcard(), trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
 			semconv.MessagingSystemKey.String("nats"),

@@ -204,7 +204,7 @@ func (f *clusterFleet) settled(t *testing.T) {
 }
 
 func (f *clusterFleet) streams() []string {
-	return []string{f.subj.EventsStream(), f.subj.ReauthStream(),
+	return []string{f.subj.EventsStream(), f.subj.SchedulesStream(), f.subj.ReauthStream(),
 		"KV_" + f.subj.BucketName("CREDENTIALS"), "KV_" + f.subj.BucketName("LEASES")}
 }
 

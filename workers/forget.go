@@ -31,7 +31,8 @@ func (f Forgotten) Any() bool { return f.Registered || f.Scheduled || f.NeedsRea
 // Forget removes what authbus keeps of credential k in the deployment of
 // subj: its record in the credential bucket (purged with its history, which
 // holds sealed older refresh tokens), its pending proactive refresh
-// (<prefix>.schedule.<key> in the events stream) and its kept
+// (<prefix>.proactive.<key> in the schedules stream, and the
+// <prefix>.schedule.<key> an earlier version kept in the events stream) and its kept
 // auth.needs_reauth. It is idempotent: forgetting an unknown key removes
 // nothing and is not an error.
 //
@@ -68,11 +69,13 @@ func Forget(ctx context.Context, js jetstream.JetStream, subj events.Subjects, k
 			return f, fmt.Errorf("forget %s: purge credential: %w", k, err)
 		}
 	}
+	var legacy bool
 	for _, target := range []struct {
 		stream, subject string
 		found           *bool
 	}{
-		{subj.EventsStream(), subj.Schedule(k), &f.Scheduled},
+		{subj.SchedulesStream(), subj.Schedule(k), &f.Scheduled},
+		{subj.EventsStream(), subj.LegacySchedule(k), &legacy},
 		{subj.ReauthStream(), subj.Event(events.TypeNeedsReauth, k), &f.NeedsReauth},
 	} {
 		found, err := purgeSubject(ctx, js, subj, target.stream, target.subject)
@@ -81,6 +84,7 @@ func Forget(ctx context.Context, js jetstream.JetStream, subj events.Subjects, k
 		}
 		*target.found = found
 	}
+	f.Scheduled = f.Scheduled || legacy
 	return f, nil
 }
 

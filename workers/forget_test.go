@@ -32,7 +32,7 @@ func TestForgetRemovesRecordScheduleAndKeptReauth(t *testing.T) {
 	w.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
 	b.Register(t, kept, b.AS.Issue(fleet.ClientID), nil)
 
-	work, err := b.JS.Stream(ctx, b.Subj.EventsStream())
+	work, err := b.JS.Stream(ctx, b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,7 +21,7 @@ import (
 // key, and the fingerprint each last one carries.
 func pendingSchedules(t *testing.T, b *fleet.Fleet) (count map[string]uint64, fingerprint map[string]string) {
 	t.Helper()
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,7 +240,7 @@ func TestStaleScheduleRestoresCurrent(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := b.JS.Publish(t.Context(), b.Subj.Schedule(key), data,
-		jetstream.WithScheduleAt(time.Now().Add(time.Second)), jetstream.WithScheduleTarget(b.Subj.Work(events.TypeExpiring, key))); err != nil {
+		jetstream.WithScheduleAt(time.Now().Add(time.Second)), jetstream.WithScheduleTarget(b.Subj.Due(events.TypeExpiring, key))); err != nil {
 		t.Fatal(err)
 	}
 	fleet.Eventually(t, 10*time.Second, "the late schedule fired and was answered as stale", func() bool {
@@ -281,7 +281,7 @@ func TestReconcileRestoresMissingSchedules(t *testing.T) {
 	rw.WaitFor(t, "needs_reauth", func(ev *events.Event) bool { return ev.NeedsReauth != nil })
 	b.Settled(t)
 
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +336,7 @@ func TestReconcileAtStart(t *testing.T) {
 	key := fleet.MustKey(t, "acme.restart.api")
 	b.Register(t, key, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 3600 })
 	b.StopPools(t)
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -358,7 +358,7 @@ func TestReleaseEarliestExpiryFirst(t *testing.T) {
 	b := fleet.Setup(t)
 	b.StartPools(t, 1, func(c *workers.Config) { c.ReconcileEvery = -1 })
 	// The fired events stay in the stream, in the order they fired.
-	if _, err := b.JS.PauseConsumer(t.Context(), b.Subj.EventsStream(), "refreshers", time.Now().Add(time.Hour)); err != nil {
+	if _, err := b.JS.PauseConsumer(t.Context(), b.Subj.SchedulesStream(), "refreshers-due", time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now()
@@ -374,12 +374,12 @@ func TestReleaseEarliestExpiryFirst(t *testing.T) {
 	}
 	b.Pools[0].Pool.Release(t.Context(), creds)
 
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}
 	fleet.Eventually(t, 10*time.Second, "every released schedule fired", func() bool {
-		info, err := work.Info(t.Context(), jetstream.WithSubjectFilter(b.Subj.WorkWildcard(events.TypeExpiring)))
+		info, err := work.Info(t.Context(), jetstream.WithSubjectFilter(b.Subj.DueWildcard(events.TypeExpiring)))
 		return err == nil && len(info.State.Subjects) == len(creds)
 	})
 	info, err := work.Info(t.Context())

@@ -257,14 +257,15 @@ func instrumentHTTP(hc *http.Client, tp trace.TracerProvider, mp metric.MeterPro
 }
 
 // Ready reports whether the pool can do its work, for a readiness probe:
-// the NATS connection is up and the events and needs_reauth streams and
-// the credentials and leases buckets exist. Each call makes four JetStream
-// API requests; errors say what is missing and never hold a secret.
+// the NATS connection is up and the events, schedules and needs_reauth
+// streams and the credentials, leases and failures buckets exist. Each
+// call makes six JetStream API requests; errors say what is missing and
+// never hold a secret.
 func (p *Pool) Ready(ctx context.Context) error {
 	if st := p.nc.Status(); st != nats.CONNECTED {
 		return fmt.Errorf("NATS connection is %s; check the NATS server and --nats-url", st)
 	}
-	for _, s := range []string{p.subj.EventsStream(), p.subj.ReauthStream()} {
+	for _, s := range []string{p.subj.EventsStream(), p.subj.SchedulesStream(), p.subj.ReauthStream()} {
 		if _, err := p.js.Stream(ctx, s); err != nil {
 			return fmt.Errorf("stream %s: %w; restart the refresher to create it, or check JetStream", s, err)
 		}

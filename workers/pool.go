@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -35,9 +36,15 @@ type Pool struct {
 	failures *kv.Failures       // the last failed refresh of each credential, for status
 	cons     jetstream.Consumer // the work lane
 	slow     jetstream.Consumer // the slow lane (see intake.go)
-	work     jetstream.Stream   // AUTH_EVENTS: events and pending schedules
-	reauth   jetstream.Stream
-	breakers *breakers
+	dueCons  jetstream.Consumer // the due lane: fired schedules
+	work     jetstream.Stream   // AUTH_EVENTS: events (and an earlier version's schedules)
+	sched    jetstream.Stream   // AUTH_SCHEDULES: pending schedules and what they fired
+	// legacySchedules: the events stream may hold schedules an earlier
+	// version wrote (LegacySchedule), which a new schedule then removes.
+	// Found at New, updated by every reconciler pass.
+	legacySchedules atomic.Bool
+	reauth          jetstream.Stream
+	breakers        *breakers
 	// bg holds the work a refresh leaves behind after its ack (lease
 	// release, the schedule's publish ack) so that it costs no round trip
 	// on the refresh path; Run waits for it before returning.
@@ -98,13 +105,19 @@ func New(ctx context.Context, nc *nats.Conn, cfg Config) (*Pool, error) {
 			"tenant", k.tenant, "client_id", k.client, "from", from.String(), "to", to.String())
 		p.keeper.breakerChanged(k.endpoint, from, to)
 	})
-	lanes, err := p.provision(ctx)
+	cons, err := p.provision(ctx)
 	if err != nil {
 		return nil, err
 	}
-	p.cons, p.slow = lanes[0], lanes[1]
+	p.cons, p.slow, p.dueCons = cons.work, cons.slow, cons.due
 	if p.work, err = js.Stream(ctx, subj.EventsStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.EventsStream(), err)
+	}
+	if p.sched, err = js.Stream(ctx, subj.SchedulesStream()); err != nil {
+		return nil, fmt.Errorf("stream %s: %w", subj.SchedulesStream(), err)
+	}
+	if err := p.findLegacySchedules(ctx); err != nil {
+		return nil, err
 	}
 	if p.reauth, err = js.Stream(ctx, subj.ReauthStream()); err != nil {
 		return nil, fmt.Errorf("stream %s: %w", subj.ReauthStream(), err)
@@ -200,11 +213,21 @@ func (p *Pool) Run(ctx context.Context) error {
 		workCC.Stop()
 		return fmt.Errorf("consume %s/%s: %w", p.subj.EventsStream(), slowConsumerName, err)
 	}
+	// Fired schedules are proactive refreshes: they keep the work lane's
+	// priority over the slow lane.
+	dueCC, err := consume(p.dueCons, max(1, p.cfg.Workers/2), workLane)
+	if err != nil {
+		intake.stop()
+		workCC.Stop()
+		slowCC.Stop()
+		return fmt.Errorf("consume %s/%s: %w", p.subj.SchedulesStream(), dueConsumerName, err)
+	}
 	stop := context.AfterFunc(ctx, func() {
 		_ = svc.Stop()
 		intake.stop()
 		workCC.Drain()
 		slowCC.Drain()
+		dueCC.Drain()
 	})
 	defer stop()
 	defer p.keepSchedules(ctx)()
@@ -219,7 +242,7 @@ func (p *Pool) Run(ctx context.Context) error {
 	// No handler runs once a consumer is closed (shutdown, or the
 	// connection closed under Run): then its lane ends.
 	var readers sync.WaitGroup
-	readers.Go(func() { <-workCC.Closed(); close(workLane) })
+	readers.Go(func() { <-workCC.Closed(); <-dueCC.Closed(); close(workLane) })
 	readers.Go(func() { <-slowCC.Closed(); close(slowLane) })
 
 	// In-flight refreshes outlive ctx: abandoning a token-endpoint call

@@ -167,7 +167,7 @@ func TestProactiveRefreshSurvivesRefresherOutage(t *testing.T) {
 	}
 	b.StopPools(t)
 
-	cons, err := b.JS.Consumer(t.Context(), b.Subj.EventsStream(), "refreshers")
+	cons, err := b.JS.Consumer(t.Context(), b.Subj.SchedulesStream(), "refreshers-due")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +238,7 @@ func TestStormDuringScheduledRefresh(t *testing.T) {
 		t.Errorf("saw version 3: the storm caused a second rotation")
 	}
 	// The first call was the schedule's: no 401 had been published before.
-	if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "outcome": "rotated", "subject": b.Subj.Work(events.TypeExpiring, key)})); n != 1 {
+	if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "outcome": "rotated", "subject": b.Subj.Due(events.TypeExpiring, key)})); n != 1 {
 		t.Errorf("rotations by the scheduled auth.expiring = %d, want 1", n)
 	}
 }
@@ -276,7 +276,7 @@ func TestReRegistrationReplacesSchedule(t *testing.T) {
 	b.StartPools(t, 1, nil)
 	key := fleet.MustKey(t, "acme.again.github")
 	first := b.Register(t, key, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 4 })
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,7 +313,7 @@ func TestReRegistrationReplacesSchedule(t *testing.T) {
 	if got := b.AS.Calls(); got != 0 {
 		t.Errorf("token-endpoint calls = %d, want 0: the replaced schedule refreshed", got)
 	}
-	if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Work(events.TypeExpiring, key)})); n != 0 {
+	if n := len(b.Logs.Records(map[string]string{"msg": "event processed", "subject": b.Subj.Due(events.TypeExpiring, key)})); n != 0 {
 		t.Errorf("%d auth.expiring events processed, want 0", n)
 	}
 
@@ -340,7 +340,7 @@ func TestExpiredOnArrivalRefreshesAtOnce(t *testing.T) {
 
 	forever := fleet.MustKey(t, "acme.forever.github")
 	b.Register(t, forever, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 0 })
-	work, err := b.JS.Stream(t.Context(), b.Subj.EventsStream())
+	work, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}

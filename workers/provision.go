@@ -13,39 +13,48 @@ import (
 	"github.com/authbus/authbus/kv"
 )
 
-// The durable pull consumers every refresher shares: the work lane and the
-// slow lane (see intake.go).
+// The durable pull consumers every refresher shares: the work lane, the
+// slow lane (see intake.go) and the due lane, where the schedules fire.
 const (
 	consumerName     = "refreshers"
 	slowConsumerName = "refreshers-slow"
+	dueConsumerName  = "refreshers-due"
 )
 
 // reauthKeep is how long a needs_reauth stays in the stream, so a runtime
 // that starts later still learns that a person must log in.
 const reauthKeep = 30 * 24 * time.Hour
 
-// provision creates the streams and the consumer when they are missing and
+// consumers are the pool's lanes: the work lane and the slow lane on the
+// events stream, the due lane on the schedules stream.
+type consumers struct{ work, slow, due jetstream.Consumer }
+
+// provision creates the streams and the consumers when they are missing and
 // brings their configuration up to date when they exist, so any number of
 // refreshers may start against the same NATS deployment. Replicas are the
 // deployment's: an existing stream keeps its replica count whatever
 // Config.Replicas says (see provisionStream).
-func (p *Pool) provision(ctx context.Context) ([2]jetstream.Consumer, error) {
-	var none [2]jetstream.Consumer
+func (p *Pool) provision(ctx context.Context) (consumers, error) {
+	var none consumers
 	if err := p.migrateEvents(ctx); err != nil {
 		return none, err
 	}
 	work, err := p.provisionStream(ctx, jetstream.StreamConfig{
 		Name:        p.subj.EventsStream(),
-		Description: "authbus work queue: auth.401 and auth.expiring events the intake took in, and pending proactive-refresh schedules",
+		Description: "authbus work queue: auth.401 and auth.expiring events the intake took in",
 		// Only refreshers write these subjects: runtimes publish on their
 		// own, and the intake writes what it validated here (intake.go).
-		// Schedules must live in the same stream as their target.
+		// The legacy schedule subjects stay captured, although this
+		// version schedules in the schedules stream: a refresher of an
+		// earlier version, still running during a rolling upgrade, writes
+		// its schedules there (they fire on the work lane, which is still
+		// consumed), and a stream must capture a schedule's target.
 		Subjects: []string{
 			p.subj.WorkWildcard(events.Type401),
 			p.subj.WorkWildcard(events.TypeExpiring),
 			p.subj.SlowWildcard(events.Type401),
 			p.subj.SlowWildcard(events.TypeExpiring),
-			p.subj.ScheduleWildcard(),
+			p.subj.LegacyScheduleWildcard(),
 		},
 		Retention:         jetstream.WorkQueuePolicy,
 		Storage:           jetstream.FileStorage,
@@ -60,6 +69,33 @@ func (p *Pool) provision(ctx context.Context) ([2]jetstream.Consumer, error) {
 		return none, fmt.Errorf("NATS server %s does not support message scheduling (stream %s has no AllowMsgSchedules): authbus needs nats-server 2.12 or later, upgrade the server",
 			p.nc.ConnectedServerVersion(), p.subj.EventsStream())
 	}
+	// Created with the events stream's replicas: on a deployment upgraded
+	// from a version without it, that is the deployment's count, whatever
+	// --replicas the first refresher of this version was given.
+	if _, err := p.provisionStreamAt(ctx, work.CachedInfo().Config.Replicas, jetstream.StreamConfig{
+		Name:        p.subj.SchedulesStream(),
+		Description: "authbus proactive refreshes: one pending schedule per credential, and the auth.expiring events they fired",
+		// A schedule fires into the stream that holds it. A stream of its
+		// own: JetStream stores one stream's writes one after another, and
+		// with every write synced the schedule and the tombstone of the
+		// one it replaces halved what the events stream took in.
+		Subjects: []string{
+			p.subj.ScheduleWildcard(),
+			p.subj.DueWildcard(events.TypeExpiring),
+		},
+		Retention:         jetstream.WorkQueuePolicy,
+		Storage:           jetstream.FileStorage,
+		AllowMsgSchedules: true,
+		MaxMsgSize:        2 * events.MaxEventSize,
+		// Not synced on every write, where the server allows it (one
+		// replica; see provisionStream): a schedule lost in a crash is
+		// written again by the reconciler when the refreshers start, and
+		// a removal lost makes a stale schedule fire, which is answered
+		// as stale. Every write synced cost a quarter of the refreshes.
+		PersistMode: jetstream.AsyncPersistMode,
+	}); err != nil {
+		return none, err
+	}
 	if _, err := p.provisionStream(ctx, jetstream.StreamConfig{
 		Name:              p.subj.ReauthStream(),
 		Description:       "authbus: the latest auth.needs_reauth of each credential, kept for runtimes that start later",
@@ -71,20 +107,24 @@ func (p *Pool) provision(ctx context.Context) ([2]jetstream.Consumer, error) {
 	}); err != nil {
 		return none, err
 	}
-	var cons [2]jetstream.Consumer
-	for i, lane := range []struct {
-		name, description string
-		filter            []string
+	var ls consumers
+	for _, lane := range []struct {
+		stream, name, description string
+		filter                    []string
+		c                         *jetstream.Consumer
 	}{
-		{consumerName, "authbus refreshers: the work lane",
-			[]string{p.subj.WorkWildcard(events.Type401), p.subj.WorkWildcard(events.TypeExpiring)}},
-		{slowConsumerName, "authbus refreshers: the slow lane, taken when the work lane is empty",
-			[]string{p.subj.SlowWildcard(events.Type401), p.subj.SlowWildcard(events.TypeExpiring)}},
+		{p.subj.EventsStream(), consumerName, "authbus refreshers: the work lane",
+			[]string{p.subj.WorkWildcard(events.Type401), p.subj.WorkWildcard(events.TypeExpiring)}, &ls.work},
+		{p.subj.EventsStream(), slowConsumerName, "authbus refreshers: the slow lane, taken when the work lane is empty",
+			[]string{p.subj.SlowWildcard(events.Type401), p.subj.SlowWildcard(events.TypeExpiring)}, &ls.slow},
+		{p.subj.SchedulesStream(), dueConsumerName, "authbus refreshers: the due lane, proactive refreshes taken with the work lane",
+			[]string{p.subj.DueWildcard(events.TypeExpiring)}, &ls.due},
 	} {
-		c, err := p.js.CreateOrUpdateConsumer(ctx, p.subj.EventsStream(), jetstream.ConsumerConfig{
+		c, err := p.js.CreateOrUpdateConsumer(ctx, lane.stream, jetstream.ConsumerConfig{
 			Durable:     lane.name,
 			Description: lane.description,
-			// The schedules share the stream but must never reach a worker.
+			// The schedules share their stream with what they fire but
+			// must never reach a worker.
 			FilterSubjects: lane.filter,
 			AckPolicy:      jetstream.AckExplicitPolicy,
 			AckWait:        p.cfg.AckWait,
@@ -93,11 +133,11 @@ func (p *Pool) provision(ctx context.Context) ([2]jetstream.Consumer, error) {
 			// 0: as many as the stream has, whatever that is now or later.
 		})
 		if err != nil {
-			return none, fmt.Errorf("create or update consumer %s on %s: %w", lane.name, p.subj.EventsStream(), err)
+			return none, fmt.Errorf("create or update consumer %s on %s: %w", lane.name, lane.stream, err)
 		}
-		cons[i] = c
+		*lane.c = c
 	}
-	return cons, nil
+	return ls, nil
 }
 
 // migrateEvents moves an events stream of an earlier version, which
@@ -134,11 +174,19 @@ func (p *Pool) migrateEvents(ctx context.Context) error {
 // (change replicas with "nats stream edit"). It says so when the two
 // differ.
 func (p *Pool) provisionStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	return p.provisionStreamAt(ctx, p.cfg.Replicas, cfg)
+}
+
+// provisionStreamAt is provisionStream creating a missing stream with
+// replicas.
+func (p *Pool) provisionStreamAt(ctx context.Context, replicas int, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
 	for attempt := 1; ; attempt++ {
 		existing, err := p.js.Stream(ctx, cfg.Name)
 		switch {
 		case err == nil:
 			cfg.Replicas = existing.CachedInfo().Config.Replicas
+			// Fixed when the stream was created.
+			cfg.PersistMode = existing.CachedInfo().Config.PersistMode
 			p.warnReplicas("stream", cfg.Name, cfg.Replicas)
 			s, err := p.js.UpdateStream(ctx, cfg)
 			if err != nil {
@@ -148,7 +196,11 @@ func (p *Pool) provisionStream(ctx context.Context, cfg jetstream.StreamConfig) 
 		case !errors.Is(err, jetstream.ErrStreamNotFound):
 			return nil, fmt.Errorf("look up stream %s: %w; check that JetStream is enabled for the NATS user", cfg.Name, err)
 		}
-		cfg.Replicas = p.cfg.Replicas
+		cfg.Replicas = replicas
+		if cfg.Replicas > 1 {
+			// Replicated streams are made durable by their log.
+			cfg.PersistMode = jetstream.DefaultPersistMode
+		}
 		s, err := p.js.CreateStream(ctx, cfg)
 		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) && attempt == 1 {
 			continue // another refresher created it meanwhile: follow it

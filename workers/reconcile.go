@@ -141,12 +141,21 @@ func (p *Pool) restore(ctx context.Context, k events.Key) (wrote bool, quietRev 
 	if c.State != kv.StateActive || c.ExpiresAt.IsZero() {
 		return false, rev, nil
 	}
-	for _, subject := range []string{p.subj.Schedule(k), p.subj.Work(events.TypeExpiring, k), p.subj.Slow(events.TypeExpiring, k)} {
-		info, err := p.work.Info(ctx, jetstream.WithSubjectFilter(subject))
+	for _, at := range []struct {
+		stream  jetstream.Stream
+		subject string
+	}{
+		{p.sched, p.subj.Schedule(k)},
+		{p.sched, p.subj.Due(events.TypeExpiring, k)},
+		{p.work, p.subj.LegacySchedule(k)},
+		{p.work, p.subj.Work(events.TypeExpiring, k)},
+		{p.work, p.subj.Slow(events.TypeExpiring, k)},
+	} {
+		info, err := at.stream.Info(ctx, jetstream.WithSubjectFilter(at.subject))
 		if err != nil {
-			return false, 0, fmt.Errorf("look up %s: %w", subject, err)
+			return false, 0, fmt.Errorf("look up %s: %w", at.subject, err)
 		}
-		if info.State.Subjects[subject] > 0 {
+		if info.State.Subjects[at.subject] > 0 {
 			return false, 0, nil
 		}
 	}
@@ -203,27 +212,64 @@ func (k *keeper) setQuiet(hashes []uint64) {
 }
 
 // coveredKeys returns the keys that have a pending schedule or a pending
-// auth.expiring in the events stream.
+// auth.expiring, in the schedules stream or, left by an earlier version,
+// in the events stream. It notes whether the events stream still holds
+// such schedules (see Pool.legacySchedules).
 func (p *Pool) coveredKeys(ctx context.Context) (*keySet, error) {
 	s := &keySet{seed: maphash.MakeSeed()}
-	// A fired schedule and a runtime's auth.expiring wait on the work or
-	// slow lane until a refresher takes them.
-	for _, filter := range []string{p.subj.ScheduleWildcard(), p.subj.WorkWildcard(events.TypeExpiring), p.subj.SlowWildcard(events.TypeExpiring)} {
-		err := p.eachSubject(ctx, p.work.CachedInfo().Config.Name, filter, func(subject string) {
-			_, k, err := p.subj.ParseWork(subject)
-			if err != nil {
-				_, k, err = p.subj.Parse(subject) // a schedule
+	add := func(k events.Key) { s.hashes = append(s.hashes, maphash.String(s.seed, k.String())) }
+	legacy := 0
+	// A fired schedule and a runtime's auth.expiring wait on the due, work
+	// or slow lane until a refresher takes them.
+	for _, at := range []struct {
+		stream, filter string
+		schedule       bool
+	}{
+		{p.sched.CachedInfo().Config.Name, p.subj.ScheduleWildcard(), true},
+		{p.sched.CachedInfo().Config.Name, p.subj.DueWildcard(events.TypeExpiring), false},
+		{p.work.CachedInfo().Config.Name, p.subj.LegacyScheduleWildcard(), true},
+		{p.work.CachedInfo().Config.Name, p.subj.WorkWildcard(events.TypeExpiring), false},
+		{p.work.CachedInfo().Config.Name, p.subj.SlowWildcard(events.TypeExpiring), false},
+	} {
+		err := p.eachSubject(ctx, at.stream, at.filter, func(subject string) {
+			if at.filter == p.subj.LegacyScheduleWildcard() {
+				legacy++
+			}
+			var (
+				k   events.Key
+				err error
+			)
+			if at.schedule {
+				_, k, err = p.subj.Parse(subject)
+			} else {
+				_, k, err = p.subj.ParseWork(subject)
 			}
 			if err == nil {
-				s.hashes = append(s.hashes, maphash.String(s.seed, k.String()))
+				add(k)
 			}
 		})
 		if err != nil {
 			return nil, err
 		}
 	}
+	p.legacySchedules.Store(legacy > 0)
 	slices.Sort(s.hashes)
 	return s, nil
+}
+
+// findLegacySchedules notes whether the events stream holds a schedule an
+// earlier version wrote there (see Pool.legacySchedules).
+func (p *Pool) findLegacySchedules(ctx context.Context) error {
+	_, err := p.work.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(p.subj.LegacyScheduleWildcard()))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		p.legacySchedules.Store(false)
+	case err != nil:
+		return fmt.Errorf("look for schedules an earlier version left in stream %s: %w; check that JetStream answers", p.subj.EventsStream(), err)
+	default:
+		p.legacySchedules.Store(true)
+	}
+	return nil
 }
 
 // streamInfoPage is the part of a STREAM.INFO answer with subject details

@@ -50,7 +50,7 @@ func BenchmarkReconcile(b *testing.B) {
 	close(work)
 	wg.Wait()
 	b.Logf("registered %d credentials with schedules in %v", n, time.Since(start).Round(time.Millisecond))
-	stream, err := bd.JS.Stream(b.Context(), bd.Subj.EventsStream())
+	stream, err := bd.JS.Stream(b.Context(), bd.Subj.SchedulesStream())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -170,7 +170,7 @@ func TestTraceOfScheduledRefresh(t *testing.T) {
 	var first, next sdktrace.ReadOnlySpan
 	fleet.Eventually(t, 10*time.Second, "both schedules' send spans ended", func() bool {
 		first, next = nil, nil
-		for _, s := range byName("send auth.schedule.*.*.*") {
+		for _, s := range byName("send auth.proactive.*.*.*") {
 			switch s.Parent().SpanID() {
 			case reg.SpanContext().SpanID():
 				first = s

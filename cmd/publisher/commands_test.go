@@ -478,7 +478,7 @@ func TestDeleteMakesTokenNotFound(t *testing.T) {
 	if !strings.Contains(r.errOut, "not_found") {
 		t.Errorf("token after delete: %s", r.errOut)
 	}
-	work, err := b.JS.Stream(ctx, b.Subj.EventsStream())
+	work, err := b.JS.Stream(ctx, b.Subj.SchedulesStream())
 	if err != nil {
 		t.Fatal(err)
 	}

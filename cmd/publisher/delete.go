@@ -13,8 +13,9 @@ import (
 
 const deleteAbout = `
 Forget the credentials KEY…: purge the credential record (with its history of
-sealed refresh tokens), the pending proactive refresh (<prefix>.schedule.KEY
-in the events stream) and the kept <prefix>.needs_reauth.KEY. The token
+sealed refresh tokens), the pending proactive refresh (<prefix>.proactive.KEY
+in the schedules stream, and an earlier version's <prefix>.schedule.KEY in
+the events stream) and the kept <prefix>.needs_reauth.KEY. The token
 service answers not_found from then on; runtimes holding the access token
 keep it until it expires. Registering the key again starts at version 1.
 

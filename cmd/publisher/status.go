@@ -100,7 +100,8 @@ type credStatus struct {
 
 // readStatus reads the credentials matching the key patterns, with their
 // leases and schedules: the record and lease through kv's Inspector, which
-// needs no seal key, the schedule from the events stream.
+// needs no seal key, the schedule from the schedules stream (or, left by an
+// earlier version, from the events stream).
 func readStatus(ctx context.Context, c *client, patterns []string) ([]credStatus, error) {
 	js, err := jetstream.New(c.nc)
 	if err != nil {
@@ -119,6 +120,15 @@ func readStatus(ctx context.Context, c *client, patterns []string) ([]credStatus
 			err = fmt.Errorf("open stream %s: %w", subj.EventsStream(), err)
 		}
 		return nil, operatorError(err, subj)
+	}
+	// Refreshers of an earlier version kept the schedules in the events
+	// stream only, and did not create this one.
+	sched, err := js.Stream(ctx, subj.SchedulesStream())
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		sched = nil
+	case err != nil:
+		return nil, operatorError(fmt.Errorf("open stream %s: %w", subj.SchedulesStream(), err), subj)
 	}
 	infos, err := in.Inspect(ctx, patterns...)
 	if err != nil {
@@ -141,8 +151,15 @@ func readStatus(ctx context.Context, c *client, patterns []string) ([]credStatus
 			in := int64(i.ExpiresAt.Sub(now) / time.Second)
 			st.ExpiresIn = &in
 		}
-		if st.NextRefresh, err = nextRefresh(ctx, work, subj.Schedule(i.Key)); err != nil {
-			return nil, err
+		if sched != nil {
+			if st.NextRefresh, err = nextRefresh(ctx, sched, subj.Schedule(i.Key)); err != nil {
+				return nil, err
+			}
+		}
+		if st.NextRefresh.IsZero() {
+			if st.NextRefresh, err = nextRefresh(ctx, work, subj.LegacySchedule(i.Key)); err != nil {
+				return nil, err
+			}
 		}
 		list = append(list, st)
 	}
@@ -160,8 +177,8 @@ func operatorError(err error, subj events.Subjects) error {
 
 // nextRefresh returns when the pending schedule on subject fires, or the
 // zero time when none is pending.
-func nextRefresh(ctx context.Context, work jetstream.Stream, subject string) (time.Time, error) {
-	msg, err := work.GetLastMsgForSubject(ctx, subject)
+func nextRefresh(ctx context.Context, stream jetstream.Stream, subject string) (time.Time, error) {
+	msg, err := stream.GetLastMsgForSubject(ctx, subject)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return time.Time{}, nil
 	}

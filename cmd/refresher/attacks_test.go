@@ -59,7 +59,7 @@ func (d *tenantDeployment) attacker(t *testing.T, user string) (events.Key, stri
 
 // scheduleSeq is the sequence of key's pending schedule, 0 when none.
 func (d *tenantDeployment) scheduleSeq(key events.Key) uint64 {
-	s, err := d.js.Stream(context.Background(), d.subj.EventsStream())
+	s, err := d.js.Stream(context.Background(), d.subj.SchedulesStream())
 	if err != nil {
 		return 0
 	}
@@ -109,7 +109,9 @@ func tenantAttacks(t *testing.T, d *tenantDeployment) {
 	t.Run("stream-wide headers", func(t *testing.T) {
 		attacks := []nats.Header{
 			{"Nats-Schedule-Next": {"purge"}, "Nats-Scheduler": {d.subj.Schedule(bKey)}},
+			{"Nats-Schedule-Next": {"purge"}, "Nats-Scheduler": {d.subj.LegacySchedule(bKey)}},
 			{"Nats-Schedule": {"@every 1s"}, "Nats-Schedule-Target": {d.subj.Work(events.Type401, bKey)}},
+			{"Nats-Schedule": {"@every 1s"}, "Nats-Schedule-Target": {d.subj.Due(events.TypeExpiring, bKey)}},
 			{"Nats-Schedule": {"@every 1s"}, "Nats-Schedule-Target": {d.subj.Event(events.Type401, bKey)}},
 			{"Nats-Rollup": {"all"}},
 			{"Nats-Rollup": {"sub"}},
@@ -192,7 +194,10 @@ func tenantAttacks(t *testing.T, d *tenantDeployment) {
 			"$KV." + d.subj.BucketName("LEASES") + "." + bKey.String(),
 			"$JS.API.STREAM.PURGE." + d.subj.EventsStream(),
 			"$JS.API.STREAM.DELETE." + d.subj.EventsStream(),
+			"$JS.API.STREAM.PURGE." + d.subj.SchedulesStream(),
 			d.subj.Schedule(bKey),
+			d.subj.LegacySchedule(bKey),
+			d.subj.Due(events.TypeExpiring, bKey),
 			d.subj.Work(events.Type401, bKey),
 			d.subj.Event(events.TypeRotated, bKey),
 			"_INBOX_bravo.stolen",
@@ -273,9 +278,21 @@ func tenantAttacks(t *testing.T, d *tenantDeployment) {
 				t.Errorf("acme's request on %s was answered", s)
 			}
 		}
-		for _, s := range []string{"$JS.API.STREAM.INFO." + d.subj.EventsStream(), "$KV." + d.subj.BucketName("CREDENTIALS") + ".>", "auth.work.401.acme.mallory.github"} {
+		for _, s := range []string{"$JS.API.STREAM.INFO." + d.subj.EventsStream(), "$JS.API.STREAM.INFO." + d.subj.SchedulesStream(),
+			"$KV." + d.subj.BucketName("CREDENTIALS") + ".>", "auth.work.401.acme.mallory.github"} {
 			if _, err := d.a.nc.Request(s, nil, 300*time.Millisecond); err == nil {
 				t.Errorf("acme's request on %s was answered", s)
+			}
+		}
+		// Nor may it write a schedule or a fired one, even for its own
+		// key: only refreshers schedule, and only the server fires.
+		for _, s := range []string{d.subj.Schedule(aKey), d.subj.LegacySchedule(aKey), d.subj.Due(events.TypeExpiring, aKey),
+			d.subj.Schedule(bKey), d.subj.Due(events.TypeExpiring, bKey)} {
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			_, err := d.a.js.Publish(ctx, s, data)
+			cancel()
+			if err == nil {
+				t.Errorf("acme's publish on %s was stored", s)
 			}
 		}
 	})

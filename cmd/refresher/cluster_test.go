@@ -83,7 +83,7 @@ func startClusterDeployment(tb testing.TB, extra ...string) *clusterDeployment {
 func (d *clusterDeployment) leadNothing(tb testing.TB, nc *nats.Conn, i int) {
 	tb.Helper()
 	subj, _ := events.NewSubjects("")
-	for _, s := range []string{subj.EventsStream(), subj.ReauthStream(),
+	for _, s := range []string{subj.EventsStream(), subj.SchedulesStream(), subj.ReauthStream(),
 		kv.BucketStream(subj.CredentialsBucket()), kv.BucketStream(subj.LeasesBucket())} {
 		if d.c.StreamLeader(s) == i {
 			d.c.MoveLeader(nc, s)

@@ -171,6 +171,7 @@ func tenantUser(subj events.Subjects, tenant string) userBlock {
 
 // refresherUser is the refreshers' user: JetStream (streams, consumers, KV
 // buckets, acks, flow control), the work queue its intake writes, the
+// proactive-refresh schedules (the server writes what they fire), the
 // events it announces, and its own inbox. It serves no runtime: that is the
 // serving user's (servingUser), so that no request can make this one, which
 // may write every tenant's credentials, answer anywhere.

@@ -331,11 +331,13 @@ func (b *Fleet) Settled(t testing.TB) {
 	}
 }
 
-// QueueEmpty reports whether both lanes of the work queue (the consumers
-// "refreshers" and "refreshers-slow") hold no pending or unacked event.
+// QueueEmpty reports whether the refreshers' lanes (the consumers
+// "refreshers" and "refreshers-slow" of the events stream, and
+// "refreshers-due" of the schedules stream) hold no pending or unacked
+// event.
 func QueueEmpty(js jetstream.JetStream, subj events.Subjects) bool {
-	for _, name := range []string{"refreshers", "refreshers-slow"} {
-		c, err := js.Consumer(context.Background(), subj.EventsStream(), name)
+	for _, lane := range [][2]string{{subj.EventsStream(), "refreshers"}, {subj.EventsStream(), "refreshers-slow"}, {subj.SchedulesStream(), "refreshers-due"}} {
+		c, err := js.Consumer(context.Background(), lane[0], lane[1])
 		if err != nil {
 			return false
 		}

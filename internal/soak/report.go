@@ -233,27 +233,40 @@ func (s *soak) report(ctx context.Context) *Report {
 	return rep
 }
 
-// quiesce pauses the refreshers' consumer and waits until the refreshes
+// quiesce pauses the refreshers' consumers and waits until the refreshes
 // in flight are settled and their announcements received, so that token
 // calls and generations are counted at the same point: a call answered a
 // moment before the count, whose auth.rotated was still on its way, would
 // look like a second call for one generation. The refreshers stay paused:
 // the soak is over.
 func (s *soak) quiesce(ctx context.Context) {
-	const consumer = "refreshers" // the workers package's shared consumer
-	if _, err := s.js.PauseConsumer(ctx, s.subj.EventsStream(), consumer, time.Now().Add(time.Hour)); err != nil {
-		s.progress("pausing the refreshers for the final count failed (%v); the counts may be off by the refreshes in flight", err)
-		return
+	// The workers package's work lane and due lane (fired schedules).
+	consumers := [][2]string{{s.subj.EventsStream(), "refreshers"}, {s.subj.SchedulesStream(), "refreshers-due"}}
+	for _, c := range consumers {
+		if _, err := s.js.PauseConsumer(ctx, c[0], c[1], time.Now().Add(time.Hour)); err != nil {
+			s.progress("pausing the refreshers for the final count failed (%v); the counts may be off by the refreshes in flight", err)
+			return
+		}
 	}
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	deadline := time.After(30 * time.Second)
 wait:
 	for {
-		if c, err := s.js.Consumer(ctx, s.subj.EventsStream(), consumer); err == nil {
-			if ci, err := c.Info(ctx); err == nil && ci.NumAckPending == 0 {
+		settled := true
+		for _, c := range consumers {
+			cons, err := s.js.Consumer(ctx, c[0], c[1])
+			if err != nil {
+				settled = false
 				break
 			}
+			if ci, err := cons.Info(ctx); err != nil || ci.NumAckPending != 0 {
+				settled = false
+				break
+			}
+		}
+		if settled {
+			break
 		}
 		select {
 		case <-tick.C:
@@ -269,28 +282,37 @@ wait:
 }
 
 // lostSchedules counts the active credentials with neither a pending
-// schedule nor a fired auth.expiring in the events stream. A credential can be between the two for an
-// instant (its refresh acked, the next schedule's publish not yet stored):
-// those found missing are looked at again a moment later.
+// schedule nor a fired auth.expiring in the schedules or events stream. A
+// credential can be between the two for an instant (its refresh acked, the
+// next schedule's publish not yet stored): those found missing are looked
+// at again a moment later.
 func (s *soak) lostSchedules(ctx context.Context) int {
 	covered := func() map[string]bool {
 		out := map[string]bool{}
-		stream, err := s.js.Stream(ctx, s.subj.EventsStream())
-		if err != nil {
-			return nil
-		}
-		for _, filter := range []string{s.subj.ScheduleWildcard(), s.subj.WorkWildcard(events.TypeExpiring), s.subj.SlowWildcard(events.TypeExpiring)} {
-			info, err := stream.Info(ctx, jetstream.WithSubjectFilter(filter))
+		for _, at := range []struct {
+			stream  string
+			filters []string
+		}{
+			{s.subj.SchedulesStream(), []string{s.subj.ScheduleWildcard(), s.subj.DueWildcard(events.TypeExpiring)}},
+			{s.subj.EventsStream(), []string{s.subj.LegacyScheduleWildcard(), s.subj.WorkWildcard(events.TypeExpiring), s.subj.SlowWildcard(events.TypeExpiring)}},
+		} {
+			stream, err := s.js.Stream(ctx, at.stream)
 			if err != nil {
 				return nil
 			}
-			for subject := range info.State.Subjects {
-				_, k, err := s.subj.ParseWork(subject)
+			for _, filter := range at.filters {
+				info, err := stream.Info(ctx, jetstream.WithSubjectFilter(filter))
 				if err != nil {
-					_, k, err = s.subj.Parse(subject) // a schedule
+					return nil
 				}
-				if err == nil {
-					out[k.String()] = true
+				for subject := range info.State.Subjects {
+					_, k, err := s.subj.ParseWork(subject)
+					if err != nil {
+						_, k, err = s.subj.Parse(subject) // a schedule
+					}
+					if err == nil {
+						out[k.String()] = true
+					}
 				}
 			}
 		}

@@ -319,8 +319,12 @@ func (a *authbus) close() {
 func (a *authbus) cleanup() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if s, err := a.env.js.Stream(ctx, a.subj.EventsStream()); err == nil {
-		_ = s.Purge(ctx, jetstream.WithPurgeSubject(a.subj.Prefix()+".schedule."+a.keys[0].Tenant+".>"))
+	// The schedules stream, and the events stream where refreshers of an
+	// earlier version kept them.
+	for _, at := range [][2]string{{a.subj.SchedulesStream(), ".proactive."}, {a.subj.EventsStream(), ".schedule."}} {
+		if s, err := a.env.js.Stream(ctx, at[0]); err == nil {
+			_ = s.Purge(ctx, jetstream.WithPurgeSubject(a.subj.Prefix()+at[1]+a.keys[0].Tenant+".>"))
+		}
 	}
 	if b, err := a.env.js.KeyValue(ctx, a.subj.CredentialsBucket()); err == nil {
 		for _, k := range a.keys {
