@@ -141,21 +141,13 @@ func (p *Pool) restore(ctx context.Context, k events.Key) (wrote bool, quietRev 
 	if c.State != kv.StateActive || c.ExpiresAt.IsZero() {
 		return false, rev, nil
 	}
-	for _, at := range []struct {
-		stream  jetstream.Stream
-		subject string
-	}{
-		{p.sched, p.subj.Schedule(k)},
-		{p.sched, p.subj.Due(events.TypeExpiring, k)},
-		{p.work, p.subj.LegacySchedule(k)},
-		{p.work, p.subj.Work(events.TypeExpiring, k)},
-		{p.work, p.subj.Slow(events.TypeExpiring, k)},
-	} {
-		info, err := at.stream.Info(ctx, jetstream.WithSubjectFilter(at.subject))
+	for _, at := range p.pendingPlaces() {
+		subject := at.subject(k)
+		info, err := at.stream.Info(ctx, jetstream.WithSubjectFilter(subject))
 		if err != nil {
-			return false, 0, fmt.Errorf("look up %s: %w", at.subject, err)
+			return false, 0, fmt.Errorf("look up %s: %w", subject, err)
 		}
-		if info.State.Subjects[at.subject] > 0 {
+		if info.State.Subjects[subject] > 0 {
 			return false, 0, nil
 		}
 	}
@@ -219,20 +211,9 @@ func (p *Pool) coveredKeys(ctx context.Context) (*keySet, error) {
 	s := &keySet{seed: maphash.MakeSeed()}
 	add := func(k events.Key) { s.hashes = append(s.hashes, maphash.String(s.seed, k.String())) }
 	legacy := 0
-	// A fired schedule and a runtime's auth.expiring wait on the due, work
-	// or slow lane until a refresher takes them.
-	for _, at := range []struct {
-		stream, filter string
-		schedule       bool
-	}{
-		{p.sched.CachedInfo().Config.Name, p.subj.ScheduleWildcard(), true},
-		{p.sched.CachedInfo().Config.Name, p.subj.DueWildcard(events.TypeExpiring), false},
-		{p.work.CachedInfo().Config.Name, p.subj.LegacyScheduleWildcard(), true},
-		{p.work.CachedInfo().Config.Name, p.subj.WorkWildcard(events.TypeExpiring), false},
-		{p.work.CachedInfo().Config.Name, p.subj.SlowWildcard(events.TypeExpiring), false},
-	} {
-		err := p.eachSubject(ctx, at.stream, at.filter, func(subject string) {
-			if at.filter == p.subj.LegacyScheduleWildcard() {
+	for _, at := range p.pendingPlaces() {
+		err := p.eachSubject(ctx, at.stream.CachedInfo().Config.Name, at.wildcard, func(subject string) {
+			if at.legacy {
 				legacy++
 			}
 			var (
@@ -255,6 +236,33 @@ func (p *Pool) coveredKeys(ctx context.Context) (*keySet, error) {
 	p.legacySchedules.Store(legacy > 0)
 	slices.Sort(s.hashes)
 	return s, nil
+}
+
+// pendingAt is a place where a credential's next proactive refresh may
+// wait: a schedule, or an auth.expiring a schedule fired (or a runtime
+// reported) that no refresher has taken yet.
+type pendingAt struct {
+	stream   jetstream.Stream
+	subject  func(events.Key) string // the credential's subject there
+	wildcard string                  // every credential's
+	schedule bool                    // a schedule subject, not a lane's
+	legacy   bool                    // a schedule an earlier version wrote
+}
+
+// pendingPlaces lists every pendingAt, for restore and coveredKeys alike:
+// a place one of them missed would make the reconciler write a second
+// schedule.
+func (p *Pool) pendingPlaces() []pendingAt {
+	expiring := func(f func(events.Type, events.Key) string) func(events.Key) string {
+		return func(k events.Key) string { return f(events.TypeExpiring, k) }
+	}
+	return []pendingAt{
+		{stream: p.sched, subject: p.subj.Schedule, wildcard: p.subj.ScheduleWildcard(), schedule: true},
+		{stream: p.sched, subject: expiring(p.subj.Due), wildcard: p.subj.DueWildcard(events.TypeExpiring)},
+		{stream: p.work, subject: p.subj.LegacySchedule, wildcard: p.subj.LegacyScheduleWildcard(), schedule: true, legacy: true},
+		{stream: p.work, subject: expiring(p.subj.Work), wildcard: p.subj.WorkWildcard(events.TypeExpiring)},
+		{stream: p.work, subject: expiring(p.subj.Slow), wildcard: p.subj.SlowWildcard(events.TypeExpiring)},
+	}
 }
 
 // findLegacySchedules notes whether the events stream holds a schedule an
