@@ -270,9 +270,15 @@ func (c *Cluster) StreamLeader(stream string) int {
 }
 
 // WaitCurrent waits until every running server has caught up with each of
-// the streams (in the global account), or fails the test after 30s. Shutting
-// a server down while it still restores a stream leaks that stream's
-// goroutines in nats-server, so tests end with this.
+// the streams (in the global account) and holds the same last message, or
+// fails the test after 30s. Shutting a server down while it still restores a
+// stream leaks that stream's goroutines in nats-server, so tests end with
+// this.
+//
+// nats-server's own "current" only says a follower applied what it knows
+// is committed; a follower that has not yet heard of the leader's newest
+// commit is current by that test but would still answer a direct get with
+// "not found". So the last sequences are compared too.
 func (c *Cluster) WaitCurrent(streams ...string) {
 	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
@@ -280,11 +286,21 @@ func (c *Cluster) WaitCurrent(streams ...string) {
 	defer tick.Stop()
 	for {
 		current := true
+		last := make(map[string]uint64, len(streams))
 		for _, s := range c.Servers() {
+			if s == nil {
+				continue
+			}
+			seqs := lastSeqs(s)
 			for _, st := range streams {
-				if s != nil && !s.JetStreamIsStreamCurrent(server.DEFAULT_GLOBAL_ACCOUNT, st) {
+				if !s.JetStreamIsStreamCurrent(server.DEFAULT_GLOBAL_ACCOUNT, st) {
 					current = false
 				}
+				seq, ok := seqs[st]
+				if prev, seen := last[st]; !ok || (seen && prev != seq) {
+					current = false
+				}
+				last[st] = seq
 			}
 		}
 		if current {
@@ -295,6 +311,20 @@ func (c *Cluster) WaitCurrent(streams ...string) {
 		}
 		<-tick.C
 	}
+}
+
+// lastSeqs returns the last sequence of each stream of the global account
+// as s holds it.
+func lastSeqs(s *server.Server) map[string]uint64 {
+	d, err := s.JszAccount(&server.JSzOptions{Account: server.DEFAULT_GLOBAL_ACCOUNT, Streams: true})
+	if err != nil {
+		return nil
+	}
+	seqs := make(map[string]uint64, len(d.Streams))
+	for _, st := range d.Streams {
+		seqs[st.Name] = st.State.LastSeq
+	}
+	return seqs
 }
 
 // MoveLeader asks the leader of stream (in the global account) to step
