@@ -38,8 +38,11 @@ type Config struct {
 	LeaseTTL time.Duration
 	// DuplicateWindow is the events stream's de-duplication window; 0 means 30s.
 	DuplicateWindow time.Duration
-	// AckWait is how long the consumer waits for an ack before redelivery;
-	// 0 means 30s. Long refreshes report progress every AckWait/3.
+	// AckWait is how long the work and slow lanes wait for an ack before
+	// they deliver an event again; 0 means 30s. The due lane (fired
+	// proactive refreshes) waits at most 5s (see dueAckWait). Events held
+	// in this process, and refreshes under way, report progress every third
+	// of the shorter of the two.
 	AckWait time.Duration
 	// MaxDeliver is how often an event is delivered before it is terminated
 	// with a reason; 0 means 20.
@@ -273,3 +276,19 @@ func (c Config) validate() error {
 	}
 	return nil
 }
+
+// dueAckWaitMax bounds the due lane's ack wait. A proactive refresh fires
+// in the first half of its lead, 15 s before expiry at the latest for the
+// default lead of a 60 s token; a fired event held by a refresher that
+// dies is delivered again only after the ack wait, so with the work lane's
+// 30 s the token expired first (a soak with a SIGKILL handed out 18
+// expired tokens). 5 s leaves that event 10 s to be refreshed elsewhere.
+const dueAckWaitMax = 5 * time.Second
+
+// dueAckWait is the due lane's ack wait.
+func (c Config) dueAckWait() time.Duration { return min(c.AckWait, dueAckWaitMax) }
+
+// progressEvery is how often held events and refreshes under way report
+// progress: three times in the shortest ack wait of the lanes they came
+// from, so that a late tick or a lost InProgress costs no redelivery.
+func (c Config) progressEvery() time.Duration { return max(c.dueAckWait()/3, time.Millisecond) }

@@ -86,7 +86,7 @@ func newDispatcher(p *Pool, ctx, work context.Context) *dispatcher {
 // run dispatches the events of both lanes until both are closed (Run
 // stopped the intake) and every refresh has ended.
 func (d *dispatcher) run(workLane, slowLane <-chan jetstream.Msg) {
-	progress := time.NewTicker(max(d.p.cfg.AckWait/3, time.Millisecond))
+	progress := time.NewTicker(d.p.cfg.progressEvery())
 	defer progress.Stop()
 	for workLane != nil || slowLane != nil || d.inflight > 0 {
 		d.startWaiting()
@@ -212,7 +212,7 @@ func (d *dispatcher) progress() {
 			delete(d.paces, tenant)
 		}
 	}
-	limit := d.p.cfg.AckWait / 3
+	limit := d.p.cfg.progressEvery()
 	for _, ws := range d.waiting {
 		for _, w := range ws {
 			if time.Since(w.since) >= limit {

@@ -54,7 +54,7 @@ func (p *Pool) takeoff(f *flight, key events.Key, fingerprint string, lease *kv.
 	p.keepInProgress(f)
 }
 
-// keepInProgress tells JetStream every third of AckWait, until f lands,
+// keepInProgress tells JetStream every progressEvery, until f lands,
 // that f's own event and every event that joined it are still being worked
 // on, so that a slow token endpoint or a slow store costs no redelivery
 // (another worker claiming the lease would present the refresh token just
@@ -65,7 +65,7 @@ func (p *Pool) keepInProgress(f *flight) {
 	if f.landed {
 		return
 	}
-	f.progress = time.AfterFunc(p.cfg.AckWait/3, func() {
+	f.progress = time.AfterFunc(p.cfg.progressEvery(), func() {
 		f.inProgress()
 		select {
 		case <-f.lease.Done():

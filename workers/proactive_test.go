@@ -15,6 +15,7 @@ import (
 
 	"github.com/authbus/authbus/events"
 	"github.com/authbus/authbus/internal/fleet"
+	"github.com/authbus/authbus/workers"
 )
 
 // The proactive-refresh tests wait for real schedules to fire (whole
@@ -354,5 +355,57 @@ func TestExpiredOnArrivalRefreshesAtOnce(t *testing.T) {
 	b.Settled(t)
 	if got := b.AS.Calls(); got != 1 {
 		t.Errorf("token-endpoint calls = %d, want 1", got)
+	}
+}
+
+// A fired proactive refresh that a refresher took and then died with
+// (fetched, never acknowledged, as after a SIGKILL) is delivered again in
+// time for another refresher to refresh the token before it expires, with
+// the default 30 s AckWait: the due lane waits at most 5 s for an ack. With
+// 30 s there, a soak with one refresher killed handed out 18 expired tokens.
+func TestFiredRefreshOfADeadRefresherIsRefreshedBeforeExpiry(t *testing.T) {
+	t.Parallel()
+	// The refresh fires 20–10 s before expiry; with the work lane's ack
+	// wait it would come again 10–20 s after the token expired.
+	const lifetime, lead = 40, 20 * time.Second
+	tune := func(c *workers.Config) { c.AckWait, c.RefreshLead = 30*time.Second, lead }
+	b := fleet.Setup(t)
+	b.AS.SetExpiresIn(3600)
+	b.StartPools(t, 1, tune)
+	key := fleet.MustKey(t, "acme.orphan.github")
+	reg := b.Register(t, key, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = lifetime })
+	b.StopPools(t)
+
+	cons, err := b.JS.Consumer(t.Context(), b.Subj.SchedulesStream(), "refreshers-due")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The refresher that dies: it takes the fired event and never settles it.
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(lifetime*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, ok := <-batch.Messages()
+	if !ok {
+		t.Fatalf("the proactive refresh did not fire within %ds: %v", lifetime, batch.Error())
+	}
+	taken := time.Now()
+	t.Logf("fired and taken %v before expiry", reg.ExpiresAt.Sub(taken).Round(time.Millisecond))
+	_ = msg // held, as by a process that was killed
+
+	b.StartPools(t, 1, tune)
+	fleet.Eventually(t, time.Until(reg.ExpiresAt)+10*time.Second, "the credential refreshed by the surviving refresher", func() bool {
+		c, _, err := b.Store.Get(context.Background(), key)
+		return err == nil && c.Version == 2
+	})
+	calls := b.AS.CallLog()
+	if len(calls) != 1 {
+		t.Fatalf("token-endpoint calls = %d, want 1", len(calls))
+	}
+	t.Logf("refreshed %v after the event was taken, %v before expiry",
+		calls[0].At.Sub(taken).Round(time.Millisecond), reg.ExpiresAt.Sub(calls[0].At).Round(time.Millisecond))
+	if !calls[0].At.Before(reg.ExpiresAt) {
+		t.Errorf("refreshed at %s, after the token expired at %s: the held event came back too late",
+			calls[0].At.Format(time.StampMilli), reg.ExpiresAt.Format(time.StampMilli))
 	}
 }

@@ -111,14 +111,15 @@ func (p *Pool) provision(ctx context.Context) (consumers, error) {
 	for _, lane := range []struct {
 		stream, name, description string
 		filter                    []string
+		ackWait                   time.Duration
 		c                         *jetstream.Consumer
 	}{
 		{p.subj.EventsStream(), consumerName, "authbus refreshers: the work lane",
-			[]string{p.subj.WorkWildcard(events.Type401), p.subj.WorkWildcard(events.TypeExpiring)}, &ls.work},
+			[]string{p.subj.WorkWildcard(events.Type401), p.subj.WorkWildcard(events.TypeExpiring)}, p.cfg.AckWait, &ls.work},
 		{p.subj.EventsStream(), slowConsumerName, "authbus refreshers: the slow lane, taken when the work lane is empty",
-			[]string{p.subj.SlowWildcard(events.Type401), p.subj.SlowWildcard(events.TypeExpiring)}, &ls.slow},
+			[]string{p.subj.SlowWildcard(events.Type401), p.subj.SlowWildcard(events.TypeExpiring)}, p.cfg.AckWait, &ls.slow},
 		{p.subj.SchedulesStream(), dueConsumerName, "authbus refreshers: the due lane, proactive refreshes taken with the work lane",
-			[]string{p.subj.DueWildcard(events.TypeExpiring)}, &ls.due},
+			[]string{p.subj.DueWildcard(events.TypeExpiring)}, p.cfg.dueAckWait(), &ls.due},
 	} {
 		c, err := p.js.CreateOrUpdateConsumer(ctx, lane.stream, jetstream.ConsumerConfig{
 			Durable:     lane.name,
@@ -127,7 +128,7 @@ func (p *Pool) provision(ctx context.Context) (consumers, error) {
 			// must never reach a worker.
 			FilterSubjects: lane.filter,
 			AckPolicy:      jetstream.AckExplicitPolicy,
-			AckWait:        p.cfg.AckWait,
+			AckWait:        lane.ackWait,
 			MaxDeliver:     p.cfg.MaxDeliver,
 			MaxAckPending:  -1,
 			// 0: as many as the stream has, whatever that is now or later.

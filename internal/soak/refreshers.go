@@ -54,7 +54,7 @@ func (sl *slot) start(ctx context.Context) error {
 	defer sl.mu.Unlock()
 	sl.n++
 	instance := fmt.Sprintf("%s-%d", sl.name, sl.n)
-	sink := &logSink{c: sl.s.stats, out: sl.s.cfg.Log}
+	sink := &logSink{c: sl.s.stats, out: sl.s.cfg.Log, since: sl.s.since}
 	cfg := sl.s.cfg
 	if cfg.Refresher == "" {
 		nc, err := nats.Connect(sl.s.srv.url, nats.Name("authbus-soak-"+instance), nats.MaxReconnects(-1))

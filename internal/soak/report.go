@@ -46,11 +46,16 @@ type Report struct {
 	Reuses      int `json:"refresh_token_reuses"`
 	NeedsReauth int `json:"needs_reauth"`
 	// OutageCalls are the token calls that arrived during the outage: the
-	// breakers' probes (and the calls that opened them), and
-	// ProbesPerInterval the same per refresher per half-open interval of
-	// the refreshers' default breaker (30s).
+	// calls that opened the refreshers' breakers (BreakerOpens times: a
+	// run of failures, and the calls already under way then), and the
+	// probes of HalfOpens half-open periods, one call each at most.
+	// ProbesPerInterval is HalfOpens per refresher per 30 s of outage (the
+	// refreshers' default open period): at most 1, and about 1, means one
+	// probe per half-open interval per refresher.
 	OutageCalls       int     `json:"token_calls_during_outage"`
-	ProbesPerInterval float64 `json:"calls_per_refresher_per_half_open_interval,omitempty"`
+	BreakerOpens      int     `json:"breaker_opens_during_outage"`
+	HalfOpens         int     `json:"half_opens_during_outage"`
+	ProbesPerInterval float64 `json:"half_opens_per_refresher_per_interval,omitempty"`
 
 	// Phases splits what the runtimes met by the outage: before, during,
 	// after (only the first without an outage).
@@ -204,10 +209,10 @@ func (s *soak) report(ctx context.Context) *Report {
 	rep.FailedCalls = c.failedCalls
 	rep.RotationsPerSec = float64(rep.Generations) / elapsed.Seconds()
 	rep.NeedsReauth = c.needsReauth
-	rep.OutageCalls = c.outageCalls
+	rep.OutageCalls, rep.BreakerOpens, rep.HalfOpens = c.outageCalls, c.breakerOpens, c.halfOpens
 	if cfg.OutageFor > 0 {
 		intervals := max(1, cfg.OutageFor.Seconds()/30)
-		rep.ProbesPerInterval = float64(c.outageCalls) / float64(cfg.Refreshers) / intervals
+		rep.ProbesPerInterval = float64(c.halfOpens) / float64(cfg.Refreshers) / intervals
 	}
 	n := phaseSteady + 1
 	if cfg.OutageFor > 0 {
@@ -368,7 +373,8 @@ func (r *Report) WriteTable(w io.Writer) error {
 	row("refresh-token reuses", "%d", r.Reuses)
 	row("needs_reauth", "%d", r.NeedsReauth)
 	if r.Outage != "" {
-		row("token calls during the outage", "%d (%.2f per refresher per 30s half-open interval)", r.OutageCalls, r.ProbesPerInterval)
+		row("token calls during the outage", "%d: %d opened the breakers (%d openings), %d probes at most (%d half-opens, %.2f per refresher per 30s)",
+			r.OutageCalls, r.OutageCalls-min(r.OutageCalls, r.HalfOpens), r.BreakerOpens, min(r.OutageCalls, r.HalfOpens), r.HalfOpens, r.ProbesPerInterval)
 	}
 	for _, p := range r.Phases {
 		row("uses / expired handed out / 401s, "+p.Phase, "%d / %d / %d", p.Uses, p.Expired, p.Unauthorized)

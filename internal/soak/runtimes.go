@@ -36,6 +36,8 @@ type counters struct {
 	calls        int
 	failedCalls  int
 	outageCalls  int
+	breakerOpens int // during the outage: refreshers' breakers that opened
+	halfOpens    int // during the outage: half-open periods, each letting one probe through
 	uses         [phases]int
 	expired      [phases]int // tokens auth.token handed out after their expiry
 	unauthorized [phases]int // 401s from the resource server
@@ -400,10 +402,11 @@ func (rs *resourceServer) close() {
 // arrived, the outcome of each event, and warnings, which it passes on.
 // Safe for concurrent use.
 type logSink struct {
-	c   *counters
-	out io.Writer
-	mu  sync.Mutex
-	buf []byte
+	c     *counters
+	out   io.Writer
+	since func(time.Time) (time.Duration, phase)
+	mu    sync.Mutex
+	buf   []byte
 }
 
 func (l *logSink) Write(p []byte) (int, error) {
@@ -424,6 +427,10 @@ func (l *logSink) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// breakerChanged is the message of a refresher's log line for a breaker
+// that changed state (workers logs it at WARN with "from" and "to").
+const breakerChanged = "token endpoint breaker changed state"
+
 func (l *logSink) line(line []byte) {
 	warn := bytes.Contains(line, []byte(`"level":"WARN"`)) || bytes.Contains(line, []byte(`"level":"ERROR"`))
 	processed := bytes.Contains(line, []byte(`"msg":"event processed"`))
@@ -434,14 +441,28 @@ func (l *logSink) line(line []byte) {
 		return
 	}
 	var rec struct {
-		Outcome string `json:"outcome"`
-		Lag     *int64 `json:"schedule_lag"`
+		Time    time.Time `json:"time"`
+		Msg     string    `json:"msg"`
+		Outcome string    `json:"outcome"`
+		Lag     *int64    `json:"schedule_lag"`
+		From    string    `json:"from"`
+		To      string    `json:"to"`
 	}
 	_ = json.Unmarshal(line, &rec)
 	l.c.mu.Lock()
 	defer l.c.mu.Unlock()
 	if warn {
 		l.c.warnings++
+	}
+	if rec.Msg == breakerChanged {
+		if _, ph := l.since(rec.Time); ph == phaseOutage {
+			switch {
+			case rec.From == "closed" && rec.To == "open":
+				l.c.breakerOpens++
+			case rec.To == "half-open":
+				l.c.halfOpens++
+			}
+		}
 	}
 	if processed {
 		l.c.outcomes[rec.Outcome]++

@@ -107,6 +107,11 @@ func TestSoakSplitsTheOutage(t *testing.T) {
 	if rep.OutageCalls == 0 || rep.FailedCalls < rep.OutageCalls {
 		t.Errorf("%d calls during the outage, %d failed: want the outage's calls counted as failed", rep.OutageCalls, rep.FailedCalls)
 	}
+	// 30 credentials due in a 4 s outage fail more than 5 times in a row:
+	// the refreshers' logs must show their breakers opening.
+	if rep.BreakerOpens == 0 {
+		t.Errorf("%d calls during the outage and no breaker opening counted: the refreshers' breaker log lines were not read", rep.OutageCalls)
+	}
 	if rep.Reuses != 0 || rep.NeedsReauth != 0 {
 		t.Errorf("reuses %d, needs_reauth %d, want none", rep.Reuses, rep.NeedsReauth)
 	}
