@@ -43,6 +43,12 @@ type Credential struct {
 	Reason        string // needs_reauth reason (OAuth error code or our own, e.g. no_refresh_token)
 	Description   string // error_description as the server gave it
 	UpdatedAt     time.Time
+	// ScheduledFor is when the credential's pending proactive refresh
+	// fires, as the refresher that stored this record wrote or kept it;
+	// zero when that refresher did not say. It is a hint that spares a
+	// rotation the schedule write while an earlier schedule still fires in
+	// time, never proof that one is pending.
+	ScheduledFor time.Time
 }
 
 // Valid reports whether the access token may be served at now: the
@@ -151,6 +157,7 @@ type record struct {
 	Reason        string    `json:"reason,omitempty"`
 	Description   string    `json:"error_description,omitempty"`
 	UpdatedAt     time.Time `json:"updated_at,omitzero"`
+	ScheduledFor  time.Time `json:"scheduled_for,omitzero"`
 }
 
 // encodeCredential seals c's access token, refresh token and client secret
@@ -195,6 +202,7 @@ func encodeCredential(ring *KeyRing, c *Credential) ([]byte, error) {
 		Reason:        c.Reason,
 		Description:   c.Description,
 		UpdatedAt:     c.UpdatedAt,
+		ScheduledFor:  c.ScheduledFor,
 	})
 }
 
@@ -257,5 +265,6 @@ func decodeCredential(ring *KeyRing, k events.Key, data []byte) (*Credential, er
 		Reason:        r.Reason,
 		Description:   r.Description,
 		UpdatedAt:     r.UpdatedAt,
+		ScheduledFor:  r.ScheduledFor,
 	}, nil
 }

@@ -111,8 +111,9 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	p.dropLegacy(ctx, c.Key)
 }
 
-// scheduleAsync is schedule for the refresh path: the publish ack is
-// checked in the background instead of costing the refresh a round trip.
+// scheduleAsync is schedule for the refresh path, at c.ScheduledFor when
+// set: the publish ack is checked in the background instead of costing the
+// refresh a round trip.
 func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 	if c.ExpiresAt.IsZero() {
 		p.schedule(ctx, c) // the rare purge stays synchronous
@@ -125,7 +126,11 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 			"key", c.Key.String())
 		return
 	}
-	msg, opts, span, err := p.scheduleMsg(ctx, c, p.nextAt(c))
+	at := c.ScheduledFor
+	if at.IsZero() {
+		at = p.nextAt(c)
+	}
+	msg, opts, span, err := p.scheduleMsg(ctx, c, at)
 	if err != nil {
 		p.scheduleFailed(c, err)
 		return
@@ -167,6 +172,28 @@ func (p *Pool) dropLegacy(ctx context.Context, k events.Key) {
 func (p *Pool) scheduleFailed(c *kv.Credential, err error) {
 	p.log.Warn("scheduling the proactive refresh failed; the reconciler restores it (see Config.ReconcileEvery), a 401 refreshes the credential before that",
 		"key", c.Key.String(), "error", err)
+}
+
+// nextSchedule is when the proactive refresh of c, the generation a
+// rotation puts in place of prev, fires, and whether the schedule prev's
+// rotation wrote is still pending and fires then, so that none need be
+// written. It is, when prev says it fires in the future and no later than
+// c's window closes (half the lead before expiry): then it fires for a
+// token the credential no longer holds, is answered as stale, and writes
+// c's schedule (keepScheduled). In a storm of 401s that spares every
+// rotation but the first a replicated write; a proactive refresh, whose
+// own schedule has just fired, and a token shorter-lived than the one it
+// replaces still write theirs. The cost: when the write of prev's schedule
+// failed, no later rotation repairs it, and the reconciler restores it
+// (Config.ReconcileEvery).
+func (p *Pool) nextSchedule(prev, c *kv.Credential, now time.Time) (at time.Time, pending bool) {
+	if c.ExpiresAt.IsZero() {
+		return time.Time{}, false
+	}
+	if s := prev.ScheduledFor; s.After(now) && !s.After(c.ExpiresAt.Add(-p.lead(c)/2)) {
+		return s, true
+	}
+	return p.nextAt(c), false
 }
 
 // nextAt is when the proactive refresh of c's current token fires.

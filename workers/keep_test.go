@@ -401,3 +401,76 @@ func TestReleaseEarliestExpiryFirst(t *testing.T) {
 		t.Errorf("fired in the order %s, want %s (unexpired by expiry, then expired by expiry)", got, want)
 	}
 }
+
+// In a storm of 401s only the first rotation writes a schedule: the ones
+// after it keep the pending one, which fires before their tokens' windows
+// close (and, firing for a token the credential no longer holds, writes
+// the current one: TestStaleScheduleRestoresCurrent). A token
+// shorter-lived than the schedule allows gets a schedule of its own.
+func TestRotationKeepsAPendingScheduleThatFiresInTime(t *testing.T) {
+	t.Parallel()
+	b := fleet.Setup(t)
+	b.AS.SetExpiresIn(3600)
+	b.StartPools(t, 1, func(c *workers.Config) { c.ReconcileEvery = -1 })
+	key := fleet.MustKey(t, "acme.lazy.api")
+	reg := b.Register(t, key, b.AS.Issue(fleet.ClientID), func(r *events.RegisterRequest) { r.Token.ExpiresIn = 3600 })
+	sched, err := b.JS.Stream(t.Context(), b.Subj.SchedulesStream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := b.Watch(t, key)
+	// pending returns the schedule pending for key, its fire time and the
+	// fingerprint it carries, once the schedule of version v's rotation
+	// settled.
+	pending := func(v int64) (seq uint64, at time.Time, fp string) {
+		t.Helper()
+		b.Settled(t)
+		msg, err := sched.GetLastMsgForSubject(t.Context(), b.Subj.Schedule(key))
+		if err != nil {
+			t.Fatalf("version %d: the pending schedule: %v", v, err)
+		}
+		ev, err := events.Decode(events.TypeExpiring, key, msg.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if at, err = time.Parse(time.RFC3339, msg.Header.Get("Authbus-Scheduled-For")); err != nil {
+			t.Fatal(err)
+		}
+		return msg.Sequence, at, ev.Fingerprint()
+	}
+	rotate := func(v int64, fp string) *kv.Credential {
+		t.Helper()
+		b.Publish401(t, key, fp, "runtime-1", true)
+		w.WaitFor(t, fmt.Sprintf("rotation to version %d", v), fleet.RotatedVersion(v))
+		return b.Cred(t, key)
+	}
+
+	v2 := rotate(2, reg.Fingerprint)
+	seq2, at2, fp2 := pending(2)
+	if fp2 != v2.Fingerprint || !v2.ScheduledFor.Equal(at2) {
+		t.Fatalf("after the first rotation: schedule for %q at %v, record says %v; want one for version 2 %q at the time the record states", fp2, at2, v2.ScheduledFor, v2.Fingerprint)
+	}
+	for v := int64(3); v <= 5; v++ {
+		c := rotate(v, b.Cred(t, key).Fingerprint)
+		seq, at, fp := pending(v)
+		if seq != seq2 || fp != fp2 || !c.ScheduledFor.Equal(at2) {
+			t.Errorf("version %d: pending schedule #%d for %q at %v, record says %v; want version 2's #%d at %v kept", v, seq, fp, at, c.ScheduledFor, seq2, at2)
+		}
+		if latest := c.ExpiresAt.Add(-3 * time.Minute); at.After(latest) { // half the lead of a 1-hour token
+			t.Errorf("version %d: the kept schedule fires at %v, after the token's window closes (%v)", v, at, latest)
+		}
+	}
+
+	// Five minutes: version 2's schedule, about an hour out, would fire
+	// after this token expired.
+	b.AS.SetExpiresIn(300)
+	v6 := rotate(6, b.Cred(t, key).Fingerprint)
+	seq6, at6, fp6 := pending(6)
+	if seq6 == seq2 || fp6 != v6.Fingerprint || !v6.ScheduledFor.Equal(at6) || !at6.Before(v6.ExpiresAt) {
+		t.Errorf("short-lived version 6 (expires %v): pending schedule #%d for %q at %v, record says %v; want a new one for %q before expiry",
+			v6.ExpiresAt, seq6, fp6, at6, v6.ScheduledFor, v6.Fingerprint)
+	}
+	if calls, reuses := b.AS.Calls(), b.AS.Reuses(); calls != 5 || reuses != 0 {
+		t.Errorf("token-endpoint calls %d, reuses %d; want 5 and 0", calls, reuses)
+	}
+}

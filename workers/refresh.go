@@ -258,6 +258,8 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 	c := r.cred.Clone()
 	// A refresh token left out is carried forward (RFC 6749 §6).
 	c.NewGeneration(kv.Tokens{AccessToken: tok.AccessToken, TokenType: got.tokenType, RefreshToken: tok.RefreshToken, ExpiresAt: got.expiresAt}, now)
+	var pending bool
+	c.ScheduledFor, pending = p.nextSchedule(r.cred, c, now)
 
 	err := r.store(ctx, c)
 	if errors.Is(err, kv.ErrConflict) {
@@ -274,7 +276,9 @@ func (r *refresh) storeRotation(ctx context.Context, tok *oauth2.Token) result {
 	if err := p.announceRotated(ctx, c); err != nil {
 		p.log.Warn("announcing a rotation failed; runtimes will get it from auth.token", "key", c.Key.String(), "error", err)
 	}
-	p.scheduleAsync(ctx, c)
+	if !pending {
+		p.scheduleAsync(ctx, c)
+	}
 	return answered(outRotated, c.Version)
 }
 
