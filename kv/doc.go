@@ -24,9 +24,9 @@
 // the read itself when the claim proves it current, else the record read
 // from the credential stream's leader, which, unlike a KV get that any
 // replica may answer, sees every acknowledged write. A released lease
-// leaves a short-lived marker stating the credential revision its holder
-// left behind (recorded by [Store.UpdateUnder] and the reads under the
-// lease), which is one of the two proofs.
+// leaves a marker stating the credential revision its holder stored
+// (recorded by [Store.UpdateUnder]), which is one of the two proofs; a
+// write without the lease restates it ([Leases.WroteWithout]).
 //
 // The package knows buckets, revisions, sealing and leases; it knows nothing
 // of OAuth flows, events or workers.

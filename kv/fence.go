@@ -115,30 +115,18 @@ func (s *Store) latest(ctx context.Context, k events.Key, known *Credential, kno
 // claim proved that read current, otherwise the record as the credential
 // stream's leader holds it now (decoded only when it changed). Compare the
 // revision with the one loaded to learn whether someone wrote meanwhile.
-// l records the revision as the one its holder leaves behind, until a
-// later read or write under l says otherwise.
 func (s *Store) Fence(ctx context.Context, l *Lease, c *Credential) (*Credential, uint64, error) {
 	if l.current {
-		l.leaves(l.read.Revision)
 		return c, l.read.Revision, nil
 	}
-	return s.readUnder(ctx, l, c, l.read.Revision)
+	return s.latest(ctx, l.key, c, l.read.Revision)
 }
 
 // ReadUnder reads the credential of l's key from the credential stream's
 // leader (see Latest), for a holder of l that must know what is stored
-// now, and records the revision in l as the one its holder leaves behind.
+// now.
 func (s *Store) ReadUnder(ctx context.Context, l *Lease) (*Credential, uint64, error) {
-	return s.readUnder(ctx, l, nil, 0)
-}
-
-func (s *Store) readUnder(ctx context.Context, l *Lease, known *Credential, knownRev uint64) (*Credential, uint64, error) {
-	c, rev, err := s.latest(ctx, l.key, known, knownRev)
-	if err != nil {
-		return nil, 0, err
-	}
-	l.leaves(rev)
-	return c, rev, nil
+	return s.latest(ctx, l.key, nil, 0)
 }
 
 // UpdateUnder is Update for a holder of l, retried through short NATS

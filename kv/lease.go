@@ -70,14 +70,26 @@ type Leases struct {
 }
 
 // leaseMarkerTTL is how long a lease key's marker lives: the one the server
-// writes when a lease expires by itself, and the one Release writes. Fencing
-// does not depend on markers (a renew or release at an old revision fails
-// with or without one); claimProves relies on a marker living at least this
-// long. While one exists the next Claim of that key costs three round trips
-// instead of one, so keep them as short as the server allows. A constant
-// also keeps refreshers configured with different lease TTLs from rewriting
-// the bucket's config back and forth.
+// writes when a lease expires by itself, and the one Release writes on a
+// standalone server. Fencing does not depend on markers (a renew or release
+// at an old revision fails with or without one); claimProves relies on a
+// marker living at least this long. There, while one exists the next Claim
+// of that key costs three round trips instead of one, so keep them as short
+// as the server allows. A constant also keeps refreshers configured with
+// different lease TTLs from rewriting the bucket's config back and forth.
 const leaseMarkerTTL = time.Second
+
+// clusterMarkerTTL is how long the marker of a release lives on a
+// clustered deployment, where a claim over a marker that states the
+// revision its holder stored is the one proof that spares the leader read
+// (claimProves): long enough that a credential refreshed again within
+// minutes (a storm's waves, a runtime's retries) meets the marker its last
+// holder left, short enough that the bucket keeps one only for recently
+// refreshed credentials (one message of about 150 bytes each). Claims
+// there read the key before writing (peek), so a marker costs them no
+// extra round trip. On a standalone server, where the claim over an empty
+// key proves a read current, markers stay leaseMarkerTTL.
+const clusterMarkerTTL = 10 * time.Minute
 
 // Headers of lease markers: KV's operation header and the server's marker
 // reason (nats.go keeps both unexported), and ours, the credential record
@@ -176,6 +188,9 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 		last  uint64 // the key's last message, as far as we know; 0: none
 		after uint64 // the revision the marker at last states; 0: none
 	)
+	if !l.standalone() {
+		last, after = l.peek(ctx, k)
+	}
 	for attempt := 1; ; attempt++ {
 		// Taken before the request: the server starts the TTL when it
 		// stores the key, which is later, so trust measured from here ends
@@ -226,6 +241,71 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 	}
 }
 
+// WroteWithout tells the leases of k that its credential record was
+// written at rev without the lease (a registration). The marker the last
+// release left, if it is the key's last message, is replaced by one that
+// states rev: left as it was, a claim over it with a read older than rev
+// (a lagging follower's) would count that read as current (claimProves)
+// and present the refresh token the write replaced. A held lease is left
+// alone: its holder's store at the revision it read fails on rev. What is
+// not covered: a release and a claim over it that both land between the
+// write and this call, a round trip. On a standalone server, whose reads
+// are all current, there is nothing to do.
+func (l *Leases) WroteWithout(ctx context.Context, k events.Key, rev uint64) error {
+	if err := k.Validate(); err != nil {
+		return err
+	}
+	if l.standalone() {
+		return nil
+	}
+	for range 3 {
+		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), BucketStream(l.kv.Bucket()), l.subPrefix+k.String(), true)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return nil
+		case err != nil:
+			return fmt.Errorf("restate the lease marker of %s: read its key: %w", k, err)
+		case !isMarker(msg.Header):
+			return nil
+		}
+		if after, _ := strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64); after >= rev {
+			return nil
+		}
+		m := nats.NewMsg(l.putPrefix + k.String())
+		m.Header.Set(kvOperationHeader, kvPurge)
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+		m.Header.Set(leftRevisionHeader, strconv.FormatUint(rev, 10))
+		_, err = retryInProcess(ctx, func() (*jetstream.PubAck, error) {
+			return l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(msg.Sequence), jetstream.WithMsgTTL(clusterMarkerTTL))
+		})
+		if err == nil {
+			return nil
+		}
+		if !wrongLastSequence(err) {
+			return fmt.Errorf("restate the lease marker of %s: %w", k, err)
+		}
+		// Claimed or released meanwhile: look again.
+	}
+	return fmt.Errorf("restate the lease marker of %s: the key keeps changing (claims and releases); a refresh under way will see the write: %w", k, ErrLeaseHeld)
+}
+
+// peek reads k's last message with a direct get, which any replica may
+// answer, and returns the sequence of the marker it finds there and the
+// revision the marker states (zeros for anything else): Claim starts from
+// it, so that a claim over a marker costs one write, not a failed write, a
+// leader read and a write. A stale answer costs only that detour, since
+// the write at a sequence that is no longer the key's last fails. A held
+// lease is never a starting point: a write at its sequence would take it
+// from its holder.
+func (l *Leases) peek(ctx context.Context, k events.Key) (last, after uint64) {
+	msg, err := l.stream.GetLastMsgForSubject(ctx, l.subPrefix+k.String())
+	if err != nil || !isMarker(msg.Header) {
+		return 0, 0
+	}
+	after, _ = strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64)
+	return msg.Sequence, after
+}
+
 // claimProves reports whether a claim proves read current: whether read,
 // made before the claim, still sees every write made under a lease of the
 // key, so that the holder need not read the record again (Store.Fence).
@@ -234,8 +314,10 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 // over states (0: none). There are two proofs.
 //
 // The claim took over the marker of a release that stated the revision
-// its holder left behind, and read is at least that: that holder's view
-// already covered every earlier holder's writes, and its own. This holds
+// its holder stored, and read is at least that: the holder's
+// compare-and-set made that revision the latest, and a later write is
+// made under a later lease (whose marker or key the claim would have met)
+// or restates the marker (WroteWithout). This holds
 // on any deployment: the marker is the key's last message (the claim at
 // its sequence would have failed otherwise), and a read below the stated
 // revision (a lagging follower's) proves nothing and is read again.
@@ -333,15 +415,17 @@ type Lease struct {
 	rev   uint64
 	start time.Time // when the last successful claim or renew request was sent
 	state leaseState
-	left  uint64 // the record revision the holder leaves behind (see leaves); 0: unknown
+	left  uint64 // the record revision the holder stored (see leaves); 0: none, or unknown
 }
 
 // leaves records the revision of the credential record that the holder
-// leaves behind: the one it stored, or, if it stored nothing, the one it
-// acted on. Release states it in the lease's marker for the next claimer
-// (see claimProves). Before a write whose outcome it cannot know yet, the
-// Store records 0: a write that timed out may still land, and a marker
-// must never state a revision older than what is stored.
+// stored under the lease. Release states it in the lease's marker for the
+// next claimer (see claimProves). A holder that stored nothing states
+// nothing: what it read may have been overwritten since by a writer
+// without the lease (a registration). Before a write whose outcome it
+// cannot know yet, the Store records 0: a write that timed out may still
+// land, and a marker must never state a revision older than what is
+// stored.
 func (l *Lease) leaves(rev uint64) {
 	l.mu.Lock()
 	l.left = rev
@@ -503,12 +587,12 @@ func (l *Lease) Release(ctx context.Context) error {
 	}
 
 	// Purge, not Delete, and with a TTL on its marker: both leave a marker
-	// as the key's last message, and while a marker exists the next Claim
-	// of the key costs three round trips instead of one (create fails on
-	// the marker, the claim reads it, creates again at its revision). A
-	// Delete marker stays forever; a purge marker with a TTL is gone a
-	// second later, so a credential refreshed again later is claimed in
-	// one round trip. The expected last sequence makes the server write
+	// as the key's last message, and a Delete marker stays forever. On a
+	// standalone server, where a Claim does not peek, a marker costs the
+	// next Claim of the key three round trips instead of one (create fails
+	// on the marker, the claim reads it, creates again at its revision), so
+	// it is gone a second later; on a cluster it lives clusterMarkerTTL, to
+	// prove the next claimer's read. The expected last sequence makes the server write
 	// the marker only if rev is still the key's last revision: a newer
 	// holder's lease is never touched.
 	//
@@ -520,8 +604,12 @@ func (l *Lease) Release(ctx context.Context) error {
 	if left != 0 {
 		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))
 	}
+	ttl := leaseMarkerTTL
+	if !l.leases.standalone() {
+		ttl = clusterMarkerTTL
+	}
 	_, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
-		return l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(leaseMarkerTTL))
+		return l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(ttl))
 	})
 	if err != nil {
 		err = mapErr(leases, opCAS, err)

@@ -3,6 +3,7 @@ package kv
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -489,24 +490,8 @@ func TestReleaseStatesWhatItLeaves(t *testing.T) {
 // revision still proves a read at or after it.
 func TestClaimProvesReplicated(t *testing.T) {
 	t.Parallel()
-	c := natstest.RunCluster(t, 3)
-	c.WaitMetaLeader()
-	js, err := jetstream.New(c.Connect(t))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, store, leases := setupReplicated(t)
 	ctx := context.Background()
-	name := bucketName(t)
-	var store *Store
-	var leases *Leases
-	ring := testRing(t)
-	// A fresh cluster may not place replicated streams at once.
-	eventually(t, 20*time.Second, "buckets created", func() bool {
-		var err1, err2 error
-		store, err1 = NewStore(ctx, js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, ring)
-		leases, err2 = NewLeases(ctx, js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
-		return err1 == nil && err2 == nil
-	})
 	if _, err := store.Create(ctx, testCredential(t, leaseKey.String())); err != nil {
 		t.Fatal(err)
 	}
@@ -546,6 +531,135 @@ func TestClaimProvesReplicated(t *testing.T) {
 	defer l2.Release(ctx)
 	if !l2.current || leases.claimProves(Read{Revision: 6}, time.Time{}, 7) {
 		t.Error("a claim over a marker stating 7 in a cluster does not prove exactly reads at 7 or later")
+	}
+}
+
+// setupReplicated starts a 3-node cluster with R3 credential and lease
+// buckets.
+func setupReplicated(t *testing.T) (jetstream.JetStream, *Store, *Leases) {
+	t.Helper()
+	c := natstest.RunCluster(t, 3)
+	c.WaitMetaLeader()
+	js, err := jetstream.New(c.Connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := bucketName(t)
+	var store *Store
+	var leases *Leases
+	ring := testRing(t)
+	// A fresh cluster may not place replicated streams at once.
+	eventually(t, 20*time.Second, "buckets created", func() bool {
+		var err1, err2 error
+		store, err1 = NewStore(t.Context(), js, StoreConfig{Bucket: "cred_" + name, Replicas: 3}, ring)
+		leases, err2 = NewLeases(t.Context(), js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
+		return err1 == nil && err2 == nil
+	})
+	return js, store, leases
+}
+
+// TestClusterMarkers checks the markers of a clustered deployment: a
+// release leaves one that lives clusterMarkerTTL and states the revision
+// stored under the lease (nothing when nothing was stored), a claim over
+// it writes once (the peek found it), and a write without the lease
+// restates it, so that a read older than that write proves nothing.
+func TestClusterMarkers(t *testing.T) {
+	t.Parallel()
+	js, store, leases := setupReplicated(t)
+	ctx := t.Context()
+	c := testCredential(t, leaseKey.String())
+	rev, err := store.Create(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := func() *jetstream.RawStreamMsg {
+		t.Helper()
+		msg, err := leaderGet(ctx, js.Conn(), apiPrefix(js.Options()), BucketStream(leases.kv.Bucket()), leases.subPrefix+leaseKey.String(), true)
+		if err != nil || !isMarker(msg.Header) {
+			t.Fatalf("the lease key's last message: %v %v, want a marker", msg, err)
+		}
+		return msg
+	}
+
+	// A holder that stored nothing states nothing, whatever it read.
+	l, err := leases.Claim(ctx, leaseKey, "w1", Read{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := store.Fence(ctx, l, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m := marker(); m.Header.Get(leftRevisionHeader) != "" || m.Header.Get(jetstream.MsgTTLHeader) != clusterMarkerTTL.String() {
+		t.Errorf("marker of a holder that stored nothing: %v, want no revision and TTL %v", m.Header, clusterMarkerTTL)
+	}
+
+	// A holder that stored states what it stored; the next claim finds
+	// the marker with its peek, writes once, and proves a read of that
+	// revision.
+	store1 := func(holder string, read Read, c *Credential, rev uint64) (*Lease, uint64) {
+		t.Helper()
+		l, err := leases.Claim(ctx, leaseKey, holder, read)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := c.Clone()
+		n.Version++
+		stored, err := store.UpdateUnder(ctx, l, n, rev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := marker().Header.Get(leftRevisionHeader); got != fmt.Sprint(stored) {
+			t.Errorf("marker after storing revision %d states %q", stored, got)
+		}
+		return l, stored
+	}
+	_, stored := store1("w1", Read{}, c, rev)
+	before := js.Conn().Stats().OutMsgs
+	l2, stored2 := store1("w2", Read{Revision: stored}, c, stored)
+	if !l2.current {
+		t.Error("a read of the stored revision is not proven by the claim over its marker")
+	}
+	// The peek, one write to claim (not a failed write, a leader read and
+	// a write), the store, the release, and this test's read of the marker.
+	if sent := js.Conn().Stats().OutMsgs - before; sent != 5 {
+		t.Errorf("a claim over a marker, a store and a release sent %d messages, want 5", sent)
+	}
+
+	// A registration writes without the lease: the marker is restated, and
+	// a read of the revision before it (a lagging follower's) proves
+	// nothing.
+	registered, err := store.Update(ctx, c, stored2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := leases.WroteWithout(ctx, leaseKey, registered); err != nil {
+		t.Fatalf("WroteWithout: %v", err)
+	}
+	if got := marker().Header.Get(leftRevisionHeader); got != fmt.Sprint(registered) {
+		t.Errorf("marker after a write without the lease at %d states %q", registered, got)
+	}
+	l, err = leases.Claim(ctx, leaseKey, "w3", Read{Revision: stored2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.current {
+		t.Error("a read from before a registration is proven current by the claim after it")
+	}
+	// A held lease is left alone.
+	if err := leases.WroteWithout(ctx, leaseKey, registered+1); err != nil {
+		t.Fatalf("WroteWithout on a held lease: %v", err)
+	}
+	if err := l.renew(ctx); err != nil {
+		t.Errorf("the lease after WroteWithout: %v, want it still held", err)
+	}
+	if err := l.Release(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 

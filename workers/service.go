@@ -194,17 +194,20 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 		c.Grant = events.GrantRefreshToken
 	}
 
-	var wasReauth bool
+	var (
+		wasReauth bool
+		stored    uint64
+	)
 	for attempt := 0; ; attempt++ {
 		old, rev, err := p.store.Get(ctx, key)
 		switch {
 		case errors.Is(err, kv.ErrNotFound):
 			c.Version = 1
-			_, err = p.store.Create(ctx, c)
+			stored, err = p.store.Create(ctx, c)
 		case err == nil:
 			c.Version = old.Version + 1
 			wasReauth = old.State == kv.StateNeedsReauth
-			_, err = p.store.Update(ctx, c, rev)
+			stored, err = p.store.Update(ctx, c, rev)
 		}
 		if err == nil {
 			break
@@ -215,6 +218,10 @@ func (p *Pool) handleRegister(ctx context.Context, req micro.Request) {
 		p.log.Warn("register failed", "key", key.String(), "error", err)
 		p.replyError(req, events.CodeUnavailable, fmt.Sprintf("storing credential %s failed (%v); retry shortly", key, err), "")
 		return
+	}
+	if err := p.leases.WroteWithout(ctx, key, stored); err != nil {
+		p.log.Warn("restating the lease marker after a registration failed; until it expires a refresher reading through a lagging replica may present the replaced refresh token",
+			"key", key.String(), "error", err)
 	}
 	if wasReauth {
 		if err := p.reauth.Purge(ctx, jetstream.WithPurgeSubject(p.subj.Event(events.TypeNeedsReauth, key))); err != nil {
