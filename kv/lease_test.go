@@ -555,6 +555,15 @@ func setupReplicated(t *testing.T) (jetstream.JetStream, *Store, *Leases) {
 		leases, err2 = NewLeases(t.Context(), js, LeaseConfig{Bucket: "lease_" + name, TTL: testLeaseTTL, Replicas: 3})
 		return err1 == nil && err2 == nil
 	})
+	// Created is not yet led, nor known to every server: a write until
+	// then finds no stream to answer it.
+	c.WaitCurrent(BucketStream("cred_"+name), BucketStream("lease_"+name))
+	for _, bucket := range []string{"cred_" + name, "lease_" + name} {
+		eventually(t, 20*time.Second, bucket+" takes writes", func() bool {
+			_, err := js.Publish(t.Context(), "$KV."+bucket+".probe", nil)
+			return err == nil
+		})
+	}
 	return js, store, leases
 }
 
@@ -650,6 +659,15 @@ func TestClusterMarkers(t *testing.T) {
 	}
 	if l.current {
 		t.Error("a read from before a registration is proven current by the claim after it")
+	}
+	// A held lease is never a claim's starting point, however current the
+	// peek that shows it.
+	eventually(t, 10*time.Second, "a direct get shows the lease held", func() bool {
+		msg, err := leases.stream.GetLastMsgForSubject(ctx, leases.subPrefix+leaseKey.String())
+		return err == nil && !isMarker(msg.Header)
+	})
+	if l2, err := leases.Claim(ctx, leaseKey, "w4", Read{Revision: registered}); !errors.Is(err, ErrLeaseHeld) {
+		t.Errorf("a second Claim of a held lease = %v, %v; want ErrLeaseHeld", l2, err)
 	}
 	// A held lease is left alone.
 	if err := leases.WroteWithout(ctx, leaseKey, registered+1); err != nil {
