@@ -93,7 +93,7 @@ type credStatus struct {
 	HasRefreshToken bool        `json:"has_refresh_token"`
 	LeaseHeld       bool        `json:"lease_held"`
 	LeaseHolder     string      `json:"lease_holder,omitempty"`
-	NextRefresh     time.Time   `json:"next_refresh,omitzero"`  // when the pending proactive refresh fires
+	NextRefresh     time.Time   `json:"next_refresh,omitzero"`  // when the pending proactive refresh fires (after a storm of 401s, one an earlier generation kept, which fires early and writes the current one)
 	LastFailure     *kv.Failure `json:"last_failure,omitempty"` // the last failed refresh of this version, and its retry
 	Revision        uint64      `json:"revision"`
 }
