@@ -217,6 +217,8 @@ type soak struct {
 	refreshers []*slot
 	stats      *counters
 	self       usage // this process's, when the runtimes started
+
+	progressMu sync.Mutex // Config.Progress need not be safe for concurrent writes; the ticker and the killer both write
 }
 
 // Run runs one soak and returns what it came to. It returns when every
@@ -402,6 +404,8 @@ func (s *soak) progress(format string, args ...any) {
 	if start, ok := s.started(); ok {
 		prefix = fmt.Sprintf("soak %v: ", time.Since(start).Round(time.Second))
 	}
+	s.progressMu.Lock()
+	defer s.progressMu.Unlock()
 	fmt.Fprintf(s.cfg.Progress, prefix+format+"\n", args...)
 }
 
