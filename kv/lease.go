@@ -226,7 +226,7 @@ func (l *Leases) Claim(ctx context.Context, k events.Key, holder string, read Re
 		// the stream leader: a lagging follower's direct get would show a
 		// lease already released as held, and the claim at a stale
 		// sequence would only fail again.
-		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), BucketStream(l.kv.Bucket()), l.subPrefix+k.String(), true)
+		msg, err := l.leaderLast(ctx, k)
 		switch {
 		case errors.Is(err, ErrNotFound):
 			last, after = 0, 0 // the marker expired meanwhile
@@ -259,7 +259,7 @@ func (l *Leases) WroteWithout(ctx context.Context, k events.Key, rev uint64) err
 		return nil
 	}
 	for range 3 {
-		msg, err := leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), BucketStream(l.kv.Bucket()), l.subPrefix+k.String(), true)
+		msg, err := l.leaderLast(ctx, k)
 		switch {
 		case errors.Is(err, ErrNotFound):
 			return nil
@@ -271,13 +271,7 @@ func (l *Leases) WroteWithout(ctx context.Context, k events.Key, rev uint64) err
 		if after, _ := strconv.ParseUint(msg.Header.Get(leftRevisionHeader), 10, 64); after >= rev {
 			return nil
 		}
-		m := nats.NewMsg(l.putPrefix + k.String())
-		m.Header.Set(kvOperationHeader, kvPurge)
-		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-		m.Header.Set(leftRevisionHeader, strconv.FormatUint(rev, 10))
-		_, err = retryInProcess(ctx, func() (*jetstream.PubAck, error) {
-			return l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(msg.Sequence), jetstream.WithMsgTTL(clusterMarkerTTL))
-		})
+		err = l.mark(ctx, k, msg.Sequence, rev)
 		if err == nil {
 			return nil
 		}
@@ -287,6 +281,34 @@ func (l *Leases) WroteWithout(ctx context.Context, k events.Key, rev uint64) err
 		// Claimed or released meanwhile: look again.
 	}
 	return fmt.Errorf("restate the lease marker of %s: the key keeps changing (claims and releases); a refresh under way will see the write: %w", k, ErrLeaseHeld)
+}
+
+// leaderLast reads k's last message, markers included, from the lease
+// stream's leader.
+func (l *Leases) leaderLast(ctx context.Context, k events.Key) (*jetstream.RawStreamMsg, error) {
+	return leaderGet(ctx, l.js.Conn(), apiPrefix(l.js.Options()), BucketStream(l.kv.Bucket()), l.subPrefix+k.String(), true)
+}
+
+// mark writes a marker on k, only if the key's last message is still at
+// sequence last, stating left as the revision of the credential record
+// stored last (nothing when 0). It lives leaseMarkerTTL on a standalone
+// server and clusterMarkerTTL on a cluster. Written by hand rather than
+// with kv.Purge, to state left (see claimProves).
+func (l *Leases) mark(ctx context.Context, k events.Key, last, left uint64) error {
+	m := nats.NewMsg(l.putPrefix + k.String())
+	m.Header.Set(kvOperationHeader, kvPurge)
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	if left != 0 {
+		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))
+	}
+	ttl := leaseMarkerTTL
+	if !l.standalone() {
+		ttl = clusterMarkerTTL
+	}
+	_, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
+		return l.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(last), jetstream.WithMsgTTL(ttl))
+	})
+	return err
 }
 
 // peek reads k's last message with a direct get, which any replica may
@@ -595,23 +617,7 @@ func (l *Lease) Release(ctx context.Context) error {
 	// prove the next claimer's read. The expected last sequence makes the server write
 	// the marker only if rev is still the key's last revision: a newer
 	// holder's lease is never touched.
-	//
-	// By hand rather than kv.Purge, to state the revision the holder
-	// leaves behind (see claimProves).
-	m := nats.NewMsg(l.leases.putPrefix + l.key.String())
-	m.Header.Set(kvOperationHeader, kvPurge)
-	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-	if left != 0 {
-		m.Header.Set(leftRevisionHeader, strconv.FormatUint(left, 10))
-	}
-	ttl := leaseMarkerTTL
-	if !l.leases.standalone() {
-		ttl = clusterMarkerTTL
-	}
-	_, err := retryInProcess(ctx, func() (*jetstream.PubAck, error) {
-		return l.leases.js.PublishMsg(ctx, m, jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(ttl))
-	})
-	if err != nil {
+	if err := l.leases.mark(ctx, l.key, rev, left); err != nil {
 		err = mapErr(leases, opCAS, err)
 		if errors.Is(err, ErrLeaseLost) {
 			l.end(leaseLost)
