@@ -122,13 +122,6 @@ func (s *Store) Fence(ctx context.Context, l *Lease, c *Credential) (*Credential
 	return s.latest(ctx, l.key, c, l.read.Revision)
 }
 
-// ReadUnder reads the credential of l's key from the credential stream's
-// leader (see Latest), for a holder of l that must know what is stored
-// now.
-func (s *Store) ReadUnder(ctx context.Context, l *Lease) (*Credential, uint64, error) {
-	return s.latest(ctx, l.key, nil, 0)
-}
-
 // UpdateUnder is Update for a holder of l, retried through short NATS
 // outages for up to the lease TTL: the tokens it stores come from a refresh
 // token already redeemed, and a KV leader election can take seconds. It

@@ -111,9 +111,9 @@ func (p *Pool) schedule(ctx context.Context, c *kv.Credential) {
 	p.dropLegacy(ctx, c.Key)
 }
 
-// scheduleAsync is schedule for the refresh path, at c.ScheduledFor when
-// set: the publish ack is checked in the background instead of costing the
-// refresh a round trip.
+// scheduleAsync is schedule for the refresh path, at c.ScheduledFor (see
+// nextSchedule): the publish ack is checked in the background instead of
+// costing the refresh a round trip.
 func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 	if c.ExpiresAt.IsZero() {
 		p.schedule(ctx, c) // the rare purge stays synchronous
@@ -126,11 +126,7 @@ func (p *Pool) scheduleAsync(ctx context.Context, c *kv.Credential) {
 			"key", c.Key.String())
 		return
 	}
-	at := c.ScheduledFor
-	if at.IsZero() {
-		at = p.nextAt(c)
-	}
-	msg, opts, span, err := p.scheduleMsg(ctx, c, at)
+	msg, opts, span, err := p.scheduleMsg(ctx, c, c.ScheduledFor)
 	if err != nil {
 		p.scheduleFailed(c, err)
 		return

@@ -223,7 +223,7 @@ func (r *refresh) transientFailure(ctx context.Context, cause string, delay time
 // sent: the credential is read again from the stream leader, and a changed
 // refresh token or version means a lost race, never a re-auth.
 func (r *refresh) permanentFailure(ctx context.Context, a answer) result {
-	cur, _, err := r.p.store.ReadUnder(ctx, r.lease)
+	cur, _, err := r.p.store.Latest(ctx, r.lease.Key())
 	if err != nil {
 		return resultOf(outNATS, r.p.cfg.RetryBase, err.Error())
 	}
@@ -293,7 +293,7 @@ func (r *refresh) needsReauth(ctx context.Context, reason, description string) r
 	c.UpdatedAt = time.Now().UTC()
 	if err := r.store(ctx, c); err != nil {
 		if errors.Is(err, kv.ErrConflict) {
-			if cur, _, gerr := p.store.ReadUnder(ctx, r.lease); gerr == nil {
+			if cur, _, gerr := p.store.Latest(ctx, r.lease.Key()); gerr == nil {
 				return p.lostRace(ctx, cur)
 			}
 		}

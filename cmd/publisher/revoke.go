@@ -200,7 +200,7 @@ func (r *revoker) revoke(ctx context.Context, k events.Key) (revokeResult, error
 	gctx, cancel := context.WithTimeout(ctx, r.g.timeout)
 	// From the stream leader, under the lease: the refresh token in force,
 	// not one a lagging replica still shows.
-	cred, _, err := r.store.ReadUnder(gctx, lease)
+	cred, _, err := r.store.Latest(gctx, lease.Key())
 	cancel()
 	switch {
 	case errors.Is(err, kv.ErrNotFound):
